@@ -1,0 +1,68 @@
+//! The only place that reads the clock.
+//!
+//! The gate and the stores take `now` as an argument; the I/O layers get it
+//! from a [`Clock`]. Production uses [`SystemClock`]; unit tests step a
+//! [`ManualClock`] so timeouts are tested without sleeping.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// A source of monotonic and wall-clock time.
+pub trait Clock: std::fmt::Debug + Send + Sync + 'static {
+    /// Monotonic time, for deadlines and expiry.
+    fn now(&self) -> Instant;
+    /// Wall-clock time, for protocol timestamps.
+    fn wall(&self) -> SystemTime;
+}
+
+/// The real clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn wall(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// A clock that only moves when told to.
+#[derive(Debug, Clone)]
+pub struct ManualClock {
+    inner: Arc<Mutex<(Instant, SystemTime)>>,
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ManualClock {
+    /// Starts at the current real time; only [`ManualClock::advance`] moves it.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Mutex::new((Instant::now(), SystemTime::now()))),
+        }
+    }
+
+    /// Moves both clocks forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let mut t = self.inner.lock().expect("manual clock lock is never poisoned");
+        t.0 += by;
+        t.1 += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        self.inner.lock().expect("manual clock lock is never poisoned").0
+    }
+
+    fn wall(&self) -> SystemTime {
+        self.inner.lock().expect("manual clock lock is never poisoned").1
+    }
+}

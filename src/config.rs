@@ -1,0 +1,764 @@
+//! Configuration in two stages: [`raw`] structs filled from the file and the
+//! environment, then [`validate`] into runtime types with every problem
+//! reported at once, each with its key path and what to change.
+//!
+//! Layering: the TOML file, then `PORTCULLIS__SECTION__KEY` environment
+//! variables (`PORTCULLIS__SERVICE__ECHO__OPEN_FOR=5s` changes one field of
+//! one service), then command-line flags.
+
+pub mod raw;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::gate::KnockRule;
+use crate::step::{Proto, Step, StepSpec};
+use raw::{RawConfig, RawGateway, RawKnock, RawService, RawStep};
+
+/// Prefix of environment overrides; sections and keys are joined by `__`.
+pub const ENV_PREFIX: &str = "PORTCULLIS";
+const ENV_SEPARATOR: &str = "__";
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub gateway: Gateway,
+    pub services: Vec<Service>,
+}
+
+/// Process-wide limits and timings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    /// How long in-flight connections may run on after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// How long an upstream connect may take.
+    pub connect_timeout: Duration,
+    /// Most guarded connections (proxied or blackholed) at once.
+    pub max_connections: usize,
+    /// How long a blackholed connection is held before it is closed.
+    pub blackhole_hold: Duration,
+    /// Most blackholed connections at once; past it, new ones are refused.
+    pub max_blackholed: usize,
+    /// Most knock attempts in progress at once.
+    pub max_knock_attempts: usize,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+            blackhole_hold: Duration::from_secs(30),
+            max_blackholed: 1_024,
+            max_knock_attempts: 65_536,
+        }
+    }
+}
+
+/// What an unauthorised guarded connection gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unauthorized {
+    /// Accept, then reset at once.
+    Refuse,
+    /// Accept and hold silently until `blackhole_hold` runs out.
+    Blackhole,
+    /// Audit mode: pass, and log that it would have been denied.
+    Allow,
+}
+
+impl Unauthorized {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unauthorized::Refuse => "refuse",
+            Unauthorized::Blackhole => "blackhole",
+            Unauthorized::Allow => "allow",
+        }
+    }
+}
+
+/// One guarded service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: Arc<str>,
+    pub listen: SocketAddr,
+    /// `host:port`; resolved at connect time so DNS names follow changes.
+    pub upstream: Arc<str>,
+    pub protocol: Proto,
+    pub unauthorized: Unauthorized,
+    pub open_for: Duration,
+    pub knock: Option<KnockRule>,
+}
+
+/// One thing wrong with a config, at a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "{n} problem{} in the config", if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            problems: vec![Problem {
+                path: path.into(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+/// Reads the file at `path` and overlays the process environment.
+pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
+    load_with_env(path, std::env::vars().collect())
+}
+
+/// Reads the file at `path` and overlays `env` (only `PORTCULLIS__*` keys
+/// are used).
+pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<RawConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::one("", format!("cannot read {}: {e}", path.display())))?;
+    // Keys the environment overrides are matched lowercase, so names in the
+    // file must be too; checked in validation with a clear message.
+    let built = ::config::Config::builder()
+        .add_source(::config::File::from_str(&text, ::config::FileFormat::Toml))
+        .add_source(
+            ::config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator(ENV_SEPARATOR)
+                .separator(ENV_SEPARATOR)
+                .source(Some(env.into_iter().collect())),
+        )
+        .build()
+        .map_err(|e| ConfigError::one("", format!("{}: {e}", path.display())))?;
+    serde_path_to_error::deserialize(built).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ConfigError::one(path, e.into_inner().to_string())
+    })
+}
+
+/// Loads and validates the config at `path` with the process environment.
+pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+    validate(&load(path)?)
+}
+
+/// Turns a raw config into runtime types, or reports every problem.
+pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
+    let mut v = Validator::default();
+    let gateway = v.gateway(&raw.gateway);
+    let mut services = Vec::new();
+    for (name, svc) in &raw.service {
+        if let Some(s) = v.service(name, svc) {
+            services.push(s);
+        }
+    }
+    if raw.service.is_empty() {
+        v.problem(
+            "service",
+            "no services: add a [service.NAME] table with listen, upstream and knock",
+        );
+    }
+    v.endpoints(&services);
+    if v.problems.is_empty() {
+        Ok(Config { gateway, services })
+    } else {
+        Err(ConfigError { problems: v.problems })
+    }
+}
+
+/// Parses a human duration such as `30s`, `500ms` or `1m 30s`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|_| format!("{text:?} is not a duration: write it like \"30s\", \"500ms\" or \"2m\""))
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, value: Option<&String>, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match parse_duration(text) {
+            Ok(d) if d.is_zero() => {
+                self.problem(path, "must be longer than zero");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(path, e);
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, path: &str, value: Option<&String>, default: usize) -> usize {
+        let Some(text) = value else { return default };
+        match text.trim().parse::<usize>() {
+            Ok(0) => {
+                self.problem(path, "must be at least 1");
+                default
+            }
+            Ok(n) => n,
+            Err(_) => {
+                self.problem(path, format!("{text:?} is not a whole number"));
+                default
+            }
+        }
+    }
+
+    fn gateway(&mut self, raw: &RawGateway) -> Gateway {
+        let d = Gateway::default();
+        Gateway {
+            shutdown_grace: self.duration("gateway.shutdown_grace", raw.shutdown_grace.as_ref(), d.shutdown_grace),
+            connect_timeout: self.duration(
+                "gateway.connect_timeout",
+                raw.connect_timeout.as_ref(),
+                d.connect_timeout,
+            ),
+            max_connections: self.count(
+                "gateway.max_connections",
+                raw.max_connections.as_ref(),
+                d.max_connections,
+            ),
+            blackhole_hold: self.duration("gateway.blackhole_hold", raw.blackhole_hold.as_ref(), d.blackhole_hold),
+            max_blackholed: self.count("gateway.max_blackholed", raw.max_blackholed.as_ref(), d.max_blackholed),
+            max_knock_attempts: self.count(
+                "gateway.max_knock_attempts",
+                raw.max_knock_attempts.as_ref(),
+                d.max_knock_attempts,
+            ),
+        }
+    }
+
+    fn service(&mut self, name: &str, raw: &RawService) -> Option<Service> {
+        let base = format!("service.{name}");
+        let before = self.problems.len();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        {
+            self.problem(
+                &base,
+                "service names are lowercase letters, digits, '-' and '_' (environment overrides match keys in lowercase)",
+            );
+        }
+        let listen = match raw.listen.as_deref() {
+            None => {
+                self.problem(
+                    format!("{base}.listen"),
+                    "missing: the address to guard, e.g. \"0.0.0.0:5432\"",
+                );
+                None
+            }
+            Some(text) => match text.trim().parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.problem(
+                        format!("{base}.listen"),
+                        format!("{text:?} is not IP:PORT (e.g. \"0.0.0.0:5432\" or \"[::]:5432\")"),
+                    );
+                    None
+                }
+            },
+        };
+        let upstream = match raw.upstream.as_deref() {
+            None => {
+                self.problem(
+                    format!("{base}.upstream"),
+                    "missing: where to send granted connections, e.g. \"127.0.0.1:15432\"",
+                );
+                None
+            }
+            Some(text) => match check_upstream(text.trim()) {
+                Ok(()) => Some(Arc::<str>::from(text.trim())),
+                Err(e) => {
+                    self.problem(format!("{base}.upstream"), e);
+                    None
+                }
+            },
+        };
+        let protocol = match raw.protocol.as_deref().map(str::trim) {
+            None | Some("tcp") => Proto::Tcp,
+            Some("udp") => {
+                self.problem(
+                    format!("{base}.protocol"),
+                    "udp services are not supported by this version: use \"tcp\"",
+                );
+                Proto::Udp
+            }
+            Some(other) => {
+                self.problem(
+                    format!("{base}.protocol"),
+                    format!("{other:?} is not a protocol: use \"tcp\""),
+                );
+                Proto::Tcp
+            }
+        };
+        let unauthorized = match raw.unauthorized.as_deref().map(str::trim) {
+            None | Some("refuse") => Unauthorized::Refuse,
+            Some("blackhole") => Unauthorized::Blackhole,
+            Some("allow") => Unauthorized::Allow,
+            Some("dark") => {
+                self.problem(
+                    format!("{base}.unauthorized"),
+                    "\"dark\" is not supported by this version: use \"blackhole\", \"refuse\" or \"allow\"",
+                );
+                Unauthorized::Refuse
+            }
+            Some(other) => {
+                self.problem(
+                    format!("{base}.unauthorized"),
+                    format!("{other:?} is not a mode: use \"refuse\", \"blackhole\" or \"allow\""),
+                );
+                Unauthorized::Refuse
+            }
+        };
+        let open_for = self.duration(
+            &format!("{base}.open_for"),
+            raw.open_for.as_ref(),
+            Duration::from_secs(30),
+        );
+        let knock = match (&raw.knock, listen) {
+            (Some(k), Some(listen)) => self.knock(&format!("{base}.knock"), k, listen.ip()),
+            (Some(_), None) => None,
+            (None, _) => {
+                self.problem(
+                    &base,
+                    "no way in: add knock = { sequence = [...] } (or set unauthorized = \"allow\" to audit)",
+                );
+                None
+            }
+        };
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Service {
+            name: name.into(),
+            listen: listen?,
+            upstream: upstream?,
+            protocol,
+            unauthorized,
+            open_for,
+            knock,
+        })
+    }
+
+    fn steps(&mut self, path: &str, raw: &[RawStep], ip: IpAddr) -> Option<Vec<Step>> {
+        let mut ok = true;
+        let mut steps = Vec::new();
+        for (i, r) in raw.iter().enumerate() {
+            let parsed = match r {
+                RawStep::Port(p) => u16::try_from(*p)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .map(|port| StepSpec {
+                        proto: Proto::Tcp,
+                        ip: None,
+                        port,
+                    })
+                    .ok_or_else(|| format!("{p} is not a port (1-65535)")),
+                RawStep::Text(t) => t.parse::<StepSpec>().map_err(|e| e.to_string()),
+            };
+            match parsed {
+                Ok(spec) => steps.push(spec.at(ip)),
+                Err(e) => {
+                    self.problem(format!("{path}[{i}]"), e);
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(steps)
+    }
+
+    fn knock(&mut self, path: &str, raw: &RawKnock, ip: IpAddr) -> Option<KnockRule> {
+        let before = self.problems.len();
+        let sequence = self.steps(&format!("{path}.sequence"), &raw.sequence, ip);
+        let trap = self.steps(&format!("{path}.trap_ports"), &raw.trap_ports, ip);
+        let step_timeout = self.duration(
+            &format!("{path}.step_timeout"),
+            raw.step_timeout.as_ref(),
+            Duration::from_secs(5),
+        );
+        let sequence_timeout = self.duration(
+            &format!("{path}.sequence_timeout"),
+            raw.sequence_timeout.as_ref(),
+            Duration::from_secs(15),
+        );
+        if let Some(seq) = &sequence {
+            self.sequence_rules(&format!("{path}.sequence"), seq);
+            if let Some(trap) = &trap {
+                for (i, t) in trap.iter().enumerate() {
+                    if seq.contains(t) {
+                        self.problem(
+                            format!("{path}.trap_ports[{i}]"),
+                            format!("{t} is also a step of the sequence: a trap port must be another port"),
+                        );
+                    }
+                }
+            }
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(KnockRule {
+            sequence: sequence?,
+            trap: trap?,
+            step_timeout,
+            sequence_timeout,
+        })
+    }
+
+    fn sequence_rules(&mut self, path: &str, seq: &[Step]) {
+        if seq.len() < 3 {
+            self.problem(
+                path,
+                format!("{} step(s) are too easy to guess: use at least 3, in an order that is neither ascending nor descending", seq.len()),
+            );
+            return;
+        }
+        for (i, pair) in seq.windows(2).enumerate() {
+            if pair[0] == pair[1] {
+                self.problem(
+                    format!("{path}[{}]", i + 1),
+                    format!("{} repeats the step before it: a repeat is tolerated as a retransmission, so it adds nothing; use another port", pair[1]),
+                );
+            }
+        }
+        let ports: Vec<u16> = seq.iter().map(|s| s.addr.port()).collect();
+        let ascending = ports.windows(2).all(|w| w[0] <= w[1]);
+        let descending = ports.windows(2).all(|w| w[0] >= w[1]);
+        if ascending || descending {
+            let list = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+            let mut suggestion = ports.clone();
+            suggestion.sort_unstable();
+            suggestion.swap(1, 2);
+            let suggestion = suggestion.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+            self.problem(
+                path,
+                format!(
+                    "ports {} ({list}): a sequential port scan walks them in order and opens the service; reorder them, e.g. {suggestion}",
+                    if ascending { "ascend" } else { "descend" }
+                ),
+            );
+        }
+    }
+
+    /// Guarded listeners and knock endpoints must not collide.
+    fn endpoints(&mut self, services: &[Service]) {
+        let mut taken: Vec<(Step, String, bool)> = Vec::new();
+        for s in services {
+            let guarded = Step {
+                proto: s.protocol,
+                addr: s.listen,
+            };
+            let path = format!("service.{}.listen", s.name);
+            for (other, other_path, _) in &taken {
+                if collides(&guarded, other) {
+                    self.problem(&path, format!("{} is also used by {other_path}", s.listen));
+                }
+            }
+            taken.push((guarded, path, false));
+        }
+        for s in services {
+            let Some(k) = &s.knock else { continue };
+            let steps = k
+                .sequence
+                .iter()
+                .map(|st| (st, "sequence"))
+                .chain(k.trap.iter().map(|st| (st, "trap_ports")));
+            for (step, list) in steps {
+                let path = format!("service.{}.knock.{list}", s.name);
+                let mut clash = None;
+                for (other, other_path, is_knock) in &taken {
+                    // Knock endpoints may be shared between services; a
+                    // guarded listener or an overlapping address may not.
+                    if collides(step, other) && !(*is_knock && step == other) {
+                        clash = Some(other_path.clone());
+                    }
+                }
+                match clash {
+                    Some(other) => self.problem(&path, format!("{step} is also used by {other}")),
+                    None => taken.push((*step, path, true)),
+                }
+            }
+        }
+    }
+}
+
+fn collides(a: &Step, b: &Step) -> bool {
+    a.proto == b.proto
+        && a.addr.port() == b.addr.port()
+        && (a.addr.ip() == b.addr.ip() || a.addr.ip().is_unspecified() || b.addr.ip().is_unspecified())
+}
+
+fn check_upstream(text: &str) -> Result<(), String> {
+    if text.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    match text.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty()
+                && !host.contains(['/', ' ', '[', ']'])
+                && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "{text:?} is not HOST:PORT (e.g. \"127.0.0.1:5432\" or \"db.internal:5432\")"
+        )),
+    }
+}
+
+/// The effective config as TOML, for `portcullis config`.
+pub fn render(raw: &RawConfig) -> String {
+    toml::to_string_pretty(raw).unwrap_or_else(|e| format!("# cannot render the config: {e}\n"))
+}
+
+/// Where relative paths in a config file are resolved from.
+pub fn base_dir(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const ECHO: &str = r#"
+[service.echo]
+listen = "127.0.0.1:15000"
+upstream = "127.0.0.1:15001"
+protocol = "tcp"
+unauthorized = "refuse"
+open_for = "10s"
+knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"], step_timeout = "5s", sequence_timeout = "15s" }
+"#;
+
+    fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        validate(&load_with_env(f.path(), env)?)
+    }
+
+    fn paths(err: ConfigError) -> Vec<String> {
+        err.problems.into_iter().map(|p| p.path).collect()
+    }
+
+    #[test]
+    fn the_issue_config_is_accepted_as_written() {
+        let c = load_str(ECHO, &[]).unwrap();
+        let s = &c.services[0];
+        assert_eq!(&*s.name, "echo");
+        assert_eq!(s.listen, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(&*s.upstream, "127.0.0.1:15001");
+        assert_eq!(s.open_for, Duration::from_secs(10));
+        let k = s.knock.as_ref().unwrap();
+        let ports: Vec<u16> = k.sequence.iter().map(|s| s.addr.port()).collect();
+        assert_eq!(ports, vec![17001, 17003, 17002]);
+        assert!(k
+            .sequence
+            .iter()
+            .all(|s| s.proto == Proto::Udp && s.addr.ip() == s.addr.ip()));
+        assert_eq!(k.sequence[0].addr.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(k.step_timeout, Duration::from_secs(5));
+        assert_eq!(k.sequence_timeout, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn environment_overrides_one_field_of_one_service() {
+        let c = load_str(
+            ECHO,
+            &[
+                ("PORTCULLIS__SERVICE__ECHO__OPEN_FOR", "5s"),
+                ("PORTCULLIS__SERVICE__ECHO__KNOCK__STEP_TIMEOUT", "2s"),
+                ("PORTCULLIS__GATEWAY__MAX_CONNECTIONS", "7"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.services[0].open_for, Duration::from_secs(5));
+        assert_eq!(
+            c.services[0].knock.as_ref().unwrap().step_timeout,
+            Duration::from_secs(2)
+        );
+        assert_eq!(c.services[0].upstream.as_ref(), "127.0.0.1:15001");
+        assert_eq!(c.gateway.max_connections, 7);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key_path() {
+        let err = load_str(
+            r#"
+[gateway]
+shutdown_grace = "soon"
+
+[service.a]
+listen = "nowhere"
+upstream = "127.0.0.1"
+unauthorized = "maybe"
+open_for = "0s"
+knock = { sequence = ["7000/udp", "8000/udp", "9000/udp"] }
+
+[service.b]
+listen = "127.0.0.1:1"
+upstream = "127.0.0.1:2"
+knock = { sequence = ["7000/udp", "7000/udp"], step_timeout = "x" }
+
+[service.c]
+listen = "127.0.0.1:3"
+upstream = "127.0.0.1:4"
+knock = { sequence = ["9/udp", "7/udp", "7/udp", "8/icmp"], trap_ports = [9] }
+"#,
+            &[],
+        )
+        .unwrap_err();
+        let got = paths(err.clone());
+        for want in [
+            "gateway.shutdown_grace",
+            "service.a.listen",
+            "service.a.upstream",
+            "service.a.unauthorized",
+            "service.a.open_for",
+            "service.b.knock.sequence",
+            "service.b.knock.step_timeout",
+            "service.c.knock.sequence[3]",
+        ] {
+            assert!(got.iter().any(|p| p == want), "{want} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn monotonic_short_and_repeating_sequences_are_rejected() {
+        let cases = [
+            (r#"["7000/udp", "8000/udp", "9000/udp"]"#, "ascend"),
+            (r#"["9000/udp", "8000/udp", "7000/udp"]"#, "descend"),
+            (r#"["7000/udp", "9000/udp"]"#, "at least 3"),
+            (r#"["7000/udp", "9000/udp", "9000/udp", "8000/udp"]"#, "repeats"),
+        ];
+        for (seq, needle) in cases {
+            let text = format!(
+                "[service.s]\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\nknock = {{ sequence = {seq} }}\n"
+            );
+            let err = load_str(&text, &[]).unwrap_err();
+            assert!(
+                err.problems
+                    .iter()
+                    .any(|p| p.path.starts_with("service.s.knock.sequence") && p.message.contains(needle)),
+                "{seq}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn trap_ports_in_the_sequence_are_rejected() {
+        let err = load_str(
+            "[service.s]\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\nknock = { sequence = [\"5/udp\", \"7/udp\", \"6/udp\"], trap_ports = [\"7/udp\", \"8/udp\"] }\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(paths(err), vec!["service.s.knock.trap_ports[0]"]);
+    }
+
+    #[test]
+    fn colliding_endpoints_are_rejected_and_shared_knock_ports_are_not() {
+        let ok = load_str(
+            r#"
+[service.a]
+listen = "127.0.0.1:1"
+upstream = "127.0.0.1:2"
+knock = { sequence = ["5/udp", "7/udp", "6/udp"] }
+[service.b]
+listen = "127.0.0.1:3"
+upstream = "127.0.0.1:4"
+knock = { sequence = ["5/udp", "8/udp", "6/udp"] }
+"#,
+            &[],
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let err = load_str(
+            r#"
+[service.a]
+listen = "0.0.0.0:1"
+upstream = "127.0.0.1:2"
+knock = { sequence = ["5/udp", "7/udp", "6/udp"] }
+[service.b]
+listen = "127.0.0.1:1"
+upstream = "127.0.0.1:4"
+knock = { sequence = ["5/udp", "1/tcp", "6/udp"] }
+"#,
+            &[],
+        )
+        .unwrap_err();
+        let got = paths(err);
+        assert!(got.contains(&"service.b.listen".to_string()), "{got:?}");
+        assert!(got.contains(&"service.b.knock.sequence".to_string()), "{got:?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let err = load_str(&format!("{ECHO}\nbogus = 1\n"), &[]).unwrap_err();
+        assert_eq!(err.problems[0].path, "service.echo.bogus");
+        assert!(err.problems[0].message.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn steps_take_the_service_address_unless_they_name_one() {
+        let c = load_str(
+            "[service.s]\nlisten = \"[::1]:1\"\nupstream = \"[::1]:2\"\nknock = { sequence = [\"5/udp\", \"127.0.0.9:7/udp\", 6] }\n",
+            &[],
+        )
+        .unwrap();
+        let seq = &c.services[0].knock.as_ref().unwrap().sequence;
+        assert_eq!(seq[0].addr, "[::1]:5".parse().unwrap());
+        assert_eq!(seq[1].addr, "127.0.0.9:7".parse().unwrap());
+        assert_eq!(
+            seq[2],
+            Step {
+                proto: Proto::Tcp,
+                addr: "[::1]:6".parse().unwrap()
+            }
+        );
+    }
+}

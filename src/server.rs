@@ -1,0 +1,264 @@
+//! Binds every socket, then runs: sensors feed the gate driver, the driver
+//! applies the gate's decisions to the store, guarded listeners consult the
+//! store. Shutdown stops the listeners, drains connections within the grace
+//! period, and cuts what is left.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, Service};
+use crate::gate::{Event, Gate, GateLimits, Knock, ServiceRule};
+use crate::metrics;
+use crate::net;
+use crate::proxy::{self, Shared};
+use crate::sensor;
+use crate::step::{Proto, Step};
+use crate::store::{GrantStore, MemoryStore};
+
+/// Knocks queued between the sensors and the gate; past it they are dropped.
+const KNOCK_QUEUE: usize = 4096;
+
+/// Every socket, bound and not yet served.
+#[derive(Debug)]
+pub struct Bound {
+    config: Config,
+    guarded: Vec<(Arc<Service>, TcpListener)>,
+    udp_knocks: Vec<(UdpSocket, Step)>,
+    tcp_knocks: Vec<(TcpListener, Step)>,
+}
+
+/// Binds every guarded listener and knock endpoint of `config`. Errors name
+/// the config key whose address could not be bound.
+pub fn bind(config: Config) -> anyhow::Result<Bound> {
+    let mut guarded = Vec::new();
+    for service in &config.services {
+        let listener = net::bind_tcp(service.listen)
+            .with_context(|| format!("cannot listen on service.{}.listen ({})", service.name, service.listen))?;
+        guarded.push((Arc::new(service.clone()), listener));
+    }
+    let mut endpoints: BTreeMap<Step, String> = BTreeMap::new();
+    for service in &config.services {
+        if let Some(rule) = &service.knock {
+            for step in &rule.sequence {
+                endpoints
+                    .entry(*step)
+                    .or_insert_with(|| format!("service.{}.knock.sequence", service.name));
+            }
+            for step in &rule.trap {
+                endpoints
+                    .entry(*step)
+                    .or_insert_with(|| format!("service.{}.knock.trap_ports", service.name));
+            }
+        }
+    }
+    let mut udp_knocks = Vec::new();
+    let mut tcp_knocks = Vec::new();
+    for (step, path) in endpoints {
+        let what = || format!("cannot listen on {step} from {path}");
+        match step.proto {
+            Proto::Udp => udp_knocks.push((net::bind_udp_timestamped(step.addr).with_context(what)?, step)),
+            Proto::Tcp => tcp_knocks.push((net::bind_tcp(step.addr).with_context(what)?, step)),
+        }
+    }
+    Ok(Bound {
+        config,
+        guarded,
+        udp_knocks,
+        tcp_knocks,
+    })
+}
+
+impl Bound {
+    /// The real address of each guarded listener (port 0 resolved).
+    pub fn guarded_addrs(&self) -> Vec<(Arc<str>, SocketAddr)> {
+        self.guarded
+            .iter()
+            .filter_map(|(s, l)| l.local_addr().ok().map(|a| (s.name.clone(), a)))
+            .collect()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.run_with(Arc::new(MemoryStore::new()), Arc::new(SystemClock), shutdown)
+            .await
+    }
+
+    /// [`Bound::run`] with a chosen store and clock.
+    pub async fn run_with(
+        self,
+        store: Arc<dyn GrantStore>,
+        clock: Arc<dyn Clock>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let Bound {
+            config,
+            guarded,
+            udp_knocks,
+            tcp_knocks,
+        } = self;
+        let shared = Arc::new(Shared::new(store.clone(), clock.clone(), config.gateway.clone()));
+        let (tx, rx) = mpsc::channel(KNOCK_QUEUE);
+        let mut tasks = tokio::task::JoinSet::new();
+
+        let rules = config
+            .services
+            .iter()
+            .map(|s| ServiceRule {
+                name: s.name.clone(),
+                open_for: s.open_for,
+                knock: s.knock.clone(),
+            })
+            .collect();
+        let gate = Gate::new(
+            rules,
+            GateLimits {
+                max_attempts: config.gateway.max_knock_attempts,
+            },
+        );
+        tasks.spawn(drive_gate(gate, rx, store, clock, shared.stop.clone()));
+
+        for (service, listener) in guarded {
+            let addr = listener.local_addr()?;
+            tracing::info!(kind = "guarded", service = %service.name, %addr, upstream = %service.upstream, unauthorized = service.unauthorized.as_str(), "listening");
+            tasks.spawn(proxy::serve(listener, service, shared.clone()));
+        }
+        for (listener, step) in tcp_knocks {
+            let step = Step {
+                proto: step.proto,
+                addr: listener.local_addr()?,
+            };
+            tracing::info!(kind = "knock", %step, "listening");
+            tasks.spawn(sensor::run_tcp(listener, step, tx.clone(), shared.stop.clone()));
+        }
+        for (socket, step) in &udp_knocks {
+            tracing::info!(kind = "knock", step = %Step { proto: step.proto, addr: socket.local_addr()? }, "listening");
+        }
+        if !udp_knocks.is_empty() {
+            tasks.spawn(sensor::run_udp(udp_knocks, tx.clone(), shared.stop.clone()));
+        }
+        drop(tx);
+        tracing::info!("ready");
+
+        shutdown.cancelled().await;
+        let grace = shared.gateway.shutdown_grace;
+        tracing::info!(
+            in_flight = shared.active.load(Ordering::Relaxed),
+            grace = %humantime::format_duration(grace),
+            "shutting down: listeners closed, draining connections"
+        );
+        shared.stop.cancel();
+        shared.tracker.close();
+        while tasks.join_next().await.is_some() {}
+        if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
+            let cut = shared.active.load(Ordering::Relaxed);
+            tracing::warn!(cut, "grace period over: cutting the connections still open");
+            shared.cut.cancel();
+            shared.tracker.wait().await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Feeds knocks and deadlines to the gate and applies what it decides.
+async fn drive_gate(
+    mut gate: Gate,
+    mut rx: mpsc::Receiver<Knock>,
+    store: Arc<dyn GrantStore>,
+    clock: Arc<dyn Clock>,
+    stop: CancellationToken,
+) {
+    let mut events = Vec::new();
+    loop {
+        let deadline = gate.next_deadline();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            knock = rx.recv() => match knock {
+                Some(knock) => gate.knock(knock, clock.now(), &mut events),
+                None => return,
+            },
+            _ = sleep_until(deadline), if deadline.is_some() => gate.handle_timeout(clock.now(), &mut events),
+        }
+        for event in events.drain(..) {
+            apply(event, &*store, &*clock);
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    if let Some(d) = deadline {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await;
+    }
+}
+
+fn apply(event: Event, store: &dyn GrantStore, clock: &dyn Clock) {
+    match event {
+        Event::Knock {
+            service,
+            source,
+            step,
+            result,
+        } => {
+            metrics::knock(&service, result);
+            tracing::debug!(%service, %source, %step, result = result.as_label(), "knock");
+        }
+        Event::AttemptExpired { service, source, cause } => {
+            metrics::attempt_expired(&service, cause);
+            tracing::debug!(%service, %source, cause = cause.as_label(), "knock attempt ended");
+        }
+        Event::Granted(grant) => {
+            store.insert(&grant);
+            metrics::grant(&grant.service, &grant.method);
+            let open_for = grant.expires_at.saturating_duration_since(clock.now());
+            let user = match &grant.method {
+                crate::gate::Method::Spa { user } => Some(user.to_string()),
+                crate::gate::Method::Knock => None,
+            };
+            tracing::info!(
+                service = %grant.service,
+                source = %grant.source,
+                method = grant.method.as_label(),
+                user,
+                open_for = %humantime::format_duration(round_ms(open_for)),
+                "grant"
+            );
+        }
+        Event::GrantExpired(grant) => {
+            if store
+                .remove_expired(&grant.service, grant.source, clock.now())
+                .is_some()
+            {
+                metrics::grant_expired(&grant.service);
+                tracing::info!(service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant expired");
+            }
+        }
+    }
+}
+
+fn round_ms(d: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Resolves on SIGTERM or SIGINT. SIGHUP is logged and otherwise ignored,
+/// so it cannot kill the process.
+pub async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!(signal = "SIGTERM", "signal received"); return Ok(()) }
+            _ = int.recv() => { tracing::info!(signal = "SIGINT", "signal received"); return Ok(()) }
+            _ = hup.recv() => tracing::warn!(signal = "SIGHUP", "config reload is not available in this version; the running config is unchanged"),
+        }
+    }
+}

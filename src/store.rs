@@ -1,0 +1,151 @@
+//! Where grants live so the connection path can check them.
+//!
+//! The gate decides; the store remembers, behind [`GrantStore`], so that a
+//! shared backend can replace the embedded [`MemoryStore`] without touching
+//! the proxy. Lookups are synchronous and local: a backend shared between
+//! replicas keeps a local mirror so the connection path never waits on the
+//! network.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+use crate::gate::Grant;
+
+/// Grant storage as the proxy and the gate driver see it.
+pub trait GrantStore: std::fmt::Debug + Send + Sync + 'static {
+    /// Records a grant, replacing any for the same service and source.
+    fn insert(&self, grant: &Grant);
+
+    /// Whether `source` may open a new connection to `service` at `now`.
+    fn allows(&self, service: &str, source: IpAddr, now: Instant) -> bool;
+
+    /// Removes the grant for `service` and `source` if it has expired by
+    /// `now` (a newer grant that replaced it stays).
+    fn remove_expired(&self, service: &str, source: IpAddr, now: Instant) -> Option<Grant>;
+
+    /// Removes the grant for `service` and `source` whatever its expiry.
+    fn revoke(&self, service: &str, source: IpAddr) -> Option<Grant>;
+
+    /// Every grant still held (expired ones not yet removed included).
+    fn snapshot(&self) -> Vec<Grant>;
+}
+
+/// The embedded store: a concurrent map keyed by source address, holding
+/// that source's grants (almost always one or two).
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    by_source: DashMap<IpAddr, Vec<Grant>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl GrantStore for MemoryStore {
+    fn insert(&self, grant: &Grant) {
+        let mut grants = self.by_source.entry(grant.source).or_default();
+        match grants.iter_mut().find(|g| g.service == grant.service) {
+            Some(old) => *old = grant.clone(),
+            None => grants.push(grant.clone()),
+        }
+    }
+
+    fn allows(&self, service: &str, source: IpAddr, now: Instant) -> bool {
+        self.by_source
+            .get(&source)
+            .is_some_and(|grants| grants.iter().any(|g| &*g.service == service && g.expires_at > now))
+    }
+
+    fn remove_expired(&self, service: &str, source: IpAddr, now: Instant) -> Option<Grant> {
+        self.remove_where(source, |g| &*g.service == service && g.expires_at <= now)
+    }
+
+    fn revoke(&self, service: &str, source: IpAddr) -> Option<Grant> {
+        self.remove_where(source, |g| &*g.service == service)
+    }
+
+    fn snapshot(&self) -> Vec<Grant> {
+        self.by_source.iter().flat_map(|e| e.value().clone()).collect()
+    }
+}
+
+impl MemoryStore {
+    fn remove_where(&self, source: IpAddr, pred: impl Fn(&Grant) -> bool) -> Option<Grant> {
+        let mut removed = None;
+        self.by_source.remove_if_mut(&source, |_, grants| {
+            if let Some(pos) = grants.iter().position(&pred) {
+                removed = Some(grants.swap_remove(pos));
+            }
+            grants.is_empty()
+        });
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::gate::Method;
+    use std::time::Duration;
+
+    fn grant(service: &str, source: [u8; 4], expires_at: Instant) -> Grant {
+        Grant {
+            service: service.into(),
+            source: IpAddr::from(source),
+            method: Method::Knock,
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn a_grant_admits_one_source_to_one_service_until_it_expires() {
+        let clock = ManualClock::new();
+        let store = MemoryStore::new();
+        let a = IpAddr::from([127, 0, 0, 1]);
+        let b = IpAddr::from([127, 0, 0, 2]);
+        store.insert(&grant("echo", [127, 0, 0, 1], clock.now() + Duration::from_secs(10)));
+        assert!(store.allows("echo", a, clock.now()));
+        assert!(!store.allows("echo", b, clock.now()));
+        assert!(!store.allows("other", a, clock.now()));
+        clock.advance(Duration::from_millis(9_999));
+        assert!(store.allows("echo", a, clock.now()));
+        clock.advance(Duration::from_millis(1));
+        assert!(
+            !store.allows("echo", a, clock.now()),
+            "expired grants deny before removal"
+        );
+        assert!(store.remove_expired("echo", a, clock.now()).is_some());
+        assert!(store.snapshot().is_empty());
+    }
+
+    #[test]
+    fn remove_expired_keeps_a_newer_grant() {
+        let clock = ManualClock::new();
+        let store = MemoryStore::new();
+        let a = IpAddr::from([127, 0, 0, 1]);
+        store.insert(&grant("echo", [127, 0, 0, 1], clock.now() + Duration::from_secs(1)));
+        store.insert(&grant("echo", [127, 0, 0, 1], clock.now() + Duration::from_secs(5)));
+        clock.advance(Duration::from_secs(2));
+        assert!(store.remove_expired("echo", a, clock.now()).is_none());
+        assert!(store.allows("echo", a, clock.now()));
+        assert_eq!(store.snapshot().len(), 1);
+    }
+
+    #[test]
+    fn revoke_takes_one_service_and_leaves_the_others() {
+        let clock = ManualClock::new();
+        let store = MemoryStore::new();
+        let a = IpAddr::from([127, 0, 0, 1]);
+        let later = clock.now() + Duration::from_secs(5);
+        store.insert(&grant("echo", [127, 0, 0, 1], later));
+        store.insert(&grant("pg", [127, 0, 0, 1], later));
+        assert!(store.revoke("echo", a).is_some());
+        assert!(!store.allows("echo", a, clock.now()));
+        assert!(store.allows("pg", a, clock.now()));
+    }
+}
