@@ -362,6 +362,7 @@ impl Validator {
         let knock = match (&raw.knock, listen) {
             (Some(k), Some(listen)) => self.knock(&format!("{base}.knock"), k, listen.ip()),
             (Some(_), None) => None,
+            (None, _) if unauthorized == Unauthorized::Allow => None,
             (None, _) => {
                 self.problem(
                     &base,
@@ -527,9 +528,17 @@ impl Validator {
 }
 
 fn collides(a: &Step, b: &Step) -> bool {
+    // Port 0 asks the kernel for a free port, which never collides.
     a.proto == b.proto
+        && a.addr.port() != 0
         && a.addr.port() == b.addr.port()
-        && (a.addr.ip() == b.addr.ip() || a.addr.ip().is_unspecified() || b.addr.ip().is_unspecified())
+        && (a.addr.ip() == b.addr.ip() || covers(a.addr.ip(), b.addr.ip()) || covers(b.addr.ip(), a.addr.ip()))
+}
+
+/// Whether a wildcard bind on `wild` takes the port for `other` too: an
+/// IPv4 wildcard covers IPv4 addresses, a dual-stack IPv6 one covers all.
+fn covers(wild: IpAddr, other: IpAddr) -> bool {
+    wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
 }
 
 fn check_upstream(text: &str) -> Result<(), String> {

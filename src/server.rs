@@ -149,14 +149,15 @@ impl Bound {
 
         shutdown.cancelled().await;
         let grace = shared.gateway.shutdown_grace;
-        tracing::info!(
-            in_flight = shared.active.load(Ordering::Relaxed),
-            grace = %humantime::format_duration(grace),
-            "shutting down: listeners closed, draining connections"
-        );
+        tracing::info!("shutting down");
         shared.stop.cancel();
         shared.tracker.close();
         while tasks.join_next().await.is_some() {}
+        tracing::info!(
+            in_flight = shared.active.load(Ordering::Relaxed),
+            grace = %humantime::format_duration(grace),
+            "listeners closed, draining connections"
+        );
         if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
             let cut = shared.active.load(Ordering::Relaxed);
             tracing::warn!(cut, "grace period over: cutting the connections still open");
