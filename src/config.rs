@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use crate::gate::KnockRule;
 use crate::step::{Proto, Step, StepSpec};
-use raw::{RawConfig, RawGateway, RawKnock, RawService, RawStep};
+use raw::{RawConfig, RawCount, RawGateway, RawKnock, RawService, RawStep};
 
 /// Prefix of environment overrides; sections and keys are joined by `__`.
 pub const ENV_PREFIX: &str = "PORTCULLIS";
@@ -231,16 +231,23 @@ impl Validator {
         }
     }
 
-    fn count(&mut self, path: &str, value: Option<&String>, default: usize) -> usize {
-        let Some(text) = value else { return default };
-        match text.trim().parse::<usize>() {
+    fn count(&mut self, path: &str, value: Option<&RawCount>, default: usize) -> usize {
+        let parsed = match value {
+            None => return default,
+            Some(RawCount::Int(n)) => usize::try_from(*n).map_err(|_| format!("{n} is not a count")),
+            Some(RawCount::Text(t)) => t
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{t:?} is not a whole number")),
+        };
+        match parsed {
             Ok(0) => {
                 self.problem(path, "must be at least 1");
                 default
             }
             Ok(n) => n,
-            Err(_) => {
-                self.problem(path, format!("{text:?} is not a whole number"));
+            Err(e) => {
+                self.problem(path, e);
                 default
             }
         }

@@ -80,6 +80,24 @@ pub struct Knock {
     pub step: Step,
 }
 
+/// What the gate is fed, besides the passing of time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Knock(Knock),
+    /// A verified authorization (SPA) or an operator's grant.
+    Authorize {
+        service: Arc<str>,
+        source: IpAddr,
+        method: Method,
+        duration: Duration,
+    },
+    /// Ends a grant early: no new connections from that source.
+    Revoke {
+        service: Arc<str>,
+        source: IpAddr,
+    },
+}
+
 /// What one knock did to one service's attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KnockResult {
@@ -148,6 +166,7 @@ pub enum Event {
     },
     Granted(Grant),
     GrantExpired(Grant),
+    Revoked(Grant),
 }
 
 /// Bounds on the gate's memory, since knock sources are spoofable.
@@ -270,6 +289,27 @@ impl Gate {
             self.grant_deadlines.pop_first();
             if let Some(grant) = self.grants.remove(&key) {
                 out.push(Event::GrantExpired(grant));
+            }
+        }
+    }
+
+    /// Feeds one input; appends what it caused to `out`.
+    pub fn handle(&mut self, input: Input, now: Instant, out: &mut Vec<Event>) {
+        match input {
+            Input::Knock(k) => self.knock(k, now, out),
+            Input::Authorize {
+                service,
+                source,
+                method,
+                duration,
+            } => {
+                self.authorize(&service, source, method, duration, now, out);
+            }
+            Input::Revoke { service, source } => {
+                self.handle_timeout(now, out);
+                if let Some(grant) = self.revoke(&service, source) {
+                    out.push(Event::Revoked(grant));
+                }
             }
         }
     }
@@ -742,6 +782,19 @@ mod tests {
         assert!(h.gate.revoke("echo", src(1)).is_some());
         assert_eq!(h.gate.next_deadline(), None);
         assert!(h.gate.revoke("echo", src(1)).is_none());
+    }
+
+    #[test]
+    fn revoke_input_emits_the_revoked_grant() {
+        let mut h = Harness::new(vec![rule("echo", &[1, 3, 2], &[])]);
+        h.run(&[Knock(1, 1), Knock(1, 3), Knock(1, 2)]);
+        let revoke = Input::Revoke {
+            service: "echo".into(),
+            source: src(1),
+        };
+        h.gate.handle(revoke, h.clock.now(), &mut h.events);
+        assert!(matches!(h.events.last(), Some(Event::Revoked(g)) if g.source == src(1)));
+        assert_eq!(h.gate.next_deadline(), None);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::gate::Knock;
+use crate::gate::{Input, Knock};
 use crate::metrics;
 use crate::net;
 use crate::step::Step;
@@ -33,7 +33,7 @@ const MAX_BATCH: usize = 1024;
 /// Reads every UDP knock socket until `cancel`; forwards knocks in arrival
 /// order. A full channel drops the knock (counted): the gate is never
 /// waited on.
-pub async fn run_udp(sockets: Vec<(UdpSocket, Step)>, tx: mpsc::Sender<Knock>, cancel: CancellationToken) {
+pub async fn run_udp(sockets: Vec<(UdpSocket, Step)>, tx: mpsc::Sender<Input>, cancel: CancellationToken) {
     let mut batch: Vec<(TimeSpec, Knock)> = Vec::with_capacity(64);
     let mut buf = [0u8; 64];
     let mut cmsg = nix::cmsg_space!(TimeSpec);
@@ -75,7 +75,7 @@ pub async fn run_udp(sockets: Vec<(UdpSocket, Step)>, tx: mpsc::Sender<Knock>, c
 
 /// Accepts on a TCP knock listener: each completed handshake is a knock,
 /// and the connection is reset at once without a byte sent.
-pub async fn run_tcp(listener: TcpListener, step: Step, tx: mpsc::Sender<Knock>, cancel: CancellationToken) {
+pub async fn run_tcp(listener: TcpListener, step: Step, tx: mpsc::Sender<Input>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -101,8 +101,8 @@ pub async fn run_tcp(listener: TcpListener, step: Step, tx: mpsc::Sender<Knock>,
     }
 }
 
-fn forward(tx: &mpsc::Sender<Knock>, knock: Knock) {
-    if tx.try_send(knock).is_err() {
+fn forward(tx: &mpsc::Sender<Input>, knock: Knock) {
+    if tx.try_send(Input::Knock(knock)).is_err() {
         metrics::knock_dropped();
         tracing::debug!(source = %knock.source, step = %knock.step, "gate busy: knock dropped");
     }

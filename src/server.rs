@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Service};
-use crate::gate::{Event, Gate, GateLimits, Knock, ServiceRule};
+use crate::gate::{Event, Gate, GateLimits, Input, Method, ServiceRule};
 use crate::metrics;
 use crate::net;
 use crate::proxy::{self, Shared};
@@ -23,8 +23,8 @@ use crate::sensor;
 use crate::step::{Proto, Step};
 use crate::store::{GrantStore, MemoryStore};
 
-/// Knocks queued between the sensors and the gate; past it they are dropped.
-const KNOCK_QUEUE: usize = 4096;
+/// Inputs queued between the sensors and the gate; past it knocks are dropped.
+const GATE_QUEUE: usize = 4096;
 
 /// Every socket, bound and not yet served.
 #[derive(Debug)]
@@ -105,7 +105,7 @@ impl Bound {
             tcp_knocks,
         } = self;
         let shared = Arc::new(Shared::new(store.clone(), clock.clone(), config.gateway.clone()));
-        let (tx, rx) = mpsc::channel(KNOCK_QUEUE);
+        let (tx, rx) = mpsc::channel(GATE_QUEUE);
         let mut tasks = tokio::task::JoinSet::new();
 
         let rules = config
@@ -172,7 +172,7 @@ impl Bound {
 /// Feeds knocks and deadlines to the gate and applies what it decides.
 async fn drive_gate(
     mut gate: Gate,
-    mut rx: mpsc::Receiver<Knock>,
+    mut rx: mpsc::Receiver<Input>,
     store: Arc<dyn GrantStore>,
     clock: Arc<dyn Clock>,
     stop: CancellationToken,
@@ -182,8 +182,8 @@ async fn drive_gate(
         let deadline = gate.next_deadline();
         tokio::select! {
             _ = stop.cancelled() => return,
-            knock = rx.recv() => match knock {
-                Some(knock) => gate.knock(knock, clock.now(), &mut events),
+            input = rx.recv() => match input {
+                Some(input) => gate.handle(input, clock.now(), &mut events),
                 None => return,
             },
             _ = sleep_until(deadline), if deadline.is_some() => gate.handle_timeout(clock.now(), &mut events),
@@ -220,8 +220,8 @@ fn apply(event: Event, store: &dyn GrantStore, clock: &dyn Clock) {
             metrics::grant(&grant.service, &grant.method);
             let open_for = grant.expires_at.saturating_duration_since(clock.now());
             let user = match &grant.method {
-                crate::gate::Method::Spa { user } => Some(user.to_string()),
-                crate::gate::Method::Knock => None,
+                Method::Spa { user } => Some(user.to_string()),
+                Method::Knock => None,
             };
             tracing::info!(
                 service = %grant.service,
@@ -240,6 +240,10 @@ fn apply(event: Event, store: &dyn GrantStore, clock: &dyn Clock) {
                 metrics::grant_expired(&grant.service);
                 tracing::info!(service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant expired");
             }
+        }
+        Event::Revoked(grant) => {
+            store.revoke(&grant.service, grant.source);
+            tracing::info!(service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant revoked");
         }
     }
 }

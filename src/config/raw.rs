@@ -23,10 +23,10 @@ pub struct RawConfig {
 pub struct RawGateway {
     pub shutdown_grace: Option<String>,
     pub connect_timeout: Option<String>,
-    pub max_connections: Option<String>,
+    pub max_connections: Option<RawCount>,
     pub blackhole_hold: Option<String>,
-    pub max_blackholed: Option<String>,
-    pub max_knock_attempts: Option<String>,
+    pub max_blackholed: Option<RawCount>,
+    pub max_knock_attempts: Option<RawCount>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -56,5 +56,13 @@ pub struct RawKnock {
 #[serde(untagged)]
 pub enum RawStep {
     Port(i64),
+    Text(String),
+}
+
+/// A count as a TOML integer, or as text (environment variables are text).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawCount {
+    Int(i64),
     Text(String),
 }
