@@ -6,7 +6,9 @@
 //! variables (`PORTCULLIS__SERVICE__ECHO__OPEN_FOR=5s` changes one field of
 //! one service), then command-line flags.
 
+mod admin;
 pub mod raw;
+mod spa;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,7 +19,9 @@ use std::time::Duration;
 
 use crate::gate::KnockRule;
 use crate::step::{Proto, Step, StepSpec};
+pub use admin::{Admin, AdminTls, DEFAULT_ADMIN_LISTEN};
 use raw::{RawConfig, RawCount, RawGateway, RawKnock, RawService, RawStep};
+pub use spa::{Limits, Spa, User, DEFAULT_SPA_LISTEN};
 
 /// Prefix of environment overrides; sections and keys are joined by `__`.
 pub const ENV_PREFIX: &str = "PORTCULLIS";
@@ -27,7 +31,14 @@ const ENV_SEPARATOR: &str = "__";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub gateway: Gateway,
+    /// The admin endpoint, when the config has an `[admin]` section.
+    pub admin: Option<Admin>,
+    /// Per-source limits on knock and SPA packets.
+    pub limits: Limits,
+    /// The SPA listener, when the config has an `[spa]` section.
+    pub spa: Option<Spa>,
     pub services: Vec<Service>,
+    pub users: Vec<User>,
 }
 
 /// Process-wide limits and timings.
@@ -92,6 +103,31 @@ pub struct Service {
     pub unauthorized: Unauthorized,
     pub open_for: Duration,
     pub knock: Option<KnockRule>,
+    /// Users whose SPA packets may open this service.
+    pub spa_users: Vec<Arc<str>>,
+    /// Session settings; used by UDP services only.
+    pub udp: UdpSessions,
+}
+
+/// How a UDP service keeps its per-client sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpSessions {
+    /// A session ends after this long without a datagram either way.
+    pub idle_timeout: Duration,
+    /// Most sessions of the service at once; past it new ones are refused.
+    pub max_sessions: usize,
+    /// Most sessions of one source address at once.
+    pub max_sessions_per_source: usize,
+}
+
+impl Default for UdpSessions {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(60),
+            max_sessions: 10_000,
+            max_sessions_per_source: 256,
+        }
+    }
 }
 
 /// One thing wrong with a config, at a key path.
@@ -170,13 +206,31 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<RawCon
 
 /// Loads and validates the config at `path` with the process environment.
 pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-    validate(&load(path)?)
+    validate_in(&load(path)?, &base_dir(path))
 }
 
 /// Turns a raw config into runtime types, or reports every problem.
 pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
-    let mut v = Validator::default();
+    validate_in(raw, Path::new(""))
+}
+
+/// [`validate`], resolving relative paths in the config (TLS files, token
+/// files) from `base` (see [`base_dir`]) and reading the files they name.
+pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> {
+    let mut v = Validator {
+        base: base.to_path_buf(),
+        ..Validator::default()
+    };
     let gateway = v.gateway(&raw.gateway);
+    let admin = raw.admin.as_ref().and_then(|a| v.admin(a));
+    let limits = v.limits(&raw.limits);
+    let spa = raw.spa.as_ref().and_then(|s| v.spa(s));
+    let mut users = Vec::new();
+    for (name, u) in &raw.user {
+        if let Some(u) = v.user(name, u) {
+            users.push(u);
+        }
+    }
     let mut services = Vec::new();
     for (name, svc) in &raw.service {
         if let Some(s) = v.service(name, svc) {
@@ -190,8 +244,23 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         );
     }
     v.endpoints(&services);
+    if let Some(a) = &admin {
+        v.admin_endpoint(a, &services);
+    }
+    let user_names: Vec<&str> = raw.user.keys().map(String::as_str).collect();
+    v.spa_users(&services, &users, spa.as_ref(), &user_names);
+    if let Some(s) = &spa {
+        v.spa_endpoint(s, &services);
+    }
     if v.problems.is_empty() {
-        Ok(Config { gateway, services })
+        Ok(Config {
+            gateway,
+            admin,
+            limits,
+            spa,
+            services,
+            users,
+        })
     } else {
         Err(ConfigError { problems: v.problems })
     }
@@ -206,6 +275,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[derive(Default)]
 struct Validator {
     problems: Vec<Problem>,
+    /// Where relative paths are resolved from.
+    base: PathBuf,
 }
 
 impl Validator {
@@ -327,21 +398,16 @@ impl Validator {
         };
         let protocol = match raw.protocol.as_deref().map(str::trim) {
             None | Some("tcp") => Proto::Tcp,
-            Some("udp") => {
-                self.problem(
-                    format!("{base}.protocol"),
-                    "udp services are not supported by this version: use \"tcp\"",
-                );
-                Proto::Udp
-            }
+            Some("udp") => Proto::Udp,
             Some(other) => {
                 self.problem(
                     format!("{base}.protocol"),
-                    format!("{other:?} is not a protocol: use \"tcp\""),
+                    format!("{other:?} is not a protocol: use \"tcp\" or \"udp\""),
                 );
                 Proto::Tcp
             }
         };
+        let udp = self.udp_sessions(&base, raw, protocol);
         let unauthorized = match raw.unauthorized.as_deref().map(str::trim) {
             None | Some("refuse") => Unauthorized::Refuse,
             Some("blackhole") => Unauthorized::Blackhole,
@@ -369,11 +435,11 @@ impl Validator {
         let knock = match (&raw.knock, listen) {
             (Some(k), Some(listen)) => self.knock(&format!("{base}.knock"), k, listen.ip()),
             (Some(_), None) => None,
-            (None, _) if unauthorized == Unauthorized::Allow => None,
+            (None, _) if unauthorized == Unauthorized::Allow || !raw.spa_users.is_empty() => None,
             (None, _) => {
                 self.problem(
                     &base,
-                    "no way in: add knock = { sequence = [...] } (or set unauthorized = \"allow\" to audit)",
+                    "no way in: add knock = { sequence = [...] } or spa_users = [...] (or set unauthorized = \"allow\" to audit)",
                 );
                 None
             }
@@ -389,7 +455,45 @@ impl Validator {
             unauthorized,
             open_for,
             knock,
+            spa_users: raw.spa_users.iter().map(|u| Arc::from(u.trim())).collect(),
+            udp,
         })
+    }
+
+    fn udp_sessions(&mut self, base: &str, raw: &RawService, protocol: Proto) -> UdpSessions {
+        let d = UdpSessions::default();
+        if protocol == Proto::Tcp {
+            for (key, set) in [
+                ("idle_timeout", raw.idle_timeout.is_some()),
+                ("max_sessions", raw.max_sessions.is_some()),
+                ("max_sessions_per_source", raw.max_sessions_per_source.is_some()),
+            ] {
+                if set {
+                    self.problem(
+                        format!("{base}.{key}"),
+                        "applies to udp services only: remove it or set protocol = \"udp\"",
+                    );
+                }
+            }
+            return d;
+        }
+        UdpSessions {
+            idle_timeout: self.duration(
+                &format!("{base}.idle_timeout"),
+                raw.idle_timeout.as_ref(),
+                d.idle_timeout,
+            ),
+            max_sessions: self.count(
+                &format!("{base}.max_sessions"),
+                raw.max_sessions.as_ref(),
+                d.max_sessions,
+            ),
+            max_sessions_per_source: self.count(
+                &format!("{base}.max_sessions_per_source"),
+                raw.max_sessions_per_source.as_ref(),
+                d.max_sessions_per_source,
+            ),
+        }
     }
 
     fn steps(&mut self, path: &str, raw: &[RawStep], ip: IpAddr) -> Option<Vec<Step>> {

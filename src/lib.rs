@@ -14,27 +14,37 @@
 //! - [`step`]: knock steps and protocols, parsed from every common spelling.
 //! - [`gate`]: knock progress, grants and expiries; pure logic, time passed in.
 //! - [`store`]: where grants live for the connection path ([`store::GrantStore`]).
-//! - [`sensor`]: knock listeners; they own sockets and nothing else.
-//! - [`proxy`]: guarded listeners, the unauthorised modes, and the splice.
+//! - [`sensor`]: knock and SPA listeners; they own sockets and nothing else.
+//! - [`guard`]: per-source rate limits and lockouts in front of the sensors.
+//! - [`spa`]: SPA packet codecs (native and fwknop) and key files; pure, time passed in.
+//! - [`proxy`]: guarded TCP listeners, the unauthorised modes, and the splice.
+//! - [`udp`]: guarded UDP services and their per-client session table.
 //! - [`server`]: binds every socket, drives the gate, shuts down gracefully.
 //! - [`config`]: file and environment into validated runtime types.
 //! - [`client`]: the `knock` command.
 //! - [`clock`]: the only place that reads the clock.
-//! - [`metrics`]: every metric name.
+//! - [`secret`]: key bytes that are redacted and zeroized; constant-time MAC comparison.
+//! - [`metrics`]: every metric name, the Prometheus recorder and process metrics.
+//! - [`admin`]: `/metrics`, health probes and the grants API, on a thread of its own.
 
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
+pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod gate;
+pub mod guard;
 pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod proxy;
+pub mod secret;
 pub mod sensor;
 pub mod server;
+pub mod spa;
 pub mod step;
 pub mod store;
+pub mod udp;

@@ -3,9 +3,10 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Parser;
 use portcullis::cli::{Cli, Command};
-use portcullis::{client, config, logging, server};
+use portcullis::{client, config, logging, metrics, server};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a config that does not validate (EX_USAGE).
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
         Command::Config(args) => match config::load(&args.config) {
             Ok(raw) => {
                 print!("{}", config::render(&raw));
-                if let Err(e) = config::validate(&raw) {
+                if let Err(e) = config::validate_in(&raw, &config::base_dir(&args.config)) {
                     eprintln!("{}: {e}", args.config.display());
                     return ExitCode::FAILURE;
                 }
@@ -48,6 +49,11 @@ fn main() -> ExitCode {
                 }
             };
             run(async move {
+                // Only a scrape reads the recorder, so without an admin
+                // endpoint metrics are not recorded at all.
+                if config.admin.is_some() {
+                    metrics::install(&config)?;
+                }
                 let bound = server::bind(config)?;
                 let shutdown = CancellationToken::new();
                 let trigger = shutdown.clone();
@@ -60,6 +66,25 @@ fn main() -> ExitCode {
                 bound.run(shutdown).await
             })
         }
+        Command::Keygen(args) => {
+            let keys = portcullis::spa::keyfile::generate(args.kind, &mut rand::rng());
+            print!("{}", &*portcullis::spa::keyfile::render(&keys));
+            ExitCode::SUCCESS
+        }
+        Command::Spa(args) => match spa_plan(&args) {
+            Ok(plan) => run(async move {
+                let packet = client::build_spa(&plan)?;
+                if let Some(path) = &args.save_packet {
+                    std::fs::write(path, &packet).with_context(|| format!("cannot write {}", path.display()))?;
+                }
+                client::send_spa(&plan, &packet).await?;
+                Ok(())
+            }),
+            Err(e) => {
+                eprintln!("{e:#}");
+                ExitCode::from(2)
+            }
+        },
         Command::Knock(args) => {
             let steps = match args.parse_steps() {
                 Ok(s) => s,
@@ -103,4 +128,32 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn spa_plan(args: &portcullis::cli::SpaArgs) -> anyhow::Result<client::SpaPlan> {
+    let text = match (&args.key_file, &args.key_env) {
+        (Some(path), _) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+        (None, Some(var)) => std::env::var(var).with_context(|| format!("environment variable {var} is not set"))?,
+        (None, None) => anyhow::bail!("give --key-file or --key-env"),
+    };
+    let keys = portcullis::spa::keyfile::parse(&text).context("key file")?;
+    let mut access = Vec::new();
+    for a in &args.access {
+        let spec: portcullis::step::StepSpec = a.parse().with_context(|| format!("-A {a}"))?;
+        access.push((spec.proto, spec.port));
+    }
+    let timestamp = portcullis::sensor::spa::unix_secs(&portcullis::clock::SystemClock);
+    Ok(client::SpaPlan {
+        host: args.host.clone(),
+        port: args.port,
+        fields: portcullis::spa::Fields {
+            timestamp,
+            access,
+            allow_ip: args.allow_ip,
+            duration: args.duration,
+        },
+        keys,
+        fwknop_user: args.fwknop.then(|| args.user.clone()),
+        bind: args.bind,
+    })
 }

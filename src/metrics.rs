@@ -5,7 +5,17 @@
 //! from peer input; service names come from the operator's config.
 //! Without an installed recorder these calls cost next to nothing.
 
-use crate::gate::{ExpiryCause, KnockResult, Method};
+mod process;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::Config;
+use crate::gate::{ExpiryCause, KnockResult, Method, ResetCause};
+use crate::step::Proto;
 
 pub const KNOCKS_TOTAL: &str = "portcullis_knocks_total";
 pub const KNOCKS_DROPPED_TOTAL: &str = "portcullis_knocks_dropped_total";
@@ -76,4 +86,300 @@ pub fn upstream_error(service: &str) {
 
 pub fn accept_error(listener: &'static str) {
     metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => listener).increment(1);
+}
+
+pub const UDP_DATAGRAMS_TOTAL: &str = "portcullis_udp_datagrams_total";
+pub const UDP_DATAGRAMS_DROPPED_TOTAL: &str = "portcullis_udp_datagrams_dropped_total";
+pub const UDP_SESSIONS_TOTAL: &str = "portcullis_udp_sessions_total";
+pub const UDP_SESSIONS_ENDED_TOTAL: &str = "portcullis_udp_sessions_ended_total";
+pub const UDP_SESSIONS_ACTIVE: &str = "portcullis_udp_sessions_active";
+
+/// Which way a datagram or byte moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the client towards the upstream.
+    Upstream,
+    /// From the upstream back to the client.
+    Downstream,
+}
+
+impl Direction {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Direction::Upstream => "upstream",
+            Direction::Downstream => "downstream",
+        }
+    }
+}
+
+pub fn udp_datagram(service: &str, direction: Direction) {
+    metrics::counter!(UDP_DATAGRAMS_TOTAL, "service" => service.to_owned(), "direction" => direction.as_label())
+        .increment(1);
+}
+
+/// `reason` is one of a fixed set of labels chosen in `udp`.
+pub fn udp_dropped(service: &str, reason: &'static str) {
+    metrics::counter!(UDP_DATAGRAMS_DROPPED_TOTAL, "service" => service.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn udp_session_opened(service: &str) {
+    metrics::counter!(UDP_SESSIONS_TOTAL, "service" => service.to_owned()).increment(1);
+    metrics::gauge!(UDP_SESSIONS_ACTIVE, "service" => service.to_owned()).increment(1.0);
+}
+
+pub fn udp_session_closed(service: &str, reason: &'static str) {
+    metrics::counter!(UDP_SESSIONS_ENDED_TOTAL, "service" => service.to_owned(), "reason" => reason).increment(1);
+    metrics::gauge!(UDP_SESSIONS_ACTIVE, "service" => service.to_owned()).decrement(1.0);
+}
+
+// Operations: the admin endpoint's scrape, process health, and the timings
+// and volumes of proxied connections.
+
+pub const BUILD_INFO: &str = "portcullis_build_info";
+pub const GRANTS_ACTIVE: &str = "portcullis_grants_active";
+pub const CONNECTION_DURATION_SECONDS: &str = "portcullis_connection_duration_seconds";
+pub const UPSTREAM_CONNECT_DURATION_SECONDS: &str = "portcullis_upstream_connect_duration_seconds";
+pub const PROXIED_BYTES_TOTAL: &str = "portcullis_proxied_bytes_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
+
+// The standard process metrics every Prometheus client library exports,
+// under their standard names so stock dashboards and alerts find them.
+pub const PROCESS_CPU_SECONDS_TOTAL: &str = "process_cpu_seconds_total";
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
+pub const PROCESS_VIRTUAL_MEMORY_BYTES: &str = "process_virtual_memory_bytes";
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+pub const PROCESS_START_TIME_SECONDS: &str = "process_start_time_seconds";
+pub const PROCESS_THREADS: &str = "process_threads";
+
+/// Buckets of [`CONNECTION_DURATION_SECONDS`]: from a quick query to a
+/// session held open for an hour.
+pub const CONNECTION_DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// Buckets of [`UPSTREAM_CONNECT_DURATION_SECONDS`]: from a local socket
+/// (tens of microseconds) to the default connect timeout.
+pub const UPSTREAM_CONNECT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Labels of [`ACCEPT_ERRORS_TOTAL`], one per kind of listener.
+pub const LISTENER_KINDS: [&str; 3] = ["guarded", "knock", "admin"];
+
+/// How a config reload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    Success,
+    /// The new config was rejected; the old one keeps running.
+    Failure,
+}
+
+impl ReloadResult {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            ReloadResult::Success => "success",
+            ReloadResult::Failure => "failure",
+        }
+    }
+}
+
+/// One more (`delta` 1.0) or one fewer (-1.0) grant held for `service`.
+pub fn grants_active(service: &str, delta: f64) {
+    metrics::gauge!(GRANTS_ACTIVE, "service" => service.to_owned()).increment(delta);
+}
+
+pub fn connection_duration(service: &str, duration: Duration) {
+    metrics::histogram!(CONNECTION_DURATION_SECONDS, "service" => service.to_owned()).record(duration.as_secs_f64());
+}
+
+pub fn upstream_connect_duration(service: &str, duration: Duration) {
+    metrics::histogram!(UPSTREAM_CONNECT_DURATION_SECONDS, "service" => service.to_owned())
+        .record(duration.as_secs_f64());
+}
+
+pub fn proxied_bytes(service: &str, direction: Direction, bytes: u64) {
+    metrics::counter!(PROXIED_BYTES_TOTAL, "service" => service.to_owned(), "direction" => direction.as_label())
+        .increment(bytes);
+}
+
+pub fn config_reload(result: ReloadResult) {
+    metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_label()).increment(1);
+}
+
+/// The Prometheus recorder, once [`install`] has run.
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once: `serve` calls it,
+/// the other commands record nothing), describes every metric, and sets
+/// every series the config implies to zero, so that `rate()` and alerts
+/// see a series from the start instead of from its first event.
+pub fn install(config: &Config) -> anyhow::Result<()> {
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in [
+        (CONNECTION_DURATION_SECONDS, CONNECTION_DURATION_BUCKETS),
+        (UPSTREAM_CONNECT_DURATION_SECONDS, UPSTREAM_CONNECT_BUCKETS),
+    ] {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)
+            .with_context(|| format!("histogram buckets of {name}"))?;
+    }
+    let handle = builder
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    PROMETHEUS
+        .set(handle)
+        .map_err(|_| anyhow::anyhow!("the metrics recorder is already installed"))?;
+    describe();
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    zero(config);
+    Ok(())
+}
+
+/// The scrape: every metric in the Prometheus text format, process
+/// metrics included. `None` when no recorder is installed.
+pub fn render() -> Option<String> {
+    let handle = PROMETHEUS.get()?;
+    let mut text = handle.render();
+    process::render(&mut text);
+    Some(text)
+}
+
+/// Housekeeping the recorder needs now and then (the admin endpoint runs
+/// it); without it, histogram samples recorded between scrapes pile up.
+pub fn upkeep() {
+    if let Some(handle) = PROMETHEUS.get() {
+        handle.run_upkeep();
+    }
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build.");
+    describe_counter!(KNOCKS_TOTAL, "Knocks the gate processed, by service and result.");
+    describe_counter!(
+        KNOCKS_DROPPED_TOTAL,
+        "Knocks dropped because the gate's queue was full."
+    );
+    describe_counter!(
+        KNOCK_ATTEMPTS_EXPIRED_TOTAL,
+        "Knock attempts that ended unfinished, by cause."
+    );
+    describe_counter!(GRANTS_TOTAL, "Grants given, by service and method.");
+    describe_counter!(GRANTS_EXPIRED_TOTAL, "Grants that ran out.");
+    describe_gauge!(GRANTS_ACTIVE, "Grants currently held, by service.");
+    describe_counter!(
+        CONNECTIONS_TOTAL,
+        "Guarded connections accepted, by service and decision."
+    );
+    describe_gauge!(CONNECTIONS_ACTIVE, "Proxied connections open now.");
+    describe_counter!(
+        UPSTREAM_CONNECT_ERRORS_TOTAL,
+        "Upstream connects that failed or timed out."
+    );
+    describe_counter!(ACCEPT_ERRORS_TOTAL, "Failed accept() calls, by kind of listener.");
+    describe_histogram!(
+        CONNECTION_DURATION_SECONDS,
+        Unit::Seconds,
+        "How long proxied connections lasted, from the upstream connect to close."
+    );
+    describe_histogram!(
+        UPSTREAM_CONNECT_DURATION_SECONDS,
+        Unit::Seconds,
+        "How long successful upstream connects took."
+    );
+    describe_counter!(
+        PROXIED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes proxied, by service and direction (upstream: from clients)."
+    );
+    describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result.");
+    describe_counter!(UDP_DATAGRAMS_TOTAL, "UDP datagrams relayed, by service and direction.");
+    describe_counter!(
+        UDP_DATAGRAMS_DROPPED_TOTAL,
+        "UDP datagrams dropped, by service and reason."
+    );
+    describe_counter!(UDP_SESSIONS_TOTAL, "UDP sessions opened.");
+    describe_counter!(UDP_SESSIONS_ENDED_TOTAL, "UDP sessions ended, by reason.");
+    describe_gauge!(UDP_SESSIONS_ACTIVE, "UDP sessions open now.");
+}
+
+/// Sets every series whose labels the config determines to zero.
+fn zero(config: &Config) {
+    metrics::counter!(KNOCKS_DROPPED_TOTAL).absolute(0);
+    for listener in LISTENER_KINDS {
+        metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => listener).absolute(0);
+    }
+    for result in [ReloadResult::Success, ReloadResult::Failure] {
+        metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_label()).absolute(0);
+    }
+    let results = [
+        KnockResult::Advanced { step: 1, of: 1 },
+        KnockResult::Repeated { step: 1 },
+        KnockResult::Reset(ResetCause::WrongStep),
+        KnockResult::Reset(ResetCause::Trap),
+        KnockResult::Ignored,
+    ];
+    let causes = [
+        ExpiryCause::StepTimeout,
+        ExpiryCause::SequenceTimeout,
+        ExpiryCause::Evicted,
+    ];
+    let methods = [Method::Knock, Method::Spa { user: "".into() }];
+    let decisions = [
+        Decision::Allowed,
+        Decision::AllowedAudit,
+        Decision::Refused,
+        Decision::Blackholed,
+        Decision::Overflow,
+    ];
+    for service in &config.services {
+        let s = || service.name.to_string();
+        if service.knock.is_some() {
+            for r in results {
+                metrics::counter!(KNOCKS_TOTAL, "service" => s(), "result" => r.as_label()).absolute(0);
+            }
+            for c in causes {
+                metrics::counter!(KNOCK_ATTEMPTS_EXPIRED_TOTAL, "service" => s(), "cause" => c.as_label()).absolute(0);
+            }
+        }
+        for m in &methods {
+            metrics::counter!(GRANTS_TOTAL, "service" => s(), "method" => m.as_label()).absolute(0);
+        }
+        metrics::counter!(GRANTS_EXPIRED_TOTAL, "service" => s()).absolute(0);
+        metrics::gauge!(GRANTS_ACTIVE, "service" => s()).set(0.0);
+        metrics::counter!(UPSTREAM_CONNECT_ERRORS_TOTAL, "service" => s()).absolute(0);
+        if service.protocol == Proto::Tcp {
+            for d in decisions {
+                metrics::counter!(CONNECTIONS_TOTAL, "service" => s(), "decision" => d.as_label()).absolute(0);
+            }
+            metrics::gauge!(CONNECTIONS_ACTIVE, "service" => s()).set(0.0);
+            for d in [Direction::Upstream, Direction::Downstream] {
+                metrics::counter!(PROXIED_BYTES_TOTAL, "service" => s(), "direction" => d.as_label()).absolute(0);
+            }
+            // Registering a histogram makes it render with empty buckets.
+            let _ = metrics::histogram!(CONNECTION_DURATION_SECONDS, "service" => s());
+            let _ = metrics::histogram!(UPSTREAM_CONNECT_DURATION_SECONDS, "service" => s());
+        }
+    }
+}
+
+pub const SPA_PACKETS_TOTAL: &str = "portcullis_spa_packets_total";
+pub const SOURCE_REFUSALS_TOTAL: &str = "portcullis_source_refusals_total";
+pub const LOCKOUTS_TOTAL: &str = "portcullis_lockouts_total";
+
+/// `format` and `result` are fixed labels from `spa::Format` and
+/// `sensor::spa::Refusal` (or "accepted").
+pub fn spa_packet(format: &'static str, result: &'static str) {
+    metrics::counter!(SPA_PACKETS_TOTAL, "format" => format, "result" => result).increment(1);
+}
+
+/// A knock or SPA packet ignored by the per-source guard; `listener` is
+/// "knock" or "spa", `reason` a `guard::Refusal` label.
+pub fn source_refused(listener: &'static str, reason: &'static str) {
+    metrics::counter!(SOURCE_REFUSALS_TOTAL, "listener" => listener, "reason" => reason).increment(1);
+}
+
+pub fn lockout() {
+    metrics::counter!(LOCKOUTS_TOTAL).increment(1);
 }

@@ -21,14 +21,35 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Binds a plain UDP socket.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Receive buffer asked for on sensor sockets (knock and SPA ports). Under a
+/// flood, a deeper queue is what lets a valid packet wait its turn instead
+/// of being dropped by the kernel; the kernel caps it at `rmem_max`.
+const SENSOR_RCVBUF: usize = 4 << 20;
+
+/// Binds a UDP socket for a sensor: a plain UDP socket with a deep receive
+/// buffer (best effort).
+pub fn bind_udp_sensor(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    // Best effort: a smaller buffer only makes floods drop sooner.
+    let _ = socket.set_recv_buffer_size(SENSOR_RCVBUF);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
 /// Binds a UDP socket that records the kernel's receive timestamp of each
 /// datagram (`SO_TIMESTAMPNS`), so datagrams read from several sockets can
 /// be put back in arrival order.
 pub fn bind_udp_timestamped(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    let std: std::net::UdpSocket = socket.into();
+    let std = bind_udp_sensor(addr)?.into_std()?;
     nix::sys::socket::setsockopt(&std, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
         .map_err(io::Error::from)?;
     UdpSocket::from_std(std)

@@ -146,9 +146,13 @@ async fn splice(
     shared: &Shared,
     _permit: OwnedSemaphorePermit,
 ) {
+    let started = shared.clock.now();
     let connect = tokio::time::timeout(shared.gateway.connect_timeout, TcpStream::connect(&*service.upstream));
     let mut upstream = match connect.await {
-        Ok(Ok(s)) => s,
+        Ok(Ok(s)) => {
+            metrics::upstream_connect_duration(&service.name, shared.clock.now().saturating_duration_since(started));
+            s
+        }
         Ok(Err(e)) => {
             metrics::upstream_error(&service.name);
             tracing::warn!(service = %service.name, upstream = %service.upstream, %source, error = %e, "upstream connect failed");
@@ -176,8 +180,14 @@ async fn splice(
     };
     shared.active.fetch_sub(1, Ordering::Relaxed);
     metrics::connections_active(&service.name, -1.0);
+    metrics::connection_duration(&service.name, shared.clock.now().saturating_duration_since(started));
     match result {
         Some(Ok((up, down))) => {
+            // TODO(lead): count as bytes flow; totals at close miss
+            // connections that end in an error or are cut, and show long
+            // ones only when they end.
+            metrics::proxied_bytes(&service.name, metrics::Direction::Upstream, up);
+            metrics::proxied_bytes(&service.name, metrics::Direction::Downstream, down);
             tracing::debug!(service = %service.name, %source, bytes_up = up, bytes_down = down, "connection closed")
         }
         // A peer hanging up mid-stream is normal life for a proxy.

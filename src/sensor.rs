@@ -12,6 +12,7 @@ use std::future::poll_fn;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::task::Poll;
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage};
@@ -21,10 +22,38 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::gate::{Input, Knock};
+use crate::guard::SourceGuard;
 use crate::metrics;
 use crate::net;
 use crate::step::Step;
+
+pub mod spa;
+
+/// Where knocks go: the gate's input, behind the per-source guard.
+#[derive(Debug, Clone)]
+pub struct Intake {
+    pub tx: mpsc::Sender<Input>,
+    pub guard: Arc<SourceGuard>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Intake {
+    /// Passes a knock to the gate unless the guard refuses its source or
+    /// the gate's queue is full (both counted). The gate is never waited on.
+    fn forward(&self, knock: Knock) {
+        if let Err(r) = self.guard.admit(knock.source, self.clock.now()) {
+            metrics::source_refused("knock", r.as_label());
+            tracing::debug!(source = %knock.source, step = %knock.step, reason = r.as_label(), "knock ignored");
+            return;
+        }
+        if self.tx.try_send(Input::Knock(knock)).is_err() {
+            metrics::knock_dropped();
+            tracing::debug!(source = %knock.source, step = %knock.step, "gate busy: knock dropped");
+        }
+    }
+}
 
 /// Most datagrams read before a batch is handed on, so a flood cannot
 /// grow a batch without bound.
@@ -33,7 +62,7 @@ const MAX_BATCH: usize = 1024;
 /// Reads every UDP knock socket until `cancel`; forwards knocks in arrival
 /// order. A full channel drops the knock (counted): the gate is never
 /// waited on.
-pub async fn run_udp(sockets: Vec<(UdpSocket, Step)>, tx: mpsc::Sender<Input>, cancel: CancellationToken) {
+pub async fn run_udp(sockets: Vec<(UdpSocket, Step)>, intake: Intake, cancel: CancellationToken) {
     let mut batch: Vec<(TimeSpec, Knock)> = Vec::with_capacity(64);
     let mut buf = [0u8; 64];
     let mut cmsg = nix::cmsg_space!(TimeSpec);
@@ -68,14 +97,14 @@ pub async fn run_udp(sockets: Vec<(UdpSocket, Step)>, tx: mpsc::Sender<Input>, c
         }
         batch.sort_by_key(|(at, _)| *at);
         for (_, knock) in batch.drain(..) {
-            forward(&tx, knock);
+            intake.forward(knock);
         }
     }
 }
 
 /// Accepts on a TCP knock listener: each completed handshake is a knock,
 /// and the connection is reset at once without a byte sent.
-pub async fn run_tcp(listener: TcpListener, step: Step, tx: mpsc::Sender<Input>, cancel: CancellationToken) {
+pub async fn run_tcp(listener: TcpListener, step: Step, intake: Intake, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -84,13 +113,10 @@ pub async fn run_tcp(listener: TcpListener, step: Step, tx: mpsc::Sender<Input>,
         match accepted {
             Ok((stream, peer)) => {
                 net::reset(stream);
-                forward(
-                    &tx,
-                    Knock {
-                        source: peer.ip().to_canonical(),
-                        step,
-                    },
-                );
+                intake.forward(Knock {
+                    source: peer.ip().to_canonical(),
+                    step,
+                });
             }
             Err(e) => {
                 metrics::accept_error("knock");
@@ -98,13 +124,6 @@ pub async fn run_tcp(listener: TcpListener, step: Step, tx: mpsc::Sender<Input>,
                 tokio::time::sleep(crate::proxy::ACCEPT_BACKOFF).await;
             }
         }
-    }
-}
-
-fn forward(tx: &mpsc::Sender<Input>, knock: Knock) {
-    if tx.try_send(Input::Knock(knock)).is_err() {
-        metrics::knock_dropped();
-        tracing::debug!(source = %knock.source, step = %knock.step, "gate busy: knock dropped");
     }
 }
 

@@ -7,6 +7,7 @@
 //! network.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use dashmap::DashMap;
@@ -30,6 +31,17 @@ pub trait GrantStore: std::fmt::Debug + Send + Sync + 'static {
 
     /// Every grant still held (expired ones not yet removed included).
     fn snapshot(&self) -> Vec<Grant>;
+
+    /// Records an accepted SPA packet's replay digest until `until`.
+    /// Returns false when the digest was already recorded: a replay.
+    fn first_sighting(&self, digest: &[u8; 32], now: Instant, until: Instant) -> bool;
+
+    /// Whether a grant for `service` and `source` is held, expired or not.
+    fn holds(&self, service: &str, source: IpAddr) -> bool {
+        self.snapshot()
+            .iter()
+            .any(|g| &*g.service == service && g.source == source)
+    }
 }
 
 /// The embedded store: a concurrent map keyed by source address, holding
@@ -37,7 +49,14 @@ pub trait GrantStore: std::fmt::Debug + Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     by_source: DashMap<IpAddr, Vec<Grant>>,
+    /// SPA replay digests and when each may be forgotten.
+    seen: DashMap<[u8; 32], Instant>,
+    /// Table size at which expired digests are next swept out.
+    sweep_at: AtomicUsize,
 }
+
+/// Smallest replay-table size that triggers a sweep of expired digests.
+const SWEEP_MIN: usize = 1024;
 
 impl MemoryStore {
     pub fn new() -> Self {
@@ -70,6 +89,35 @@ impl GrantStore for MemoryStore {
 
     fn snapshot(&self) -> Vec<Grant> {
         self.by_source.iter().flat_map(|e| e.value().clone()).collect()
+    }
+
+    fn first_sighting(&self, digest: &[u8; 32], now: Instant, until: Instant) -> bool {
+        // Only authenticated packets get here, so the table grows at the pace
+        // of real users; sweeping when it doubles keeps it bounded by the
+        // packets of one retention period.
+        if self.seen.len() >= self.sweep_at.load(Ordering::Relaxed).max(SWEEP_MIN) {
+            self.seen.retain(|_, keep_until| *keep_until > now);
+            self.sweep_at.store(self.seen.len() * 2, Ordering::Relaxed);
+        }
+        match self.seen.entry(*digest) {
+            dashmap::mapref::entry::Entry::Occupied(mut e) => {
+                if *e.get() > now {
+                    return false;
+                }
+                e.insert(until);
+                true
+            }
+            dashmap::mapref::entry::Entry::Vacant(e) => {
+                e.insert(until);
+                true
+            }
+        }
+    }
+
+    fn holds(&self, service: &str, source: IpAddr) -> bool {
+        self.by_source
+            .get(&source)
+            .is_some_and(|grants| grants.iter().any(|g| &*g.service == service))
     }
 }
 
@@ -134,6 +182,57 @@ mod tests {
         assert!(store.remove_expired("echo", a, clock.now()).is_none());
         assert!(store.allows("echo", a, clock.now()));
         assert_eq!(store.snapshot().len(), 1);
+    }
+
+    #[test]
+    fn holds_counts_a_grant_until_it_is_removed_even_once_expired() {
+        let clock = ManualClock::new();
+        let store = MemoryStore::new();
+        let a = IpAddr::from([127, 0, 0, 1]);
+        assert!(!store.holds("echo", a));
+        store.insert(&grant("echo", [127, 0, 0, 1], clock.now() + Duration::from_secs(1)));
+        clock.advance(Duration::from_secs(2));
+        assert!(store.holds("echo", a));
+        assert!(!store.holds("pg", a));
+        store.remove_expired("echo", a, clock.now());
+        assert!(!store.holds("echo", a));
+    }
+
+    #[test]
+    fn a_packet_digest_is_accepted_once_until_it_is_forgotten() {
+        let clock = ManualClock::new();
+        let store = MemoryStore::new();
+        let keep = Duration::from_secs(240);
+        let d = [7u8; 32];
+        assert!(store.first_sighting(&d, clock.now(), clock.now() + keep));
+        assert!(
+            !store.first_sighting(&d, clock.now(), clock.now() + keep),
+            "a replay was accepted"
+        );
+        assert!(store.first_sighting(&[8u8; 32], clock.now(), clock.now() + keep));
+        clock.advance(keep - Duration::from_millis(1));
+        assert!(!store.first_sighting(&d, clock.now(), clock.now() + keep));
+        clock.advance(Duration::from_millis(1));
+        assert!(store.first_sighting(&d, clock.now(), clock.now() + keep));
+    }
+
+    #[test]
+    fn the_replay_table_is_swept_of_expired_digests() {
+        let clock = ManualClock::new();
+        let store = MemoryStore::new();
+        for i in 0..5_000u32 {
+            let mut d = [0u8; 32];
+            d[..4].copy_from_slice(&i.to_le_bytes());
+            assert!(store.first_sighting(&d, clock.now(), clock.now() + Duration::from_secs(1)));
+            clock.advance(Duration::from_millis(10));
+        }
+        // Digests older than a second are gone; at most about two sweeps'
+        // worth remain.
+        assert!(
+            store.seen.len() < 2 * SWEEP_MIN + 200,
+            "{} digests kept",
+            store.seen.len()
+        );
     }
 
     #[test]

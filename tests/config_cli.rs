@@ -116,9 +116,34 @@ fn the_example_config_serves_and_stops_on_sigterm() {
         .replace("7305/udp", &format!("{}/udp", p(5)))
         .replace("7302/udp", &format!("{}/udp", p(2)))
         .replace("7303/udp", &format!("{}/udp", p(3)))
-        .replace("7304/udp", &format!("{}/udp", p(4)));
+        .replace("7304/udp", &format!("{}/udp", p(4)))
+        .replace("127.0.0.1:9464", &format!("127.0.0.1:{}", p(6)));
     let mut gw = Gateway::start(&text);
     assert_eq!(gw.addr("postgres").port(), ports[0]);
+    assert_eq!(gw.admin.map(|a| a.port()), Some(ports[6]));
+    assert_eq!(gw.http("GET", "/readyz", &[]).status, 200);
     gw.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(gw.wait_exit().success());
+}
+
+#[test]
+fn key_material_never_appears_in_check_or_config_output() {
+    let secrets = [
+        "Zm9yIHRlc3RzIG9ubHk6IGd1YXJkcyBub3RoaW5nISE",
+        "dGVzdCBmaXh0dXJlIGhtYWMga2V5",
+    ];
+    let files = [
+        "tests/fixtures/config/valid/issue-spa.toml",
+        "tests/fixtures/config/invalid/spa-inline-secret.toml",
+        "tests/fixtures/config/invalid/spa-key-without-hmac.toml",
+    ];
+    for f in files {
+        let path = repo_path(f);
+        for cmd in ["check", "config"] {
+            let (_, out, err) = run_bin(&[cmd, "-c", path.to_str().unwrap()], &[]);
+            for s in secrets {
+                assert!(!out.contains(s) && !err.contains(s), "{cmd} {f} printed key material");
+            }
+        }
+    }
 }

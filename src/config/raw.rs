@@ -14,8 +14,44 @@ use serde::{Deserialize, Serialize};
 pub struct RawConfig {
     #[serde(default)]
     pub gateway: RawGateway,
+    pub admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    pub spa: Option<RawSpa>,
     #[serde(default)]
     pub service: BTreeMap<String, RawService>,
+    #[serde(default)]
+    pub user: BTreeMap<String, RawUser>,
+}
+
+/// Per-source limits on knock and SPA packets.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub per_source_rate: Option<RawCount>,
+    pub per_source_burst: Option<RawCount>,
+    pub lockout_after: Option<RawCount>,
+    pub lockout_for: Option<String>,
+    pub max_tracked_sources: Option<RawCount>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpa {
+    pub listen: Option<String>,
+    pub max_age: Option<String>,
+}
+
+/// A user who may send SPA packets. Keys come from a file or an
+/// environment variable, never from the config itself.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUser {
+    pub key_file: Option<String>,
+    pub key_env: Option<String>,
+    #[serde(default)]
+    pub allow_from: Vec<String>,
+    pub require_source_match: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -31,13 +67,30 @@ pub struct RawGateway {
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub client_ca: Option<String>,
+    /// A path: the token itself never passes through the config.
+    pub token_file: Option<String>,
+    pub allow_loopback_mutations: Option<bool>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawService {
     pub listen: Option<String>,
     pub upstream: Option<String>,
     pub protocol: Option<String>,
     pub unauthorized: Option<String>,
     pub open_for: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_sessions: Option<RawCount>,
+    pub max_sessions_per_source: Option<RawCount>,
     pub knock: Option<RawKnock>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spa_users: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -71,6 +71,8 @@ pub struct Gateway {
     pub config_path: PathBuf,
     /// Real address of each guarded service.
     pub services: HashMap<String, SocketAddr>,
+    /// Real address of the admin endpoint, when the config has one.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -90,10 +92,20 @@ impl Gateway {
     /// Picks `n` consecutive free ports, builds the config from them and
     /// starts; picks again if another process took a port meanwhile.
     pub fn start_on_free_ports(n: u16, config: impl Fn(&[u16]) -> String) -> (Gateway, Vec<u16>) {
+        Self::start_on_free_ports_with_files(n, &[], config)
+    }
+
+    /// [`Gateway::start_on_free_ports`], with `files` (name, content)
+    /// written beside the config first.
+    pub fn start_on_free_ports_with_files(
+        n: u16,
+        files: &[(&str, &[u8])],
+        config: impl Fn(&[u16]) -> String,
+    ) -> (Gateway, Vec<u16>) {
         let mut last = String::new();
         for _ in 0..5 {
             let ports = free_ports(n);
-            match Self::try_start(&config(&ports), &[]) {
+            match Self::try_start_with_files(&config(&ports), &[], files) {
                 Ok(gw) => return (gw, ports),
                 Err(log) if log.contains("cannot listen") => last = log,
                 Err(log) => panic!("gateway did not become ready; log:\n{log}"),
@@ -104,9 +116,22 @@ impl Gateway {
 
     /// Starts, or returns the log of a process that exited before `ready`.
     pub fn try_start(config: &str, env: &[(&str, &str)]) -> Result<Gateway, String> {
+        Self::try_start_with_files(config, env, &[])
+    }
+
+    /// [`Gateway::try_start`], with `files` (name, content) written beside
+    /// the config first.
+    pub fn try_start_with_files(
+        config: &str,
+        env: &[(&str, &str)],
+        files: &[(&str, &[u8])],
+    ) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, config).expect("write config");
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).expect("write file beside the config");
+        }
         let mut cmd = Command::new(BIN);
         cmd.args(["--log-format", "json", "serve", "-c"])
             .arg(&config_path)
@@ -142,6 +167,7 @@ impl Gateway {
             dir,
             config_path,
             services: HashMap::new(),
+            admin: None,
         };
         {
             let (lock, cond) = &*gw.log;
@@ -161,8 +187,32 @@ impl Gateway {
                 let addr = line["addr"].as_str().unwrap().parse().unwrap();
                 gw.services.insert(name, addr);
             }
+            if msg(&line) == "listening" && line["kind"] == "admin" {
+                gw.admin = Some(line["addr"].as_str().unwrap().parse().unwrap());
+            }
         }
         Ok(gw)
+    }
+
+    /// The admin endpoint's base URL over plain HTTP.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin.expect("the config has no [admin] section"))
+    }
+
+    /// A request to the admin endpoint over plain HTTP: `curl` with
+    /// `args` before the URL.
+    pub fn http(&self, method: &str, path: &str, args: &[&str]) -> Http {
+        let url = format!("{}{path}", self.admin_url());
+        let mut all = vec!["-X", method];
+        all.extend_from_slice(args);
+        curl(&all, &url)
+    }
+
+    /// `GET /metrics`; asserts it answers 200.
+    pub fn scrape(&self) -> String {
+        let r = self.http("GET", "/metrics", &[]);
+        assert_eq!(r.status, 200, "scrape failed: {}", r.body);
+        r.body
     }
 
     pub fn addr(&self, service: &str) -> SocketAddr {
@@ -389,4 +439,81 @@ pub fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// An HTTP answer: status 0 when there was none (refused, TLS failure).
+#[derive(Debug)]
+pub struct Http {
+    pub status: u16,
+    pub body: String,
+}
+
+/// Runs `curl -sS ARGS URL` and returns the answer.
+pub fn curl(args: &[&str], url: &str) -> Http {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl (apt-get install curl; scripts/install-test-deps does it)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let status = code.trim().parse().unwrap_or(0);
+    let body = if status == 0 {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    } else {
+        body.to_string()
+    };
+    Http { status, body }
+}
+
+/// The sum of the samples of `name` whose labels include `labels`, in a
+/// Prometheus text scrape; `None` when there is no such sample.
+pub fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut sum = None;
+    for line in scrape.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            continue;
+        }
+        let pairs: Vec<(&str, &str)> = series_labels
+            .split(',')
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
+            .collect();
+        if labels.iter().all(|want| pairs.contains(want)) {
+            *sum.get_or_insert(0.0) += value.parse::<f64>().expect("sample value");
+        }
+    }
+    sum
+}
+
+/// Runs `promtool` with `args` and `stdin`; returns (success, output).
+pub fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/install-test-deps installs it)");
+    {
+        let mut input = child.stdin.take().expect("stdin piped");
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).expect("write to promtool");
+        }
+    }
+    let out = child.wait_with_output().expect("promtool output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }

@@ -1,0 +1,354 @@
+//! The admin endpoint: `GET /metrics` (Prometheus text), `GET /healthz`,
+//! `GET /readyz`, and a small JSON API over the grants (`GET /v1/grants`,
+//! `DELETE /v1/grants/{service}/{source}`), over HTTP/1 with optional TLS
+//! and client certificates ([`tls`]).
+//!
+//! # Why it runs on a thread of its own
+//!
+//! The data plane runs on the multi-threaded runtime, whose workers can all
+//! be busy at once: copying bytes, accepting a connection flood, reading a
+//! knock flood. A probe or a scrape queued behind that work answers late
+//! exactly when the operator needs it, and a kubelet whose liveness probe
+//! times out restarts a gateway that was only busy. So the endpoint gets
+//! one dedicated OS thread running a current-thread runtime: the kernel
+//! schedules it independently of the data plane's workers, one thread is
+//! plenty for a few requests a second, and what it does (TLS handshakes,
+//! rendering a scrape) takes no worker time from proxied connections. It
+//! shares with the data plane only state that is lock-free or locked
+//! briefly without awaiting: the grant store, the [`Readiness`] latch, the
+//! metrics recorder, and the gate's input channel.
+//!
+//! # Who may change things
+//!
+//! Reading is open to whoever can reach the listener. The mutating
+//! endpoints (revoking a grant) are allowed when the listener is bound to a
+//! loopback address (unless `allow_loopback_mutations = false`), or with
+//! the configured bearer token (`Authorization: Bearer ...`, compared in
+//! constant time), or over TLS with a client certificate verified against
+//! `client_ca`. Anything else gets 403.
+//!
+//! This module does not decide anything about grants: a revocation is an
+//! [`Input::Revoke`] sent to the gate like any other input.
+
+mod api;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::config::Admin;
+use crate::gate::Input;
+use crate::metrics;
+use crate::proxy::ACCEPT_BACKOFF;
+use crate::store::GrantStore;
+
+/// Admin connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 64;
+const BACKLOG: i32 = 128;
+/// Longest a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the metrics recorder's housekeeping runs.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// How long requests in flight may finish once the endpoint stops.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Where the server is in its life, as `/readyz` reports it: ready once
+/// every listener is bound and serving, not ready again once draining.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness {
+    phase: Arc<AtomicU8>,
+}
+
+/// See [`Readiness`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Starting,
+    Ready,
+    Draining,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Ready => "ready",
+            Phase::Draining => "draining",
+        }
+    }
+}
+
+impl Readiness {
+    /// A new latch, starting.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every listener is serving. Does nothing once draining.
+    pub fn set_ready(&self) {
+        let _ = self.phase.compare_exchange(
+            Phase::Starting as u8,
+            Phase::Ready as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Shutdown has begun; this phase is final.
+    pub fn set_draining(&self) {
+        self.phase.store(Phase::Draining as u8, Ordering::SeqCst);
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::SeqCst) {
+            0 => Phase::Starting,
+            1 => Phase::Ready,
+            _ => Phase::Draining,
+        }
+    }
+}
+
+/// What the endpoint reads and where it sends revocations.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub store: Arc<dyn GrantStore>,
+    pub clock: Arc<dyn Clock>,
+    /// The gate's input channel.
+    pub gate: mpsc::Sender<Input>,
+    pub readiness: Readiness,
+}
+
+/// The admin listener, bound and not yet served.
+#[derive(Debug)]
+pub struct Listener {
+    // A std socket: the endpoint's own runtime registers it, on its thread.
+    socket: std::net::TcpListener,
+    config: Admin,
+    tls: Option<tls::Reloading>,
+}
+
+/// Binds the admin listener of `config` and loads its TLS files. Errors
+/// name the config key at fault.
+pub fn bind(config: &Admin) -> anyhow::Result<Listener> {
+    let tls = match &config.tls {
+        Some(files) => Some(tls::Reloading::new(files.clone())?),
+        None => None,
+    };
+    let socket =
+        bind_socket(config.listen).with_context(|| format!("cannot listen on admin.listen ({})", config.listen))?;
+    Ok(Listener {
+        socket,
+        config: config.clone(),
+        tls,
+    })
+}
+
+fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+impl Listener {
+    /// The real address (port 0 resolved).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Whether the endpoint speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+/// The running endpoint.
+#[derive(Debug)]
+pub struct Handle {
+    stop: CancellationToken,
+    done: oneshot::Receiver<()>,
+}
+
+impl Handle {
+    /// Stops accepting, lets requests in flight finish (briefly), and
+    /// waits for the thread to end.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.done.await;
+    }
+}
+
+/// Starts serving `listener` on a thread of its own (see the module doc).
+pub fn spawn(listener: Listener, context: Context) -> anyhow::Result<Handle> {
+    let stop = CancellationToken::new();
+    let (done_tx, done) = oneshot::channel();
+    let thread_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("portcullis-admin".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(serve(listener, context, thread_stop)),
+                Err(e) => tracing::error!(error = %e, "cannot start the admin endpoint's runtime"),
+            }
+            let _ = done_tx.send(());
+        })
+        .context("cannot start the admin endpoint's thread")?;
+    Ok(Handle { stop, done })
+}
+
+/// What every admin connection shares.
+#[derive(Debug)]
+struct Shared {
+    context: Context,
+    auth: api::Auth,
+    tls: Option<tls::Reloading>,
+    stop: CancellationToken,
+}
+
+async fn serve(listener: Listener, context: Context, stop: CancellationToken) {
+    let Listener { socket, config, tls } = listener;
+    let local = match socket.local_addr() {
+        Ok(a) => a,
+        Err(e) => return tracing::error!(error = %e, "admin listener has no address"),
+    };
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!(error = %e, "cannot serve the admin listener"),
+    };
+    let shared = Arc::new(Shared {
+        context,
+        auth: api::Auth::new(&config, local),
+        tls,
+        stop: stop.clone(),
+    });
+    let tracker = TaskTracker::new();
+    tracker.spawn(upkeep(stop.clone()));
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tracker.spawn(connection(stream, peer, shared.clone(), permit));
+            }
+            Err(e) => {
+                metrics::accept_error("admin");
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(STOP_GRACE, tracker.wait()).await.is_err() {
+        tracing::debug!("admin requests still in flight at exit");
+    }
+}
+
+async fn upkeep(stop: CancellationToken) {
+    let mut every = tokio::time::interval(UPKEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => metrics::upkeep(),
+        }
+    }
+}
+
+/// One admin connection: the TLS handshake (if any) happens here, in the
+/// connection's task, never in the accept loop.
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = &shared.tls else {
+        let conn = api::Conn {
+            peer,
+            client_verified: false,
+        };
+        return http(stream, conn, shared.clone()).await;
+    };
+    let acceptor = TlsAcceptor::from(tls.current());
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        // A scanner or a client with the wrong CA is not our error.
+        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "admin tls handshake failed"),
+        Err(_) => return tracing::debug!(%peer, "admin tls handshake timed out"),
+    };
+    // The verifier rejects a certificate it cannot verify during the
+    // handshake, so a certificate that is present here was verified.
+    let client_verified = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+    let conn = api::Conn { peer, client_verified };
+    http(stream, conn, shared.clone()).await
+}
+
+async fn http<S>(stream: S, conn: api::Conn, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let stop = shared.stop.clone();
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move {
+            let response = api::handle(&req, &shared.context, &shared.auth, &conn).await;
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let served = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        _ = stop.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(peer = %conn.peer, error = %e, "admin connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_goes_ready_then_draining_and_never_back() {
+        let r = Readiness::new();
+        assert_eq!(r.phase(), Phase::Starting);
+        r.set_ready();
+        assert_eq!(r.clone().phase(), Phase::Ready);
+        r.set_draining();
+        r.set_ready();
+        assert_eq!(r.phase(), Phase::Draining);
+    }
+}

@@ -1,0 +1,305 @@
+//! The SPA sensor: reads the SPA port, verifies each datagram, and hands
+//! accepted requests to the gate as [`Input::Authorize`]. Nothing is ever
+//! sent back, whatever the packet.
+//!
+//! [`SpaDesk::verify`] holds every decision and is synchronous: decoding
+//! (native by key id, fwknop by trying each user's keys), the user's
+//! source restrictions, the start-up fence, the requested services and
+//! permissions, and the replay cache (in the store, so a shared store
+//! shares it).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::{Config, User};
+use crate::gate::{Input, Method};
+use crate::guard::SourceGuard;
+use crate::metrics;
+use crate::spa::native::{self, KeyId};
+use crate::spa::{self, fwknop, Format, Reject, Window};
+use crate::step::Proto;
+use crate::store::GrantStore;
+
+/// Why an SPA packet was not honoured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The codec refused it (malformed, bad MAC, stale...).
+    Packet(Reject),
+    /// Authentic, but seen before.
+    Replay,
+    /// Authentic and fresh, but made before this process started: a
+    /// restart must not reopen a replay window.
+    BeforeStart,
+    /// The user may not send from this address (`allow_from`).
+    SourceNotAllowed,
+    /// The packet's allow-IP is not its source (`require_source_match`).
+    SourceMismatch,
+    /// The packet names no service.
+    NoAccess,
+    /// No service listens on a requested protocol and port.
+    UnknownService,
+    /// The user is not in the requested service's `spa_users`.
+    NotPermitted,
+    /// The per-source guard refused the packet before it was read.
+    Guard(crate::guard::Refusal),
+}
+
+impl Refusal {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Refusal::Packet(r) => r.as_label(),
+            Refusal::Replay => "replay",
+            Refusal::BeforeStart => "before_start",
+            Refusal::SourceNotAllowed => "source_not_allowed",
+            Refusal::SourceMismatch => "source_mismatch",
+            Refusal::NoAccess => "no_access",
+            Refusal::UnknownService => "unknown_service",
+            Refusal::NotPermitted => "not_permitted",
+            Refusal::Guard(g) => g.as_label(),
+        }
+    }
+}
+
+/// An honoured request: who, for whom, and what it opens for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub user: Arc<str>,
+    pub format: Format,
+    /// The address the grants go to: the packet's allow-IP, or its source.
+    pub grantee: IpAddr,
+    pub grants: Vec<(Arc<str>, Duration)>,
+}
+
+#[derive(Debug)]
+struct Door {
+    service: Arc<str>,
+    proto: Proto,
+    port: u16,
+    users: Vec<Arc<str>>,
+    open_for: Duration,
+}
+
+/// Everything the SPA sensor needs to decide on a packet.
+#[derive(Debug)]
+pub struct SpaDesk {
+    users: Vec<User>,
+    native_ids: HashMap<KeyId, usize>,
+    doors: Vec<Door>,
+    max_age: Duration,
+    /// Unix seconds at start-up; older packets are refused.
+    started_unix: u64,
+}
+
+impl SpaDesk {
+    /// Builds the desk from a validated config. `bound` holds each
+    /// service's real listen address (port 0 resolved): a request names the
+    /// port clients connect to. `started_unix` is the wall-clock second the
+    /// process started.
+    pub fn new(config: &Config, bound: &[(Arc<str>, SocketAddr)], started_unix: u64) -> Self {
+        let users = config.users.clone();
+        let native_ids = users
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| u.native.as_ref().map(|k| (k.id(), i)))
+            .collect();
+        let doors = config
+            .services
+            .iter()
+            .filter(|s| !s.spa_users.is_empty())
+            .map(|s| Door {
+                service: s.name.clone(),
+                proto: s.protocol,
+                port: bound
+                    .iter()
+                    .find(|(name, _)| *name == s.name)
+                    .map_or(s.listen.port(), |(_, addr)| addr.port()),
+                users: s.spa_users.clone(),
+                open_for: s.open_for,
+            })
+            .collect();
+        Self {
+            users,
+            native_ids,
+            doors,
+            max_age: config.spa.as_ref().map_or(spa::DEFAULT_MAX_AGE, |s| s.max_age),
+            started_unix,
+        }
+    }
+
+    /// Decides on one packet from `source`.
+    pub fn verify(
+        &self,
+        packet: &[u8],
+        source: IpAddr,
+        now_unix: u64,
+        now: Instant,
+        store: &dyn GrantStore,
+    ) -> Result<Accepted, Refusal> {
+        let window = Window::new(now_unix, self.max_age);
+        let (user, request) = match spa::detect(packet) {
+            Some(Format::Native) => {
+                let mut found = None;
+                let request = native::decode(packet, window, |id| {
+                    let i = *self.native_ids.get(&id)?;
+                    found = Some(i);
+                    let u = &self.users[i];
+                    Some((&*u.name, u.native.as_ref()?))
+                })
+                .map_err(Refusal::Packet)?;
+                let i = found.ok_or(Refusal::Packet(Reject::UnknownUser))?;
+                (&self.users[i], request)
+            }
+            Some(Format::Fwknop) => {
+                let candidates = self.users.iter().filter_map(|u| u.fwknop.as_ref().map(|k| (u, k)));
+                fwknop::decode_any(packet, candidates, window).map_err(Refusal::Packet)?
+            }
+            None => {
+                return Err(Refusal::Packet(Reject::Malformed(
+                    "neither a native nor an fwknop packet",
+                )))
+            }
+        };
+        if !user.may_send_from(source) {
+            return Err(Refusal::SourceNotAllowed);
+        }
+        if request.timestamp < self.started_unix {
+            return Err(Refusal::BeforeStart);
+        }
+        let grantee = request.allow_ip.map_or(source, |ip| ip.to_canonical());
+        if user.require_source_match && grantee != source {
+            return Err(Refusal::SourceMismatch);
+        }
+        if request.access.is_empty() {
+            return Err(Refusal::NoAccess);
+        }
+        // Like fwknopd, one refused entry refuses the whole request.
+        let mut grants = Vec::with_capacity(request.access.len());
+        for (proto, port) in &request.access {
+            let door = self
+                .doors
+                .iter()
+                .find(|d| d.proto == *proto && d.port == *port)
+                .ok_or(Refusal::UnknownService)?;
+            if !door.users.contains(&user.name) {
+                return Err(Refusal::NotPermitted);
+            }
+            let duration = request.duration.map_or(door.open_for, |d| d.min(door.open_for));
+            grants.push((door.service.clone(), duration));
+        }
+        if !store.first_sighting(&request.digest, now, now + 2 * self.max_age) {
+            return Err(Refusal::Replay);
+        }
+        Ok(Accepted {
+            user: user.name.clone(),
+            format: request.format,
+            grantee,
+            grants,
+        })
+    }
+}
+
+/// Unix seconds of a wall-clock reading (0 before the epoch).
+pub fn unix_secs(clock: &dyn Clock) -> u64 {
+    clock.wall().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Everything the SPA sensor task holds.
+#[derive(Debug)]
+pub struct SpaSensor {
+    pub desk: SpaDesk,
+    pub guard: Arc<SourceGuard>,
+    pub store: Arc<dyn GrantStore>,
+    pub clock: Arc<dyn Clock>,
+    /// Limits how many rejections are logged per second; the rest are
+    /// only counted.
+    pub log_limit: governor::DefaultDirectRateLimiter,
+}
+
+/// Reads the SPA socket until `cancel`.
+pub async fn run(socket: UdpSocket, sensor: SpaSensor, tx: mpsc::Sender<Input>, cancel: CancellationToken) {
+    let mut buf = vec![0u8; spa::MAX_PACKET_LEN + 1];
+    loop {
+        let received = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = socket.recv_from(&mut buf) => r,
+        };
+        let (len, from) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "spa receive failed");
+                continue;
+            }
+        };
+        let source = from.ip().to_canonical();
+        let now = sensor.clock.now();
+        if let Err(r) = sensor.guard.admit(source, now) {
+            metrics::source_refused("spa", r.as_label());
+            refused(&sensor, None, Refusal::Guard(r), source, None);
+            continue;
+        }
+        let packet = &buf[..len];
+        let now_unix = unix_secs(&*sensor.clock);
+        match sensor.desk.verify(packet, source, now_unix, now, &*sensor.store) {
+            Ok(accepted) => {
+                metrics::spa_packet(accepted.format.as_label(), "accepted");
+                let services: Vec<&str> = accepted.grants.iter().map(|(s, _)| &**s).collect();
+                tracing::info!(
+                    user = %accepted.user,
+                    %source,
+                    grantee = %accepted.grantee,
+                    format = accepted.format.as_label(),
+                    services = ?services,
+                    "spa accepted"
+                );
+                for (service, duration) in accepted.grants {
+                    let input = Input::Authorize {
+                        service,
+                        source: accepted.grantee,
+                        method: Method::Spa {
+                            user: accepted.user.clone(),
+                        },
+                        duration,
+                    };
+                    if tx.try_send(input).is_err() {
+                        tracing::warn!(%source, "gate busy: spa grant dropped");
+                    }
+                }
+            }
+            Err(refusal) => {
+                if sensor.guard.strike(source, now) == crate::guard::StrikeOutcome::LockedOut {
+                    metrics::lockout();
+                    tracing::warn!(%source, "source locked out after repeated bad spa packets");
+                }
+                let skew = match refusal {
+                    Refusal::Packet(Reject::Stale { skew_secs, .. }) => Some(skew_secs),
+                    _ => None,
+                };
+                refused(&sensor, spa::detect(packet), refusal, source, skew);
+            }
+        }
+    }
+}
+
+fn refused(sensor: &SpaSensor, format: Option<Format>, refusal: Refusal, source: IpAddr, skew: Option<i64>) {
+    metrics::spa_packet(format.map_or("unknown", Format::as_label), refusal.as_label());
+    if sensor.log_limit.check().is_err() {
+        return;
+    }
+    match refusal {
+        Refusal::Guard(_) => tracing::debug!(%source, reason = refusal.as_label(), "spa packet ignored"),
+        _ => tracing::warn!(
+            %source,
+            reason = refusal.as_label(),
+            format = format.map_or("unknown", Format::as_label),
+            skew_secs = skew,
+            "spa packet rejected"
+        ),
+    }
+}

@@ -1,0 +1,1153 @@
+//! The fwknop SPA format as the stock client (Debian `fwknop` 2.6.10) sends
+//! it in Rijndael mode: AES-256-CBC with an OpenSSL `EVP_BytesToKey` (MD5,
+//! one round) key and IV, then HMAC-SHA256 over the base64 text
+//! (encrypt-then-MAC). `shared/fwknop-spa-format.md` describes the wire
+//! format; this is an independent implementation of that description.
+//!
+//! Owns decoding (with the checks in fwknopd's order: size, prefix, HMAC in
+//! constant time before any decryption, then decrypt and parse) and an
+//! encoder that builds packets the way the stock client does. Does not
+//! own: GPG mode, command and NAT messages (rejected as unsupported), the
+//! HTTP transport's character mangling, or choosing which user's keys to
+//! try.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use aes::cipher::block_padding::Pkcs7;
+use aes::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit};
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD_NO_PAD};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use hmac::{Hmac, KeyInit, Mac};
+use md5::Md5;
+use sha2::{Digest, Sha256, Sha384, Sha512};
+use zeroize::Zeroizing;
+
+use super::{replay_digest, EncodeError, Fields, Format, KeyError, Reject, Request, Window, MAX_PACKET_LEN};
+use crate::secret::{ct_eq, Secret};
+use crate::step::Proto;
+
+/// Shortest packet fwknopd accepts (`MIN_SPA_DATA_SIZE`).
+pub const MIN_WIRE_LEN: usize = 140;
+/// Longest packet fwknopd accepts (`MAX_SPA_PACKET_LEN`).
+pub const MAX_WIRE_LEN: usize = MAX_PACKET_LEN;
+/// fwknop's `RIJNDAEL_MAX_KEYSIZE`: the KDF takes at most 32 key bytes.
+pub const MAX_ENC_KEY_LEN: usize = 32;
+/// The client's `MAX_KEY_LEN` for HMAC keys.
+pub const MAX_HMAC_KEY_LEN: usize = 128;
+/// The UDP port the stock client sends to by default.
+pub const DEFAULT_PORT: u16 = 62201;
+/// Longest user name the encoder writes: fwknopd refuses a base64 user
+/// field over 64 characters, which is 48 raw bytes.
+pub const MAX_USER_LEN: usize = 48;
+/// Longest access message (`<ip>,<proto>/<port>,...`) the stock client
+/// sends.
+pub const MAX_MESSAGE_LEN: usize = 255;
+
+/// base64 of `Salted__` plus four bits: the same for every packet, so the
+/// client strips it and the server puts it back.
+const SALTED_B64: &str = "U2FsdGVkX1";
+const SALTED: &[u8; 8] = b"Salted__";
+/// Base64 of an HMAC-SHA256 tag without padding.
+const TAG_B64_LEN: usize = 43;
+const PROTOCOL_VERSION: &str = "3.0.0";
+const DIGEST_LABEL: &[u8] = b"portcullis spa fwknop v1\0";
+
+const MSG_COMMAND: u8 = 0;
+const MSG_ACCESS: u8 = 1;
+const MSG_NAT_ACCESS: u8 = 2;
+const MSG_CLIENT_TIMEOUT_ACCESS: u8 = 3;
+const MSG_CLIENT_TIMEOUT_NAT_ACCESS: u8 = 4;
+const MSG_LOCAL_NAT_ACCESS: u8 = 5;
+const MSG_CLIENT_TIMEOUT_LOCAL_NAT_ACCESS: u8 = 6;
+
+type Aes256CbcDec = cbc::Decryptor<aes::Aes256>;
+type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
+type HmacSha256 = Hmac<Sha256>;
+
+/// fwknop's base64 decoder: standard alphabet, padding optional, unused
+/// trailing bits ignored (`lib/base64.c: b64_decode`).
+const LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
+
+/// One user's fwknop keys: the Rijndael key (`KEY_BASE64`) and, normally,
+/// the HMAC-SHA256 key (`HMAC_KEY_BASE64`).
+///
+/// `hmac: None` accepts packets from clients run without `--use-hmac`:
+/// unauthenticated CBC whose only integrity is the inner digest. Servers
+/// should refuse such keys unless the operator asked for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FwknopKeys {
+    enc: Secret,
+    hmac: Option<Secret>,
+}
+
+impl FwknopKeys {
+    /// Checks the lengths fwknop allows (encryption 1–32 bytes, HMAC 1–128)
+    /// and that the two keys differ, as fwknop and fwknopd both insist.
+    pub fn new(enc: Secret, hmac: Option<Secret>) -> Result<Self, KeyError> {
+        if enc.is_empty() || enc.len() > MAX_ENC_KEY_LEN {
+            return Err(KeyError::Length {
+                what: "fwknop encryption key",
+                len: enc.len(),
+                expected: "1 to 32",
+            });
+        }
+        if let Some(hmac) = &hmac {
+            if hmac.is_empty() || hmac.len() > MAX_HMAC_KEY_LEN {
+                return Err(KeyError::Length {
+                    what: "fwknop HMAC key",
+                    len: hmac.len(),
+                    expected: "1 to 128",
+                });
+            }
+            if *hmac == enc {
+                return Err(KeyError::SameKeys);
+            }
+        }
+        Ok(Self { enc, hmac })
+    }
+
+    /// What `fwknop --key-gen` makes: a 32-byte encryption key and a
+    /// 64-byte HMAC-SHA256 key.
+    pub fn generate(rng: &mut impl rand::CryptoRng) -> Self {
+        loop {
+            let enc = Secret::generate(32, rng);
+            let hmac = Secret::generate(64, rng);
+            if let Ok(keys) = Self::new(enc, Some(hmac)) {
+                return keys;
+            }
+        }
+    }
+
+    pub fn enc(&self) -> &Secret {
+        &self.enc
+    }
+
+    pub fn hmac(&self) -> Option<&Secret> {
+        self.hmac.as_ref()
+    }
+}
+
+/// Decodes and verifies one packet with one user's keys.
+///
+/// ```
+/// use std::time::Duration;
+/// use portcullis::secret::Secret;
+/// use portcullis::spa::{fwknop, Window};
+///
+/// // Vector V2 of shared/fwknop-spa-format.md: `fwknop -A tcp/22 -s -f 45 -U bob
+/// // --key-rijndael mysecretpass --key-hmac myhmackey1234567`.
+/// let wire = "9/NpftNgfKYu2oXNL39YvqyYgzCWJFMOYT1klLNhaHJi4QRPONnmZpOvLhTnDu1F7cYocpvMrdh9W+k7T/+Qtp8EYXAk2AjqkEMhadY9\
+///             YOPOVOXfQAoxwPjN4IkZTjqudikB7yzO+dJCWySvJ/6tZOtFGevUb5cSsq8K5JdtEbC1bpYiSZOkECLTX2DLtFSa5OQb1WbivuN8";
+/// let keys = fwknop::FwknopKeys::new(
+///     Secret::from_slice(b"mysecretpass"),
+///     Some(Secret::from_slice(b"myhmackey1234567")),
+/// )?;
+/// let request = fwknop::decode(wire.as_bytes(), &keys, Window::new(1795538414, Duration::from_secs(120)))?;
+/// assert_eq!(request.user, "bob");
+/// assert_eq!(request.allow_ip, None); // 0.0.0.0: use the packet's source
+/// assert_eq!(request.duration, Some(Duration::from_secs(45)));
+///
+/// let mut forged = wire.as_bytes().to_vec();
+/// forged[0] = b'8';
+/// let reject = fwknop::decode(&forged, &keys, Window::new(1795538414, Duration::from_secs(120)));
+/// assert_eq!(reject.map_err(|r| r.as_label()), Err("bad_mac"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn decode(wire: &[u8], keys: &FwknopKeys, window: Window) -> Result<Request, Reject> {
+    let text = precheck(wire)?;
+    decode_checked(text, keys, window)
+}
+
+/// Tries each candidate's keys in order, as fwknopd walks its stanzas, and
+/// returns the first that accepts the packet with its tag.
+///
+/// The shared checks (size, prefix, characters) run once. Once a key's
+/// HMAC matches, that key's verdict is final. Otherwise the next candidate
+/// is tried, and if none accepts, the error is the most telling one seen:
+/// a reason found past decryption beats [`Reject::Decrypt`] and
+/// [`Reject::Malformed`], which beat [`Reject::BadMac`]; with no candidates
+/// at all it is [`Reject::UnknownUser`].
+pub fn decode_any<'k, T>(
+    wire: &[u8],
+    candidates: impl IntoIterator<Item = (T, &'k FwknopKeys)>,
+    window: Window,
+) -> Result<(T, Request), Reject> {
+    let text = precheck(wire)?;
+    let mut best = Reject::UnknownUser;
+    for (tag, keys) in candidates {
+        match decode_checked(text, keys, window) {
+            Ok(request) => return Ok((tag, request)),
+            Err(reject) if keys.hmac().is_some() && reject != Reject::BadMac => return Err(reject),
+            // A key without HMAC has no early verdict: its failures may just
+            // mean the packet belongs to someone else.
+            Err(reject) => {
+                if telling(reject) > telling(best) {
+                    best = reject;
+                }
+            }
+        }
+    }
+    Err(best)
+}
+
+fn telling(reject: Reject) -> u8 {
+    match reject {
+        Reject::UnknownUser => 0,
+        Reject::BadMac => 1,
+        Reject::Decrypt(_) | Reject::Malformed(_) => 2,
+        _ => 3,
+    }
+}
+
+/// The key-independent checks, in fwknopd's order.
+fn precheck(wire: &[u8]) -> Result<&str, Reject> {
+    if wire.len() > MAX_WIRE_LEN {
+        return Err(Reject::TooLarge {
+            len: wire.len(),
+            max: MAX_WIRE_LEN,
+        });
+    }
+    if wire.len() < MIN_WIRE_LEN {
+        return Err(Reject::Malformed("shorter than the smallest fwknop packet"));
+    }
+    if wire.starts_with(SALTED_B64.as_bytes()) {
+        return Err(Reject::OpensslPrefix);
+    }
+    // No '=': the client strips padding, so every packet is pure alphabet.
+    if !wire
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+    {
+        return Err(Reject::Malformed("character outside the base64 alphabet"));
+    }
+    Ok(std::str::from_utf8(wire).expect("checked to be ASCII"))
+}
+
+fn decode_checked(text: &str, keys: &FwknopKeys, window: Window) -> Result<Request, Reject> {
+    let body = match keys.hmac() {
+        Some(hmac_key) => {
+            // precheck guarantees more than TAG_B64_LEN bytes, all ASCII.
+            let (body, tag) = text.split_at(text.len() - TAG_B64_LEN);
+            // The tag is compared as text: comparing decoded bytes would
+            // accept several spellings of one tag (unused trailing bits).
+            let expected = STANDARD_NO_PAD.encode(hmac_sha256(hmac_key, body));
+            if !ct_eq(expected.as_bytes(), tag.as_bytes()) {
+                return Err(Reject::BadMac);
+            }
+            body
+        }
+        None => text,
+    };
+
+    let mut b64 = String::with_capacity(SALTED_B64.len() + body.len());
+    b64.push_str(SALTED_B64);
+    b64.push_str(body);
+    let raw = LENIENT
+        .decode(&b64)
+        .map_err(|_| Reject::Malformed("ciphertext is not valid base64"))?;
+    if raw.len() < 32 || raw.len() % 16 != 0 {
+        return Err(Reject::Malformed(
+            "ciphertext is not whole AES blocks (an HMAC tag sent to a key without HMAC?)",
+        ));
+    }
+    if !raw.starts_with(SALTED) {
+        return Err(Reject::Malformed("ciphertext lacks the Salted__ header"));
+    }
+    let salt: [u8; 8] = raw[8..16].try_into().expect("length checked above");
+    let (key, iv) = evp_bytes_to_key(keys.enc(), &salt);
+    let mut buf = raw[16..].to_vec();
+    let plaintext = Aes256CbcDec::new((&*key).into(), (&*iv).into())
+        .decrypt_padded::<Pkcs7>(&mut buf)
+        .map_err(|_| Reject::Decrypt("bad padding (wrong encryption key?)"))?;
+    // fwknop's own sanity check on the decryption: 16 digits, then ':'.
+    if plaintext.len() < 17 || !plaintext[..16].iter().all(u8::is_ascii_digit) || plaintext[16] != b':' {
+        return Err(Reject::Decrypt(
+            "plaintext does not start with 16 digits (wrong encryption key?)",
+        ));
+    }
+
+    let message = parse_plaintext(plaintext)?;
+    window.check(message.timestamp)?;
+    Ok(Request {
+        format: Format::Fwknop,
+        user: message.user,
+        timestamp: message.timestamp,
+        access: message.access,
+        allow_ip: message.allow_ip.map(IpAddr::V4),
+        duration: message.duration,
+        digest: replay_digest(DIGEST_LABEL, plaintext),
+    })
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Message {
+    user: String,
+    timestamp: u64,
+    access: Vec<(Proto, u16)>,
+    allow_ip: Option<Ipv4Addr>,
+    duration: Option<Duration>,
+}
+
+/// Parses `rand:user:timestamp:version:type:message[:…]:digest`.
+fn parse_plaintext(plaintext: &[u8]) -> Result<Message, Reject> {
+    if !plaintext.iter().all(|b| (0x20..0x7f).contains(b)) {
+        return Err(Reject::Malformed("plaintext is not printable ASCII"));
+    }
+    let plaintext = std::str::from_utf8(plaintext).expect("checked to be ASCII");
+    let (encoded, digest) = plaintext.rsplit_once(':').ok_or(Reject::Malformed("no digest field"))?;
+    verify_digest(encoded, digest)?;
+
+    let fields: Vec<&str> = encoded.split(':').collect();
+    let [rand, user, timestamp, version, msg_type, message, extra @ ..] = fields.as_slice() else {
+        return Err(Reject::Malformed("fewer than 7 fields"));
+    };
+    if rand.len() != 16 {
+        return Err(Reject::Malformed("random field is not 16 digits"));
+    }
+    let user = parse_user(user)?;
+    let timestamp = parse_decimal(timestamp, 12).ok_or(Reject::Malformed("timestamp is not a number"))?;
+    if version.is_empty() || version.len() > 8 {
+        return Err(Reject::Malformed("bad version field"));
+    }
+    let msg_type = match msg_type.as_bytes() {
+        [d @ b'0'..=b'9'] => d - b'0',
+        _ => return Err(Reject::Malformed("message type is not one digit")),
+    };
+    let duration = match (msg_type, extra) {
+        (MSG_ACCESS, []) => None,
+        (MSG_CLIENT_TIMEOUT_ACCESS, [timeout]) => {
+            let secs = parse_decimal(timeout, 10).ok_or(Reject::Malformed("client timeout is not a number"))?;
+            // fwknopd treats 0 as "not given".
+            (secs > 0).then(|| Duration::from_secs(secs))
+        }
+        (MSG_ACCESS, [_]) | (MSG_CLIENT_TIMEOUT_ACCESS, [_, _]) => {
+            return Err(Reject::UnsupportedMode("server_auth field"));
+        }
+        (MSG_ACCESS | MSG_CLIENT_TIMEOUT_ACCESS, _) => {
+            return Err(Reject::Malformed("wrong number of fields for an access message"));
+        }
+        (MSG_COMMAND, _) => return Err(Reject::UnsupportedMode("command message (fwknop -C)")),
+        (
+            MSG_NAT_ACCESS | MSG_CLIENT_TIMEOUT_NAT_ACCESS | MSG_LOCAL_NAT_ACCESS | MSG_CLIENT_TIMEOUT_LOCAL_NAT_ACCESS,
+            _,
+        ) => return Err(Reject::UnsupportedMode("NAT access message (fwknop -N / --nat-local)")),
+        _ => return Err(Reject::Malformed("unknown message type")),
+    };
+    let AccessMessage { allow_ip, access } = parse_access(message)?;
+    Ok(Message {
+        user,
+        timestamp,
+        access,
+        allow_ip,
+        duration,
+    })
+}
+
+/// The inner digest, its type guessed from its length as fwknopd does.
+/// Compared as canonical base64 text, in constant time.
+fn verify_digest(encoded: &str, digest: &str) -> Result<(), Reject> {
+    let expected = match digest.len() {
+        22 => STANDARD_NO_PAD.encode(Md5::digest(encoded)),
+        43 => STANDARD_NO_PAD.encode(Sha256::digest(encoded)),
+        64 => STANDARD_NO_PAD.encode(Sha384::digest(encoded)),
+        86 => STANDARD_NO_PAD.encode(Sha512::digest(encoded)),
+        27 => return Err(Reject::UnsupportedMode("sha1 message digest (use -m sha256)")),
+        _ => return Err(Reject::Malformed("digest field has no known length")),
+    };
+    if !ct_eq(expected.as_bytes(), digest.as_bytes()) {
+        // Possibly SHA3 of the same length, which we do not support.
+        return Err(Reject::Malformed("message digest does not match"));
+    }
+    Ok(())
+}
+
+fn parse_user(field: &str) -> Result<String, Reject> {
+    if field.is_empty() || field.len() > 64 {
+        return Err(Reject::Malformed("username field is empty or too long"));
+    }
+    let raw = LENIENT
+        .decode(field)
+        .map_err(|_| Reject::Malformed("username is not valid base64"))?;
+    let user = String::from_utf8(raw).map_err(|_| Reject::Malformed("username is not printable ASCII"))?;
+    validate_user(&user).map_err(Reject::Malformed)?;
+    Ok(user)
+}
+
+/// fwknop's username rule (`lib/fko_user.c`): printable ASCII without the
+/// characters its formats use as separators.
+fn validate_user(user: &str) -> Result<(), &'static str> {
+    if user.is_empty() {
+        return Err("username is empty");
+    }
+    if !user
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && !b"\"/\\[]:;|=,+*?<>".contains(&b))
+    {
+        return Err("username has a character fwknop forbids");
+    }
+    Ok(())
+}
+
+fn parse_decimal(field: &str, max_digits: usize) -> Option<u64> {
+    if field.is_empty() || field.len() > max_digits || !field.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    field.parse().ok()
+}
+
+struct AccessMessage {
+    /// `None` for `0.0.0.0`: use the packet's source.
+    allow_ip: Option<Ipv4Addr>,
+    access: Vec<(Proto, u16)>,
+}
+
+/// Parses the base64 access message `<IPv4>,<proto>/<port>[,...]`.
+fn parse_access(field: &str) -> Result<AccessMessage, Reject> {
+    if field.is_empty() || field.len() > 256 {
+        return Err(Reject::Malformed("access message field is empty or too long"));
+    }
+    let raw = LENIENT
+        .decode(field)
+        .map_err(|_| Reject::Malformed("access message is not valid base64"))?;
+    let text = std::str::from_utf8(&raw).map_err(|_| Reject::Malformed("access message is not ASCII"))?;
+    let mut parts = text.split(',');
+    let ip: Ipv4Addr = parts
+        .next()
+        .and_then(|ip| ip.parse().ok())
+        .ok_or(Reject::Malformed("access message does not start with an IPv4 address"))?;
+    let mut access = Vec::new();
+    let mut specs = 0;
+    for spec in parts {
+        specs += 1;
+        let (proto, port) = spec
+            .split_once('/')
+            .ok_or(Reject::Malformed("access entry is not proto/port"))?;
+        let port = parse_decimal(port, 5)
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or(Reject::Malformed("access entry has a bad port"))?;
+        let proto = match proto.to_ascii_lowercase().as_str() {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            "none" if port == 0 => continue,
+            "icmp" => return Err(Reject::UnsupportedMode("icmp access")),
+            _ => return Err(Reject::Malformed("access entry has an unknown protocol")),
+        };
+        if port == 0 {
+            return Err(Reject::Malformed("access entry has port 0"));
+        }
+        access.push((proto, port));
+    }
+    if specs == 0 {
+        return Err(Reject::Malformed("access message names no proto/port"));
+    }
+    Ok(AccessMessage {
+        allow_ip: (!ip.is_unspecified()).then_some(ip),
+        access,
+    })
+}
+
+/// OpenSSL's `EVP_BytesToKey` with MD5 and one round: `D1 = MD5(pass‖salt)`,
+/// `Di = MD5(Di-1‖pass‖salt)`; the first 32 bytes are the AES-256 key, the
+/// next 16 the IV.
+fn evp_bytes_to_key(pass: &Secret, salt: &[u8; 8]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 16]>) {
+    let mut out = Zeroizing::new([0u8; 48]);
+    let mut prev: Option<Zeroizing<[u8; 16]>> = None;
+    for chunk in out.chunks_exact_mut(16) {
+        let mut md5 = Md5::new();
+        if let Some(prev) = &prev {
+            md5.update(prev.as_slice());
+        }
+        md5.update(pass.expose());
+        md5.update(salt);
+        let block = Zeroizing::new(<[u8; 16]>::from(md5.finalize()));
+        chunk.copy_from_slice(block.as_slice());
+        prev = Some(block);
+    }
+    let mut key = Zeroizing::new([0u8; 32]);
+    let mut iv = Zeroizing::new([0u8; 16]);
+    key.copy_from_slice(&out[..32]);
+    iv.copy_from_slice(&out[32..]);
+    (key, iv)
+}
+
+/// HMAC-SHA256 over the full ciphertext text: the stripped prefix, then
+/// the body as sent.
+fn hmac_sha256(key: &Secret, body: &str) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(key.expose()).expect("HMAC accepts keys of any length");
+    mac.update(SALTED_B64.as_bytes());
+    mac.update(body.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// The per-packet randomness of the stock client: the KDF salt and the
+/// 16-digit random field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacketNonce {
+    pub salt: [u8; 8],
+    /// Written as 16 decimal digits (taken modulo 10^16).
+    pub rand16: u64,
+}
+
+impl PacketNonce {
+    pub fn random(rng: &mut impl rand::CryptoRng) -> Self {
+        let mut salt = [0u8; 8];
+        rng.fill_bytes(&mut salt);
+        Self {
+            salt,
+            rand16: rng.next_u64() % RAND16_MODULUS,
+        }
+    }
+}
+
+const RAND16_MODULUS: u64 = 10_000_000_000_000_000;
+
+/// Builds the wire string the stock client would send for `user` and
+/// `fields` with SHA-256 inner digest and, when `keys` has one, an
+/// HMAC-SHA256 tag. Message type 1, or 3 when `fields.duration` is set.
+pub fn encode(user: &str, fields: &Fields, keys: &FwknopKeys, nonce: PacketNonce) -> Result<String, EncodeError> {
+    if user.len() > MAX_USER_LEN {
+        return Err(EncodeError::User("is longer than 48 bytes, which fwknopd refuses"));
+    }
+    validate_user(user).map_err(|_| EncodeError::User("must be printable ASCII without \"/\\[]:;|=,+*?<>"))?;
+    let ip = match fields.allow_ip {
+        None => Ipv4Addr::UNSPECIFIED,
+        Some(IpAddr::V4(ip)) => ip,
+        Some(IpAddr::V6(_)) => return Err(EncodeError::Ipv6AllowIp),
+    };
+    if fields.access.is_empty() {
+        return Err(EncodeError::NoAccess);
+    }
+    let mut message = ip.to_string();
+    for &(proto, port) in &fields.access {
+        if port == 0 {
+            return Err(EncodeError::PortZero);
+        }
+        write!(message, ",{proto}/{port}").expect("writing to a String cannot fail");
+    }
+    if message.len() > MAX_MESSAGE_LEN {
+        return Err(EncodeError::TooManyPorts {
+            max: MAX_MESSAGE_LEN / ",tcp/65535".len(),
+        });
+    }
+    let timeout = match fields.duration {
+        None => None,
+        Some(d) if d.subsec_nanos() == 0 && (1..=u64::from(u32::MAX)).contains(&d.as_secs()) => Some(d.as_secs()),
+        Some(_) => {
+            return Err(EncodeError::Duration {
+                max_secs: u64::from(u32::MAX),
+            })
+        }
+    };
+
+    let mut plaintext = format!(
+        "{:016}:{}:{}:{PROTOCOL_VERSION}:{}:{}",
+        nonce.rand16 % RAND16_MODULUS,
+        STANDARD_NO_PAD.encode(user),
+        fields.timestamp,
+        if timeout.is_some() {
+            MSG_CLIENT_TIMEOUT_ACCESS
+        } else {
+            MSG_ACCESS
+        },
+        STANDARD_NO_PAD.encode(&message),
+    );
+    if let Some(secs) = timeout {
+        write!(plaintext, ":{secs}").expect("writing to a String cannot fail");
+    }
+    let digest = STANDARD_NO_PAD.encode(Sha256::digest(&plaintext));
+    plaintext.push(':');
+    plaintext.push_str(&digest);
+
+    let (key, iv) = evp_bytes_to_key(keys.enc(), &nonce.salt);
+    // PKCS#7 always adds 1 to 16 bytes.
+    let mut raw = vec![0u8; 16 + (plaintext.len() / 16 + 1) * 16];
+    raw[..8].copy_from_slice(SALTED);
+    raw[8..16].copy_from_slice(&nonce.salt);
+    let ciphertext_len = Aes256CbcEnc::new((&*key).into(), (&*iv).into())
+        .encrypt_padded_b2b::<Pkcs7>(plaintext.as_bytes(), &mut raw[16..])
+        .expect("the buffer has room for the padding")
+        .len();
+    debug_assert_eq!(16 + ciphertext_len, raw.len());
+    let ct_b64 = STANDARD_NO_PAD.encode(&raw);
+    let body = ct_b64
+        .strip_prefix(SALTED_B64)
+        .expect("base64 of Salted__ always starts with U2FsdGVkX1");
+    let mut wire = body.to_string();
+    if let Some(hmac_key) = keys.hmac() {
+        wire.push_str(&STANDARD_NO_PAD.encode(hmac_sha256(hmac_key, body)));
+    }
+    if wire.len() > MAX_WIRE_LEN {
+        return Err(EncodeError::TooLarge {
+            len: wire.len(),
+            max: MAX_WIRE_LEN,
+        });
+    }
+    Ok(wire)
+}
+
+/// [`encode`] with fresh randomness.
+pub fn encode_random(
+    user: &str,
+    fields: &Fields,
+    keys: &FwknopKeys,
+    rng: &mut impl rand::CryptoRng,
+) -> Result<String, EncodeError> {
+    encode(user, fields, keys, PacketNonce::random(rng))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// About when V1–V3 were made.
+    const NOW: u64 = 1_795_538_414;
+
+    fn window(now: u64) -> Window {
+        Window::new(now, Duration::from_secs(120))
+    }
+
+    fn b64_keys(enc: &str, hmac: Option<&str>) -> FwknopKeys {
+        let decode = |s: &str| Secret::new(LENIENT.decode(s).expect("test keys are base64"));
+        FwknopKeys::new(decode(enc), hmac.map(decode)).expect("test keys are valid")
+    }
+
+    fn pass_keys(enc: &str, hmac: Option<&str>) -> FwknopKeys {
+        FwknopKeys::new(
+            Secret::from_slice(enc.as_bytes()),
+            hmac.map(|h| Secret::from_slice(h.as_bytes())),
+        )
+        .expect("test keys are valid")
+    }
+
+    // Vectors from shared/fwknop-spa-format.md section 9.
+    const V1_KEY: &str = "/aHf6KslhzpS7UHqFU0uI9CvoMnrTSjPSQyIk8AulYo=";
+    const V1_HMAC: &str = "Jb/BWB0Xsh9rnrolhuwipR7YUT9wArIOv96BLUmTS0943ehbYmdpoGx8cDWUwrmO0p04Mtk4lDP4sNfexZJROg==";
+    const V1: &str = "/PyKZ9Yg36iSiV6810FuzfhzgeFS3d3T3n12ER6/60/goFhBx1yU8aZk+vVsMHvs7N0cB2X6ELgmdohtUV9DF3XLlqMScXkH\
+                      FnApBqd41IS9bN8V+qOgpCIdXQQrJJeVXKrUsxRIlS8cmWMlAUBvXUHCx0X7geQlJ+ziY8FF+q9BIxtdrn+fmNIAbAVILu07Q9mq3\
+                      EPOpJmfZpUWN2e+qs7n8SPznGcKU";
+    const V1_PLAINTEXT: &str = "1561109909177109:YWxpY2U:1795538414:3.0.0:1:MTI3LjAuMC4xLHRjcC81NDMy:\
+                                k1BScDe5AglFkgGFqRcf6iaplRhYW8/lkDPjGcHqLZ4";
+    const V2: &str = "9/NpftNgfKYu2oXNL39YvqyYgzCWJFMOYT1klLNhaHJi4QRPONnmZpOvLhTnDu1F7cYocpvMrdh9W+k7T/+Qtp8EYXAk2AjqkEMhadY9\
+                      YOPOVOXfQAoxwPjN4IkZTjqudikB7yzO+dJCWySvJ/6tZOtFGevUb5cSsq8K5JdtEbC1bpYiSZOkECLTX2DLtFSa5OQb1WbivuN8";
+    const V3: &str =
+        "/WiRai/zVBDlzcEKbUfVb0zyBSqdYmwlhTGcXv+u0snTZtOh7OxgyG1gyCIXWKxfLustJFd45fJMHk593XH6t23n1kffha9zxWKo\
+                      xZO40iy/QWD8pHVyqRgXflM4JklHU3bpW6u7j5lxHNGBRD20ZRBM3c7Z4+Hiw";
+
+    // Made with the Debian fwknop 2.6.10 client installed here, e.g.
+    // `fwknop -A tcp/5432,udp/53 -a 192.0.2.44 -D 127.0.0.1 -U dave -f 120 --use-hmac
+    //  --key-base64-rijndael K --key-base64-hmac H --no-rc-file --no-save-args -T -B p1.txt`.
+    const P_KEY: &str = "GWn6QLFeR8Ce1tYl//zGRC5rYV2w9dJMz0yUcBOtTAc=";
+    const P_HMAC: &str = "Wd73/Nyj3iMdI92SoJoZB/deL1Ktsy7lAfmx9cRlA+yicTgdjehaf+BUQN77RLO+7WfZG8wr/Mx5J8gk3Saj6g==";
+    /// `-A tcp/5432,udp/53 -a 192.0.2.44 -U dave -f 120` at 1795547916.
+    const P1: &str = "9mo9iPgwJbfN4IkC++sbkDmQqcL0HyvH+Sl7vxCwlQlh3FY1lFy5u0Gsz3UExw9m6cT02eOVNBcVtXu+I5xotvUjVrRxsN/VPzfA\
+                      /FKGdFDKdI85ut0HoniuH5noanjFURbKiI9t0hePvCwhlLQGIWjTIjHaf5w9AwhHIZY1zIwyv7YWKeSoRQ9t3XPK+VmzhmPszIpUR\
+                      iORyZKuB0JEHQABnHgchQ3C8";
+    /// `-A udp/500 -s -U erin` at 1795547925.
+    const P2: &str = "98iPLsV33KT8r80H78yvxgUp2JL5thJQnaxE/Xz5PqYMVpOxJ1+MNw4sduF+zXnzo2t0xG3YQBO257Sde7vcS8clz9CX/Q3uthcr\
+                      VJFoyMGn+A2lXj6H0lqwY6wFfD7qBIHIF7L7NEMrjHX/EhT6/SZFNRwTY5NiseyRC7fctE3oLHjObqQxdGqUaLW6L4cj/jNsCANKX\
+                      Bc4";
+    /// `-A tcp/22 -a 10.0.0.1 -U frank -m sha512` at 1795547922.
+    const P3: &str = "8rjJmsF2dvEDIJ7mQ2vHQcdpcpohw8+hGkvY6GG1oFZfpoMY1aqDyEc7hfSI4dEuIYIYKgJuSoShzcRSyEQ0fmw5KrVhPxJsChSz\
+                      p+HiTd2et6ReJZMulRBUtqiRgRmF0MCsx8QRA9kyjSlZDjHWqN8R+RixKeXqU89V+lUkLVGXuk+3f3tk6t/QBtaJzhGgbm6aK75kb\
+                      1miRHAYQnvT8XuukjFBJ8tZoMDxeMB98p6c4Plikst2A0eQ5no0ZYrmdTZVq52Mp1Bw";
+    /// `-C 'uname -a' -a 10.0.0.1 -U gina` at 1795547922.
+    const P4: &str = "91vdoWap4bd4Sf4BpZblBwZ4iWzZtUA/K3H1NcPnQU/jMCbCFUYFA+ndmwsL6AUtICwnZjOKrFBaWzqQeB6QnPBdS1A9QoDmQuky\
+                      vfuppDlf8rv2m4JNTCiXSmBqndj4xgecrqYayKzrCtJPNL9PVkZCbm9oXJTH8Ir0jJjjrpN4XUzEQdn2AbEfXpgKK1T9AyLh7Fpxg\
+                      bzk";
+    /// `-A tcp/22 -N 10.9.9.9,22 -a 10.0.0.1 -U hal` at 1795547922.
+    const P5: &str = "9y8D+xKPAvGrm3Q5kavbt5IezziXjx4VSltAME0rrlhu5TkY5YhAV8FAZTdoDpAaeL6HbX1+iF5JAra4It2QGToKG3D5OZ7KalOs\
+                      F3UFWJyd4DpPPemH8imiJ9I0qqfGPF+Yj9ycid8Rv03aj5wB+Oh40DoS53r/766KlgzKnSjZwf4x73qMG8+GUw7JpsR/H6q2TEX53\
+                      wJPZrsSk7z/8AAt37e5hZR+M";
+    const P_NOW: u64 = 1_795_547_920;
+
+    fn v1_keys() -> FwknopKeys {
+        b64_keys(V1_KEY, Some(V1_HMAC))
+    }
+
+    fn p_keys() -> FwknopKeys {
+        b64_keys(P_KEY, Some(P_HMAC))
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().expect("literal"))
+    }
+
+    #[test]
+    fn shared_vectors_decode() {
+        let req = decode(V1.as_bytes(), &v1_keys(), window(NOW)).expect("V1 decodes");
+        assert_eq!(req.format, Format::Fwknop);
+        assert_eq!(req.user, "alice");
+        assert_eq!(req.timestamp, 1_795_538_414);
+        assert_eq!(req.access, [(Proto::Tcp, 5432)]);
+        assert_eq!(req.allow_ip, ip("127.0.0.1"));
+        assert_eq!(req.duration, None);
+        assert_eq!(req.digest, replay_digest(DIGEST_LABEL, V1_PLAINTEXT.as_bytes()));
+
+        let v2_keys = pass_keys("mysecretpass", Some("myhmackey1234567"));
+        let req = decode(V2.as_bytes(), &v2_keys, window(NOW)).expect("V2 decodes");
+        assert_eq!(req.user, "bob");
+        assert_eq!(req.access, [(Proto::Tcp, 22)]);
+        assert_eq!(req.allow_ip, None);
+        assert_eq!(req.duration, Some(Duration::from_secs(45)));
+
+        let v3_keys = pass_keys("mysecretpass", None);
+        let req = decode(V3.as_bytes(), &v3_keys, window(NOW)).expect("V3 decodes");
+        assert_eq!(req.user, "carol");
+        assert_eq!(req.timestamp, 1_795_538_415);
+        assert_eq!(req.access, [(Proto::Tcp, 22)]);
+        assert_eq!(req.allow_ip, ip("10.1.2.3"));
+    }
+
+    #[test]
+    fn client_vectors_decode() {
+        let keys = p_keys();
+        let req = decode(P1.as_bytes(), &keys, window(P_NOW)).expect("P1 decodes");
+        assert_eq!(
+            (req.user.as_str(), req.timestamp, req.allow_ip, req.duration),
+            ("dave", 1_795_547_916, ip("192.0.2.44"), Some(Duration::from_secs(120)))
+        );
+        assert_eq!(req.access, [(Proto::Tcp, 5432), (Proto::Udp, 53)]);
+
+        let req = decode(P2.as_bytes(), &keys, window(P_NOW)).expect("P2 decodes");
+        assert_eq!((req.user.as_str(), req.allow_ip), ("erin", None));
+        assert_eq!(req.access, [(Proto::Udp, 500)]);
+
+        let req = decode(P3.as_bytes(), &keys, window(P_NOW)).expect("P3 (sha512 digest) decodes");
+        assert_eq!(
+            (req.user.as_str(), req.access.as_slice()),
+            ("frank", &[(Proto::Tcp, 22)][..])
+        );
+
+        assert_eq!(
+            decode(P4.as_bytes(), &keys, window(P_NOW)),
+            Err(Reject::UnsupportedMode("command message (fwknop -C)"))
+        );
+        assert_eq!(
+            decode(P5.as_bytes(), &keys, window(P_NOW)),
+            Err(Reject::UnsupportedMode("NAT access message (fwknop -N / --nat-local)"))
+        );
+    }
+
+    #[test]
+    fn any_tampered_byte_is_bad_mac() {
+        let keys = v1_keys();
+        let wire = V1.as_bytes();
+        for i in 0..wire.len() {
+            let mut bad = wire.to_vec();
+            bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+            let want = if bad.starts_with(SALTED_B64.as_bytes()) {
+                Reject::OpensslPrefix
+            } else {
+                Reject::BadMac
+            };
+            assert_eq!(decode(&bad, &keys, window(NOW)), Err(want), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn wrong_keys() {
+        let wrong_hmac = b64_keys(V1_KEY, Some(P_HMAC));
+        assert_eq!(decode(V1.as_bytes(), &wrong_hmac, window(NOW)), Err(Reject::BadMac));
+
+        // The right HMAC key vouches for the text, then the wrong key
+        // garbles the plaintext.
+        let wrong_enc = b64_keys(P_KEY, Some(V1_HMAC));
+        let got = decode(V1.as_bytes(), &wrong_enc, window(NOW));
+        assert!(matches!(got, Err(Reject::Decrypt(_))), "{got:?}");
+
+        let wrong_pass = pass_keys("notmysecret", None);
+        let got = decode(V3.as_bytes(), &wrong_pass, window(NOW));
+        assert!(matches!(got, Err(Reject::Decrypt(_))), "{got:?}");
+
+        // A tagged packet for a key without HMAC: the tag's text is read as
+        // ciphertext, which either breaks the block alignment or the
+        // padding (V1's length happens to stay block-aligned).
+        let no_hmac = b64_keys(V1_KEY, None);
+        let got = decode(V1.as_bytes(), &no_hmac, window(NOW));
+        assert!(matches!(got, Err(Reject::Malformed(_) | Reject::Decrypt(_))), "{got:?}");
+        let got = decode(P1.as_bytes(), &b64_keys(P_KEY, None), window(P_NOW));
+        assert!(matches!(got, Err(Reject::Malformed(_) | Reject::Decrypt(_))), "{got:?}");
+    }
+
+    #[test]
+    fn truncated_packets_are_rejected() {
+        let keys = v1_keys();
+        for len in 0..V1.len() {
+            let got = decode(&V1.as_bytes()[..len], &keys, window(NOW));
+            let label = got.map_err(Reject::as_label).expect_err("truncated");
+            assert!(label == "malformed" || label == "bad_mac", "len {len}: {label}");
+        }
+        let v3_keys = pass_keys("mysecretpass", None);
+        for len in MIN_WIRE_LEN..V3.len() {
+            assert!(
+                decode(&V3.as_bytes()[..len], &v3_keys, window(NOW)).is_err(),
+                "len {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn prefix_size_and_charset() {
+        let keys = v1_keys();
+        let prefixed = format!("{SALTED_B64}{V1}");
+        assert_eq!(
+            decode(prefixed.as_bytes(), &keys, window(NOW)),
+            Err(Reject::OpensslPrefix)
+        );
+
+        let big = "A".repeat(MAX_WIRE_LEN + 1);
+        assert_eq!(
+            decode(big.as_bytes(), &keys, window(NOW)),
+            Err(Reject::TooLarge { len: 1501, max: 1500 })
+        );
+        assert_eq!(
+            decode(b"abc", &keys, window(NOW)),
+            Err(Reject::Malformed("shorter than the smallest fwknop packet"))
+        );
+        for bad in [format!("{V1}\n"), format!("{V1}="), V1.replace('+', "-")] {
+            assert_eq!(
+                decode(bad.as_bytes(), &keys, window(NOW)),
+                Err(Reject::Malformed("character outside the base64 alphabet"))
+            );
+        }
+    }
+
+    #[test]
+    fn stale_both_directions() {
+        let keys = v1_keys();
+        assert!(decode(V1.as_bytes(), &keys, window(NOW + 120)).is_ok());
+        assert!(decode(V1.as_bytes(), &keys, window(NOW - 120)).is_ok());
+        assert_eq!(
+            decode(V1.as_bytes(), &keys, window(NOW + 121)),
+            Err(Reject::Stale {
+                skew_secs: -121,
+                max_age_secs: 120
+            })
+        );
+        assert_eq!(
+            decode(V1.as_bytes(), &keys, window(NOW - 121)),
+            Err(Reject::Stale {
+                skew_secs: 121,
+                max_age_secs: 120
+            })
+        );
+    }
+
+    #[test]
+    fn respellings_share_a_digest() {
+        // V3 has no HMAC; its base64 ends in unused bits that fwknop's
+        // decoder ignores, so a second spelling decrypts identically. The
+        // replay key must not tell them apart.
+        let keys = pass_keys("mysecretpass", None);
+        let mut respelled = V3.as_bytes().to_vec();
+        let last = respelled.last_mut().expect("not empty");
+        assert_eq!(*last, b'w');
+        *last = b'x';
+        let a = decode(V3.as_bytes(), &keys, window(NOW)).expect("V3");
+        let b = decode(&respelled, &keys, window(NOW)).expect("respelled V3");
+        assert_eq!(a.digest, b.digest);
+        assert_ne!(
+            decode(V1.as_bytes(), &v1_keys(), window(NOW)).expect("V1").digest,
+            a.digest
+        );
+    }
+
+    #[test]
+    fn decode_any_finds_the_matching_user() {
+        let v1 = v1_keys();
+        let p = p_keys();
+        let users = [("paul", &p), ("alice", &v1)];
+        let (user, req) = decode_any(V1.as_bytes(), users, window(NOW)).expect("alice's keys match");
+        assert_eq!((user, req.user.as_str()), ("alice", "alice"));
+        assert_eq!(
+            decode_any(V1.as_bytes(), [("paul", &p)], window(NOW)),
+            Err(Reject::BadMac)
+        );
+        assert_eq!(
+            decode_any(V1.as_bytes(), std::iter::empty::<((), &FwknopKeys)>(), window(NOW)),
+            Err(Reject::UnknownUser)
+        );
+        assert_eq!(
+            decode_any(V1.as_bytes(), [("alice", &v1)], window(NOW + 500)).map_err(Reject::as_label),
+            Err("stale")
+        );
+
+        // A key without HMAC fails on other users' packets without ending
+        // the search; its own packets still decode.
+        let carol = pass_keys("mysecretpass", None);
+        let users = [("carol", &carol), ("alice", &v1)];
+        let (user, _) = decode_any(V1.as_bytes(), users, window(NOW)).expect("alice's keys match");
+        assert_eq!(user, "alice");
+        let (user, _) = decode_any(V3.as_bytes(), users, window(NOW)).expect("carol's key matches");
+        assert_eq!(user, "carol");
+        let got = decode_any(V1.as_bytes(), [("carol", &carol), ("paul", &p)], window(NOW));
+        assert!(matches!(got, Err(Reject::Malformed(_) | Reject::Decrypt(_))), "{got:?}");
+    }
+
+    #[test]
+    fn encoder_matches_the_stock_client_byte_for_byte() {
+        // Re-encrypt V1's plaintext with V1's salt: if the KDF, padding,
+        // base64 and HMAC all match the client, so does every byte.
+        let raw = LENIENT
+            .decode(format!("{SALTED_B64}{}", &V1[..V1.len() - 43]))
+            .expect("V1 is base64");
+        let salt: [u8; 8] = raw[8..16].try_into().expect("8 bytes");
+        let fields = Fields {
+            timestamp: 1_795_538_414,
+            access: vec![(Proto::Tcp, 5432)],
+            allow_ip: ip("127.0.0.1"),
+            duration: None,
+        };
+        let nonce = PacketNonce {
+            salt,
+            rand16: 1_561_109_909_177_109,
+        };
+        assert_eq!(encode("alice", &fields, &v1_keys(), nonce).expect("encodes"), V1);
+
+        let v2_raw = LENIENT
+            .decode(format!("{SALTED_B64}{}", &V2[..V2.len() - 43]))
+            .expect("V2 is base64");
+        let fields = Fields {
+            timestamp: 1_795_538_414,
+            access: vec![(Proto::Tcp, 22)],
+            allow_ip: None,
+            duration: Some(Duration::from_secs(45)),
+        };
+        let nonce = PacketNonce {
+            salt: v2_raw[8..16].try_into().expect("8 bytes"),
+            rand16: 8_011_128_111_544_285,
+        };
+        let keys = pass_keys("mysecretpass", Some("myhmackey1234567"));
+        assert_eq!(encode("bob", &fields, &keys, nonce).expect("encodes"), V2);
+    }
+
+    #[test]
+    fn round_trip_with_random_nonce() {
+        let mut rng = rand::rng();
+        let keys = FwknopKeys::generate(&mut rng);
+        let fields = Fields {
+            timestamp: NOW,
+            access: vec![(Proto::Udp, 53), (Proto::Tcp, 443)],
+            allow_ip: ip("203.0.113.9"),
+            duration: Some(Duration::from_secs(300)),
+        };
+        let wire = encode_random("ops-team", &fields, &keys, &mut rng).expect("encodes");
+        let req = decode(wire.as_bytes(), &keys, window(NOW)).expect("decodes");
+        assert_eq!(
+            (req.user.as_str(), req.timestamp, req.access, req.allow_ip, req.duration),
+            (
+                "ops-team",
+                fields.timestamp,
+                fields.access.clone(),
+                fields.allow_ip,
+                fields.duration
+            )
+        );
+        let again = encode_random("ops-team", &fields, &keys, &mut rng).expect("encodes");
+        assert_ne!(wire, again, "fresh salt and random field each time");
+    }
+
+    #[test]
+    fn encode_refuses_what_fwknop_cannot_carry() {
+        let keys = v1_keys();
+        let nonce = PacketNonce {
+            salt: [1; 8],
+            rand16: 1,
+        };
+        let ok = Fields {
+            timestamp: NOW,
+            access: vec![(Proto::Tcp, 22)],
+            allow_ip: None,
+            duration: None,
+        };
+        let with = |f: &dyn Fn(&mut Fields)| {
+            let mut fields = ok.clone();
+            f(&mut fields);
+            fields
+        };
+        assert!(encode("alice", &ok, &keys, nonce).is_ok());
+        assert!(matches!(encode("a:b", &ok, &keys, nonce), Err(EncodeError::User(_))));
+        assert!(matches!(encode("", &ok, &keys, nonce), Err(EncodeError::User(_))));
+        assert!(matches!(
+            encode(&"u".repeat(49), &ok, &keys, nonce),
+            Err(EncodeError::User(_))
+        ));
+        assert!(encode(&"u".repeat(48), &ok, &keys, nonce).is_ok());
+        let v6 = with(&|f| f.allow_ip = ip("::1"));
+        assert_eq!(encode("alice", &v6, &keys, nonce), Err(EncodeError::Ipv6AllowIp));
+        let none = with(&|f| f.access.clear());
+        assert_eq!(encode("alice", &none, &keys, nonce), Err(EncodeError::NoAccess));
+        let zero = with(&|f| f.access = vec![(Proto::Udp, 0)]);
+        assert_eq!(encode("alice", &zero, &keys, nonce), Err(EncodeError::PortZero));
+        let many = with(&|f| f.access = vec![(Proto::Tcp, 65535); 30]);
+        assert!(matches!(
+            encode("alice", &many, &keys, nonce),
+            Err(EncodeError::TooManyPorts { .. })
+        ));
+        let zero_time = with(&|f| f.duration = Some(Duration::ZERO));
+        assert!(matches!(
+            encode("alice", &zero_time, &keys, nonce),
+            Err(EncodeError::Duration { .. })
+        ));
+    }
+
+    #[test]
+    fn plaintext_parser_table() {
+        // (encoded message without digest, expected outcome)
+        let b = |s: &str| STANDARD_NO_PAD.encode(s);
+        let msg = b("127.0.0.1,tcp/22");
+        let cases: Vec<(String, Result<(), Reject>)> = vec![
+            (format!("1234567890123456:{}:1:3.0.0:1:{msg}", b("u")), Ok(())),
+            (
+                format!("1234567890123456:{}:1:3.0.0:1:{}", b("u"), b("0.0.0.0,none/0")),
+                Ok(()),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:1:{}", b("u"), b("1.2.3.4,icmp/0")),
+                Err(Reject::UnsupportedMode("icmp access")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:1:{}", b("u"), b("1.2.3.4,sctp/9")),
+                Err(Reject::Malformed("access entry has an unknown protocol")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:1:{}", b("u"), b("1.2.3.4")),
+                Err(Reject::Malformed("access message names no proto/port")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:1:{}", b("u"), b("::1,tcp/22")),
+                Err(Reject::Malformed("access message does not start with an IPv4 address")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:1:{}", b("u"), b("1.2.3.4,tcp/65536")),
+                Err(Reject::Malformed("access entry has a bad port")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:1:{}", b("u"), b("1.2.3.4,tcp/0")),
+                Err(Reject::Malformed("access entry has port 0")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:1:{msg}:{}", b("u"), b("auth")),
+                Err(Reject::UnsupportedMode("server_auth field")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:3:{msg}", b("u")),
+                Err(Reject::Malformed("wrong number of fields for an access message")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:3:{msg}:x", b("u")),
+                Err(Reject::Malformed("client timeout is not a number")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:7:{msg}", b("u")),
+                Err(Reject::Malformed("unknown message type")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:1", b("u")),
+                Err(Reject::Malformed("fewer than 7 fields")),
+            ),
+            (
+                format!("1234567890123456:{}:-1:3.0.0:1:{msg}", b("u")),
+                Err(Reject::Malformed("timestamp is not a number")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:1:{msg}", b("a/b")),
+                Err(Reject::Malformed("username has a character fwknop forbids")),
+            ),
+            (
+                format!("1234567890123456:{}:1:3.0.0:1:{msg}", b(&"u".repeat(49))),
+                Err(Reject::Malformed("username field is empty or too long")),
+            ),
+            (
+                format!("123456789012345:{}:1:3.0.0:1:{msg}", b("u")),
+                Err(Reject::Malformed("random field is not 16 digits")),
+            ),
+        ];
+        for (encoded, want) in cases {
+            let digest = STANDARD_NO_PAD.encode(Sha256::digest(&encoded));
+            let plaintext = format!("{encoded}:{digest}");
+            let got = parse_plaintext(plaintext.as_bytes()).map(|_| ());
+            assert_eq!(got, want, "{encoded}");
+        }
+        let bad_digest = format!("1234567890123456:{}:1:3.0.0:1:{msg}:{}", b("u"), "A".repeat(43));
+        assert_eq!(
+            parse_plaintext(bad_digest.as_bytes()),
+            Err(Reject::Malformed("message digest does not match"))
+        );
+        let sha1 = format!("1234567890123456:{}:1:3.0.0:1:{msg}:{}", b("u"), "A".repeat(27));
+        assert!(matches!(
+            parse_plaintext(sha1.as_bytes()),
+            Err(Reject::UnsupportedMode(_))
+        ));
+    }
+
+    #[test]
+    fn key_rules() {
+        let s = |n: usize, b: u8| Secret::from_slice(&vec![b; n]);
+        assert!(FwknopKeys::new(s(32, 1), Some(s(64, 2))).is_ok());
+        assert!(FwknopKeys::new(s(0, 1), None).is_err());
+        assert!(FwknopKeys::new(s(33, 1), None).is_err());
+        assert!(FwknopKeys::new(s(32, 1), Some(s(129, 2))).is_err());
+        assert_eq!(FwknopKeys::new(s(32, 1), Some(s(32, 1))), Err(KeyError::SameKeys));
+        let keys = FwknopKeys::generate(&mut rand::rng());
+        assert_eq!((keys.enc().len(), keys.hmac().map(Secret::len)), (32, Some(64)));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1600)) {
+            let _ = decode(&bytes, &v1_keys(), window(NOW));
+            let _ = decode(&bytes, &pass_keys("mysecretpass", None), window(NOW));
+        }
+
+        #[test]
+        fn arbitrary_base64_never_panics(text in "[A-Za-z0-9+/]{140,400}") {
+            let _ = decode(text.as_bytes(), &v1_keys(), window(NOW));
+            let _ = decode(text.as_bytes(), &pass_keys("mysecretpass", None), window(NOW));
+        }
+
+        #[test]
+        fn mutated_packets_are_rejected(
+            ops in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..6)
+        ) {
+            let mut bad = V1.as_bytes().to_vec();
+            for (at, byte, op) in ops {
+                match op {
+                    0 => { let i = at.index(bad.len()); bad[i] = byte; }
+                    1 => { let i = at.index(bad.len() + 1); bad.insert(i, byte); }
+                    _ => { let i = at.index(bad.len()); bad.remove(i); if bad.is_empty() { break; } }
+                }
+            }
+            prop_assume!(bad != V1.as_bytes());
+            prop_assert!(decode(&bad, &v1_keys(), window(NOW)).is_err());
+        }
+
+        #[test]
+        fn unauthenticated_mutations_never_panic(
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            // Without HMAC the mutated ciphertext reaches the decryptor and
+            // the plaintext parser.
+            let mut bad = V3.as_bytes().to_vec();
+            let i = at.index(bad.len());
+            bad[i] = byte;
+            let _ = decode(&bad, &pass_keys("mysecretpass", None), window(NOW));
+        }
+
+        #[test]
+        fn arbitrary_plaintext_never_panics(text in "[0-9]{16}:[ -~]{0,200}") {
+            let _ = parse_plaintext(text.as_bytes());
+        }
+    }
+}

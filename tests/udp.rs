@@ -1,0 +1,290 @@
+//! Guarded UDP services through the real binary: a UDP echo upstream,
+//! sources on distinct 127.x.y.z addresses, and a real DNS server and
+//! client (dnsmasq and dig).
+
+mod common;
+
+use common::*;
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A UDP echo server on `addr`; returns its address.
+fn udp_echo(addr: &str) -> SocketAddr {
+    let socket = UdpSocket::bind(addr).expect("bind udp echo");
+    let local = socket.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
+    local
+}
+
+fn udp_config(upstream: SocketAddr, p: &[u16], extra: &str) -> String {
+    format!(
+        r#"
+[service.dns]
+listen = "{}:0"
+upstream = "{upstream}"
+protocol = "udp"
+unauthorized = "refuse"
+open_for = "10s"
+idle_timeout = "60s"
+knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"], step_timeout = "5s", sequence_timeout = "15s" }}
+{extra}
+"#,
+        if upstream.is_ipv6() { "[::1]" } else { "127.0.0.1" },
+        p[3],
+        p[7],
+        p[5]
+    )
+}
+
+fn knock(gw: &Gateway, p: &[u16], host: &str, source: &str) {
+    portcullis_knock(&[
+        host,
+        "-u",
+        "-b",
+        source,
+        &p[3].to_string(),
+        &p[7].to_string(),
+        &p[5].to_string(),
+    ]);
+    gw.wait_grant("dns", source);
+}
+
+/// A client socket on `source`, with a short read timeout for asserting
+/// that nothing came back after the gateway logged the drop.
+fn client(source: &str) -> UdpSocket {
+    let s = UdpSocket::bind(SocketAddr::new(ip(source), 0)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+fn round_trip(s: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    s.send_to(payload, to).unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let (n, from) = s.recv_from(&mut buf).expect("no reply");
+    assert_eq!(from, to, "reply from another address than the service's");
+    buf.truncate(n);
+    buf
+}
+
+/// Sends from `s` and asserts the gateway dropped it: waits for the n-th
+/// drop line for this client, then checks that nothing came back.
+fn assert_dropped(gw: &Gateway, s: &UdpSocket, to: SocketAddr, n: usize) {
+    s.send_to(b"anyone?", to).unwrap();
+    let me = s.local_addr().unwrap().to_string();
+    gw.wait_for_nth(n, |l| {
+        msg(l) == "udp datagram dropped: no grant" && l["client"] == me.as_str()
+    });
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut buf = [0u8; 64];
+    let got = s.recv_from(&mut buf);
+    assert!(got.is_err(), "a reply reached a source without a grant: {got:?}");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+}
+
+#[test]
+fn replies_only_after_a_knock_and_only_to_the_knocking_source() {
+    let upstream = udp_echo("127.0.0.1:0");
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
+    let svc = gw.addr("dns");
+    let a = client("127.0.0.1");
+    assert_dropped(&gw, &a, svc, 1);
+
+    knock(&gw, &p, "127.0.0.1", "127.0.0.1");
+    assert_eq!(round_trip(&a, svc, b"hello"), b"hello");
+
+    let other = client("127.0.0.2");
+    assert_dropped(&gw, &other, svc, 1);
+}
+
+#[test]
+fn two_clients_on_one_address_each_get_only_their_own_replies() {
+    let upstream = udp_echo("127.0.0.1:0");
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
+    let svc = gw.addr("dns");
+    knock(&gw, &p, "127.0.0.1", "127.0.0.3");
+    let x = client("127.0.0.3");
+    let y = client("127.0.0.3");
+    x.send_to(b"from x", svc).unwrap();
+    y.send_to(b"from y", svc).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = x.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"from x");
+    let (n, _) = y.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"from y");
+    for _ in 0..20 {
+        assert_eq!(round_trip(&x, svc, b"x again"), b"x again");
+        assert_eq!(round_trip(&y, svc, b"y again"), b"y again");
+    }
+}
+
+#[test]
+fn a_session_outlives_its_grant_while_active_and_ends_when_idle() {
+    let upstream = udp_echo("127.0.0.1:0");
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
+        udp_config(upstream, p, "")
+            .replace("open_for = \"10s\"", "open_for = \"1s\"")
+            .replace("idle_timeout = \"60s\"", "idle_timeout = \"1s\"")
+    });
+    let svc = gw.addr("dns");
+    knock(&gw, &p, "127.0.0.1", "127.0.0.4");
+    let c = client("127.0.0.4");
+    assert_eq!(round_trip(&c, svc, b"first"), b"first");
+    // Keep the session busy (a datagram every 200 ms, well inside the idle
+    // timeout) until the grant has expired, then a little longer.
+    let mut after_expiry = 0;
+    while after_expiry < 5 {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            round_trip(&c, svc, b"still here"),
+            b"still here",
+            "an active session was cut"
+        );
+        if gw.count(|l| msg(l) == "grant expired" && l["source"] == "127.0.0.4") > 0 {
+            after_expiry += 1;
+        }
+    }
+    // Silence ends the session...
+    let ended = gw.wait_for(|l| msg(l) == "udp session ended");
+    assert_eq!(ended["reason"], "idle");
+    // ...and without a grant no new one opens.
+    assert_dropped(&gw, &c, svc, 1);
+}
+
+#[test]
+fn a_60000_byte_datagram_round_trips_intact() {
+    let upstream = udp_echo("127.0.0.1:0");
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
+    knock(&gw, &p, "127.0.0.1", "127.0.0.1");
+    let payload: Vec<u8> = (0..60_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let c = client("127.0.0.1");
+    assert!(round_trip(&c, gw.addr("dns"), &payload) == payload);
+}
+
+#[test]
+fn an_upstream_icmp_error_ends_the_session() {
+    let closed = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(closed, p, ""));
+    knock(&gw, &p, "127.0.0.1", "127.0.0.1");
+    let c = client("127.0.0.1");
+    c.send_to(b"is anyone there", gw.addr("dns")).unwrap();
+    let ended = gw.wait_for(|l| msg(l) == "udp session ended");
+    assert_eq!(ended["reason"], "upstream_error");
+}
+
+#[test]
+fn sessions_per_source_are_capped() {
+    let upstream = udp_echo("127.0.0.1:0");
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, "max_sessions_per_source = 2"));
+    let svc = gw.addr("dns");
+    knock(&gw, &p, "127.0.0.1", "127.0.0.1");
+    let (a, b, c) = (client("127.0.0.1"), client("127.0.0.1"), client("127.0.0.1"));
+    assert_eq!(round_trip(&a, svc, b"a"), b"a");
+    assert_eq!(round_trip(&b, svc, b"b"), b"b");
+    c.send_to(b"c", svc).unwrap();
+    gw.wait_for(|l| msg(l) == "udp session refused: source at max_sessions_per_source");
+    assert_eq!(round_trip(&a, svc, b"a still"), b"a still");
+}
+
+#[test]
+fn ipv6_udp_service() {
+    let upstream = udp_echo("[::1]:0");
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
+    let svc = gw.addr("dns");
+    assert!(svc.is_ipv6());
+    let c = client("::1");
+    assert_dropped(&gw, &c, svc, 1);
+    knock(&gw, &p, "::1", "::1");
+    assert_eq!(round_trip(&c, svc, b"over v6"), b"over v6");
+}
+
+struct Dnsmasq(Child);
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// dnsmasq answering `portcullis.test` with 10.1.2.3 on a free port.
+fn dnsmasq() -> (Dnsmasq, SocketAddr) {
+    let port = free_ports(1)[0];
+    let child = Command::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--except-interface=nonexistent0",
+            &format!("--port={port}"),
+            "--address=/portcullis.test/10.1.2.3",
+            "--log-facility=-",
+            "--log-queries",
+            "--pid-file=",
+            "--user=root",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dnsmasq (apt-get install dnsmasq-base; scripts/install-test-deps does it)");
+    let mut child = Dnsmasq(child);
+    // dnsmasq logs "started" once it has bound its sockets.
+    let stderr = child.0.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("started") => break,
+            Some(Ok(_)) => continue,
+            _ => panic!("dnsmasq exited before it started"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (child, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn dig(server: SocketAddr, source: &str) -> Result<String, String> {
+    let out = Command::new("dig")
+        .args([
+            &format!("@{}", server.ip()),
+            "-p",
+            &server.port().to_string(),
+            "-b",
+            source,
+            "+short",
+            "+tries=1",
+            "+timeout=1",
+            "portcullis.test",
+        ])
+        .output()
+        .expect("dig (apt-get install dnsutils; scripts/install-test-deps does it)");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() && !text.is_empty() && !text.contains("timed out") {
+        Ok(text)
+    } else {
+        Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+#[test]
+fn dig_resolves_through_the_gateway_to_dnsmasq_only_after_a_knock() {
+    let (_dns, server) = dnsmasq();
+    assert_eq!(
+        dig(server, "127.0.0.1").as_deref(),
+        Ok("10.1.2.3"),
+        "dnsmasq itself does not answer"
+    );
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(server, p, ""));
+    let svc = gw.addr("dns");
+    assert!(dig(svc, "127.0.0.5").is_err(), "dig got an answer before any knock");
+    knock(&gw, &p, "127.0.0.1", "127.0.0.5");
+    assert_eq!(dig(svc, "127.0.0.5").as_deref(), Ok("10.1.2.3"));
+    assert!(dig(svc, "127.0.0.6").is_err(), "another source got an answer");
+}
