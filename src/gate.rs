@@ -96,6 +96,11 @@ pub enum Input {
         service: Arc<str>,
         source: IpAddr,
     },
+    /// A reloaded config: new rules and limits (see [`Gate::reconfigure`]).
+    Reconfigure {
+        services: Vec<ServiceRule>,
+        limits: GateLimits,
+    },
 }
 
 /// What one knock did to one service's attempt.
@@ -138,6 +143,8 @@ pub enum ExpiryCause {
     SequenceTimeout,
     /// The attempt table was full and this was the attempt nearest its end.
     Evicted,
+    /// A reload changed or removed the service's knock rule.
+    Reconfigured,
 }
 
 impl ExpiryCause {
@@ -146,6 +153,7 @@ impl ExpiryCause {
             ExpiryCause::StepTimeout => "step_timeout",
             ExpiryCause::SequenceTimeout => "sequence_timeout",
             ExpiryCause::Evicted => "evicted",
+            ExpiryCause::Reconfigured => "reconfigured",
         }
     }
 }
@@ -184,6 +192,9 @@ impl Default for GateLimits {
 
 type Key = (usize, IpAddr);
 
+/// Which services (by index) use each endpoint, and how.
+type StepIndex = HashMap<Step, Vec<(usize, Role)>>;
+
 #[derive(Debug, Clone, Copy)]
 struct Attempt {
     /// Steps taken so far (at least 1).
@@ -205,7 +216,7 @@ enum Role {
 pub struct Gate {
     services: Vec<ServiceRule>,
     by_name: HashMap<Arc<str>, usize>,
-    by_step: HashMap<Step, Vec<(usize, Role)>>,
+    by_step: StepIndex,
     attempts: HashMap<Key, Attempt>,
     attempt_deadlines: BTreeSet<(Instant, Key)>,
     grants: HashMap<Key, Grant>,
@@ -215,7 +226,67 @@ pub struct Gate {
 
 impl Gate {
     pub fn new(services: Vec<ServiceRule>, limits: GateLimits) -> Self {
-        let mut by_step: HashMap<Step, Vec<(usize, Role)>> = HashMap::new();
+        let (by_name, by_step) = Self::index(&services);
+        Self {
+            services,
+            by_name,
+            by_step,
+            attempts: HashMap::new(),
+            attempt_deadlines: BTreeSet::new(),
+            grants: HashMap::new(),
+            grant_deadlines: BTreeSet::new(),
+            limits,
+        }
+    }
+
+    /// Takes new rules, keeping what still applies: grants of services that
+    /// still exist (their windows unchanged), and attempts in progress on
+    /// services whose knock rule is unchanged. Grants of removed services
+    /// are revoked (emitted as [`Event::Revoked`]); other attempts end.
+    pub fn reconfigure(&mut self, services: Vec<ServiceRule>, limits: GateLimits, out: &mut Vec<Event>) {
+        let (by_name, by_step) = Self::index(&services);
+        let new_idx = |old: usize| by_name.get(&self.services[old].name).copied();
+        let mut grants = HashMap::new();
+        let mut grant_deadlines = BTreeSet::new();
+        for ((idx, source), grant) in std::mem::take(&mut self.grants) {
+            match new_idx(idx) {
+                Some(n) => {
+                    grant_deadlines.insert((grant.expires_at, (n, source)));
+                    grants.insert((n, source), grant);
+                }
+                None => out.push(Event::Revoked(grant)),
+            }
+        }
+        let mut attempts = HashMap::new();
+        let mut attempt_deadlines = BTreeSet::new();
+        for ((idx, source), attempt) in std::mem::take(&mut self.attempts) {
+            let kept = new_idx(idx).filter(|n| services[*n].knock == self.services[idx].knock);
+            match kept {
+                Some(n) => {
+                    attempt_deadlines.insert((attempt.deadline, (n, source)));
+                    attempts.insert((n, source), attempt);
+                }
+                None => out.push(Event::AttemptExpired {
+                    service: self.services[idx].name.clone(),
+                    source,
+                    cause: ExpiryCause::Reconfigured,
+                }),
+            }
+        }
+        *self = Self {
+            services,
+            by_name,
+            by_step,
+            attempts,
+            attempt_deadlines,
+            grants,
+            grant_deadlines,
+            limits,
+        };
+    }
+
+    fn index(services: &[ServiceRule]) -> (HashMap<Arc<str>, usize>, StepIndex) {
+        let mut by_step: StepIndex = HashMap::new();
         let mut by_name = HashMap::new();
         for (idx, svc) in services.iter().enumerate() {
             by_name.insert(svc.name.clone(), idx);
@@ -235,16 +306,7 @@ impl Gate {
                 }
             }
         }
-        Self {
-            services,
-            by_name,
-            by_step,
-            attempts: HashMap::new(),
-            attempt_deadlines: BTreeSet::new(),
-            grants: HashMap::new(),
-            grant_deadlines: BTreeSet::new(),
-            limits,
-        }
+        (by_name, by_step)
     }
 
     /// Every endpoint some service knocks or traps on.
@@ -310,6 +372,10 @@ impl Gate {
                 if let Some(grant) = self.revoke(&service, source) {
                     out.push(Event::Revoked(grant));
                 }
+            }
+            Input::Reconfigure { services, limits } => {
+                self.handle_timeout(now, out);
+                self.reconfigure(services, limits, out);
             }
         }
     }
@@ -795,6 +861,59 @@ mod tests {
         h.gate.handle(revoke, h.clock.now(), &mut h.events);
         assert!(matches!(h.events.last(), Some(Event::Revoked(g)) if g.source == src(1)));
         assert_eq!(h.gate.next_deadline(), None);
+    }
+
+    #[test]
+    fn reconfigure_keeps_grants_and_unchanged_attempts_and_revokes_removed_services() {
+        let mut h = Harness::new(vec![
+            rule("a", &[1, 3, 2], &[]),
+            rule("b", &[4, 6, 5], &[]),
+            rule("c", &[7, 9, 8], &[]),
+        ]);
+        // a granted; b and c halfway; c also granted to another source.
+        h.run(&[
+            Knock(1, 1),
+            Knock(1, 3),
+            Knock(1, 2),
+            Knock(1, 4),
+            Knock(1, 7),
+            Knock(1, 9),
+        ]);
+        let a_expiry = h.events.iter().find_map(|e| match e {
+            Event::Granted(g) if &*g.service == "a" => Some(g.expires_at),
+            _ => None,
+        });
+        assert!(a_expiry.is_some());
+        let now = h.clock.now();
+        h.gate.authorize("c", src(2), Method::Knock, OPEN, now, &mut h.events);
+        h.events.clear();
+        // b unchanged (listed first now), a unchanged, c removed; d takes
+        // c's sequence.
+        h.gate.reconfigure(
+            vec![
+                rule("b", &[4, 6, 5], &[]),
+                rule("a", &[1, 3, 2], &[]),
+                rule("d", &[7, 9, 8], &[]),
+            ],
+            GateLimits::default(),
+            &mut h.events,
+        );
+        assert!(h
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Revoked(g) if &*g.service == "c")));
+        assert!(h.events.contains(&Event::AttemptExpired {
+            service: "c".into(),
+            source: src(1),
+            cause: ExpiryCause::Reconfigured,
+        }));
+        assert_eq!(h.gate.attempts_in_progress(), 1, "b's attempt should survive");
+        // b's attempt goes on where it was.
+        h.events.clear();
+        h.run(&[Knock(1, 6), Knock(1, 5)]);
+        assert_eq!(h.granted(), vec![("b".to_string(), 1)]);
+        // a's grant keeps its timer.
+        assert_eq!(h.gate.revoke("a", src(1)).map(|g| g.expires_at), a_expiry);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - [`spa`]: SPA packet codecs (native and fwknop) and key files; pure, time passed in.
 //! - [`proxy`]: guarded TCP listeners, the unauthorised modes, and the splice.
 //! - [`udp`]: guarded UDP services and their per-client session table.
+//! - [`reload`]: SIGHUP and config-directory changes into validated reloads.
 //! - [`server`]: binds every socket, drives the gate, shuts down gracefully.
 //! - [`config`]: file and environment into validated runtime types.
 //! - [`client`]: the `knock` command.
@@ -41,6 +42,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod proxy;
+pub mod reload;
 pub mod secret;
 pub mod sensor;
 pub mod server;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use portcullis::cli::{Cli, Command};
-use portcullis::{client, config, logging, metrics, server};
+use portcullis::{client, config, logging, metrics, reload, server};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a config that does not validate (EX_USAGE).
@@ -63,7 +63,9 @@ fn main() -> ExitCode {
                     }
                     trigger.cancel();
                 });
-                bound.run(shutdown).await
+                let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(reload::watch(args.config.clone(), reload_tx, shutdown.clone()));
+                bound.run(shutdown, reload_rx).await
             })
         }
         Command::Keygen(args) => {

@@ -302,6 +302,15 @@ fn describe() {
     describe_counter!(UDP_SESSIONS_TOTAL, "UDP sessions opened.");
     describe_counter!(UDP_SESSIONS_ENDED_TOTAL, "UDP sessions ended, by reason.");
     describe_gauge!(UDP_SESSIONS_ACTIVE, "UDP sessions open now.");
+    describe_counter!(
+        SPA_PACKETS_TOTAL,
+        "SPA packets, by format and result (accepted or why refused)."
+    );
+    describe_counter!(
+        SOURCE_REFUSALS_TOTAL,
+        "Knock and SPA packets ignored by the per-source guard, by listener and reason."
+    );
+    describe_counter!(LOCKOUTS_TOTAL, "Sources locked out after repeated bad packets.");
 }
 
 /// Sets every series whose labels the config determines to zero.

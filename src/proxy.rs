@@ -60,20 +60,28 @@ impl Shared {
     }
 }
 
-/// Accepts guarded connections for `service` until `shared.stop`.
-pub async fn serve(listener: TcpListener, service: Arc<Service>, shared: Arc<Shared>) {
+/// Accepts guarded connections for `service` until `stop` (a child of
+/// `shared.stop`, so a reload can stop one service); hands the listener
+/// back so a reload can keep the socket open. Connections accepted run on
+/// in `shared.tracker` whatever happens to this loop.
+pub async fn serve(
+    listener: TcpListener,
+    service: Arc<Service>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> TcpListener {
     loop {
         // Waiting for a permit before accepting leaves excess connections
         // in the kernel's backlog instead of in our memory.
         let permit = tokio::select! {
-            _ = shared.stop.cancelled() => return,
+            _ = stop.cancelled() => return listener,
             p = shared.connections.clone().acquire_owned() => match p {
                 Ok(p) => p,
-                Err(_) => return,
+                Err(_) => return listener,
             },
         };
         let accepted = tokio::select! {
-            _ = shared.stop.cancelled() => return,
+            _ = stop.cancelled() => return listener,
             r = listener.accept() => r,
         };
         match accepted {

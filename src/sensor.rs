@@ -62,13 +62,17 @@ const MAX_BATCH: usize = 1024;
 /// Reads every UDP knock socket until `cancel`; forwards knocks in arrival
 /// order. A full channel drops the knock (counted): the gate is never
 /// waited on.
-pub async fn run_udp(sockets: Vec<(UdpSocket, Step)>, intake: Intake, cancel: CancellationToken) {
+pub async fn run_udp(
+    sockets: Vec<(UdpSocket, Step)>,
+    intake: Intake,
+    cancel: CancellationToken,
+) -> Vec<(UdpSocket, Step)> {
     let mut batch: Vec<(TimeSpec, Knock)> = Vec::with_capacity(64);
     let mut buf = [0u8; 64];
     let mut cmsg = nix::cmsg_space!(TimeSpec);
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return sockets,
             _ = readable(&sockets) => {}
         }
         loop {
@@ -104,10 +108,10 @@ pub async fn run_udp(sockets: Vec<(UdpSocket, Step)>, intake: Intake, cancel: Ca
 
 /// Accepts on a TCP knock listener: each completed handshake is a knock,
 /// and the connection is reset at once without a byte sent.
-pub async fn run_tcp(listener: TcpListener, step: Step, intake: Intake, cancel: CancellationToken) {
+pub async fn run_tcp(listener: TcpListener, step: Step, intake: Intake, cancel: CancellationToken) -> TcpListener {
     loop {
         let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return listener,
             r = listener.accept() => r,
         };
         match accepted {

@@ -1,9 +1,12 @@
 //! Binds every socket, then runs: sensors feed the gate driver, the driver
 //! applies the gate's decisions to the store, guarded listeners consult the
-//! store. Shutdown stops the listeners, drains connections within the grace
-//! period, and cuts what is left.
+//! store. A reload swaps in a new config without closing what stays: a
+//! listener whose address is unchanged keeps its socket (connections
+//! waiting in its backlog are not refused), grants and established
+//! connections survive. Shutdown stops the listeners, drains connections
+//! within the grace period, and cuts what is left.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,6 +14,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Readiness};
@@ -18,7 +22,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Service};
 use crate::gate::{Event, Gate, GateLimits, Input, KnockResult, Method, ServiceRule};
 use crate::guard::{SourceGuard, StrikeOutcome};
-use crate::metrics;
+use crate::metrics::{self, ReloadResult};
 use crate::net;
 use crate::proxy::{self, Shared};
 use crate::sensor;
@@ -32,23 +36,32 @@ const GATE_QUEUE: usize = 4096;
 /// Rejected SPA packets logged per second at most; the rest are counted.
 const SPA_LOG_RATE: std::num::NonZeroU32 = std::num::NonZeroU32::new(20).expect("20 is not zero");
 
+/// Where audit lines (grants, expiries, revocations) are logged.
+pub const AUDIT_TARGET: &str = "portcullis::audit";
+
 /// Every socket, bound and not yet served.
 #[derive(Debug)]
 pub struct Bound {
     config: Config,
+    sockets: Sockets,
+    admin: Option<admin::Listener>,
+    readiness: Readiness,
+}
+
+/// The data-plane sockets of one config.
+#[derive(Debug, Default)]
+struct Sockets {
     guarded: Vec<(Arc<Service>, Guarded)>,
     udp_knocks: Vec<(UdpSocket, Step)>,
     tcp_knocks: Vec<(TcpListener, Step)>,
     spa: Option<UdpSocket>,
-    admin: Option<admin::Listener>,
-    readiness: Readiness,
 }
 
 /// A guarded service's socket.
 #[derive(Debug)]
 enum Guarded {
     Tcp(TcpListener),
-    Udp(UdpSocket),
+    Udp(Arc<UdpSocket>),
 }
 
 impl Guarded {
@@ -60,17 +73,79 @@ impl Guarded {
     }
 }
 
+/// Sockets of the running config that a new config may take over.
+#[derive(Debug, Default)]
+struct Reusable {
+    /// With the service each was bound for.
+    guarded: Vec<(Arc<Service>, Guarded)>,
+    udp_knocks: HashMap<Step, UdpSocket>,
+    tcp_knocks: HashMap<Step, TcpListener>,
+    spa: Option<(SocketAddr, UdpSocket)>,
+}
+
+impl Reusable {
+    /// Adds `other`'s sockets after this one's (which are taken first).
+    fn absorb(&mut self, other: Reusable) {
+        self.guarded.extend(other.guarded);
+        for (step, s) in other.udp_knocks {
+            self.udp_knocks.entry(step).or_insert(s);
+        }
+        for (step, l) in other.tcp_knocks {
+            self.tcp_knocks.entry(step).or_insert(l);
+        }
+        if self.spa.is_none() {
+            self.spa = other.spa;
+        }
+    }
+
+    /// The socket of a running service with the same name, protocol and
+    /// listen address, or of any running service on the same fixed address.
+    fn take_guarded(&mut self, service: &Service) -> Option<Guarded> {
+        let same = |old: &Service| old.protocol == service.protocol && old.listen == service.listen;
+        let pos = self
+            .guarded
+            .iter()
+            .position(|(old, _)| same(old) && old.name == service.name)
+            .or_else(|| {
+                (service.listen.port() != 0)
+                    .then(|| self.guarded.iter().position(|(old, _)| same(old)))
+                    .flatten()
+            })?;
+        Some(self.guarded.swap_remove(pos).1)
+    }
+}
+
 /// Binds every guarded listener and knock endpoint of `config`. Errors name
 /// the config key whose address could not be bound.
 pub fn bind(config: Config) -> anyhow::Result<Bound> {
-    let mut guarded = Vec::new();
+    let sockets = bind_sockets(&config, &mut Reusable::default())?;
+    let admin = config.admin.as_ref().map(admin::bind).transpose()?;
+    Ok(Bound {
+        config,
+        sockets,
+        admin,
+        readiness: Readiness::new(),
+    })
+}
+
+/// Binds what `config` needs, taking what it can from `reuse`. On error,
+/// sockets taken from `reuse` are lost with the new ones, so a caller that
+/// must keep running puts everything back only after success (see
+/// [`Runtime::reload`], which stops nothing before this succeeds).
+fn bind_sockets(config: &Config, reuse: &mut Reusable) -> anyhow::Result<Sockets> {
+    let mut sockets = Sockets::default();
     for service in &config.services {
-        let what = || format!("cannot listen on service.{}.listen ({})", service.name, service.listen);
-        let listener = match service.protocol {
-            Proto::Tcp => Guarded::Tcp(net::bind_tcp(service.listen).with_context(what)?),
-            Proto::Udp => Guarded::Udp(net::bind_udp(service.listen).with_context(what)?),
+        let listener = match reuse.take_guarded(service) {
+            Some(g) => g,
+            None => {
+                let what = || format!("cannot listen on service.{}.listen ({})", service.name, service.listen);
+                match service.protocol {
+                    Proto::Tcp => Guarded::Tcp(net::bind_tcp(service.listen).with_context(what)?),
+                    Proto::Udp => Guarded::Udp(Arc::new(net::bind_udp(service.listen).with_context(what)?)),
+                }
+            }
         };
-        guarded.push((Arc::new(service.clone()), listener));
+        sockets.guarded.push((Arc::new(service.clone()), listener));
     }
     let mut endpoints: BTreeMap<Step, String> = BTreeMap::new();
     for service in &config.services {
@@ -87,37 +162,44 @@ pub fn bind(config: Config) -> anyhow::Result<Bound> {
             }
         }
     }
-    let mut udp_knocks = Vec::new();
-    let mut tcp_knocks = Vec::new();
     for (step, path) in endpoints {
         let what = || format!("cannot listen on {step} from {path}");
         match step.proto {
-            Proto::Udp => udp_knocks.push((net::bind_udp_timestamped(step.addr).with_context(what)?, step)),
-            Proto::Tcp => tcp_knocks.push((net::bind_tcp(step.addr).with_context(what)?, step)),
+            Proto::Udp => {
+                let socket = match reuse.udp_knocks.remove(&step) {
+                    Some(s) => s,
+                    None => net::bind_udp_timestamped(step.addr).with_context(what)?,
+                };
+                sockets.udp_knocks.push((socket, step));
+            }
+            Proto::Tcp => {
+                let listener = match reuse.tcp_knocks.remove(&step) {
+                    Some(l) => l,
+                    None => net::bind_tcp(step.addr).with_context(what)?,
+                };
+                sockets.tcp_knocks.push((listener, step));
+            }
         }
     }
-    let spa = match &config.spa {
-        Some(s) => Some(
-            net::bind_udp_sensor(s.listen).with_context(|| format!("cannot listen on spa.listen ({})", s.listen))?,
-        ),
-        None => None,
-    };
-    let admin = config.admin.as_ref().map(admin::bind).transpose()?;
-    Ok(Bound {
-        config,
-        guarded,
-        udp_knocks,
-        tcp_knocks,
-        spa,
-        admin,
-        readiness: Readiness::new(),
-    })
+    if let Some(spa) = &config.spa {
+        let socket = match reuse.spa.take() {
+            Some((addr, socket)) if addr == spa.listen => socket,
+            other => {
+                reuse.spa = other;
+                net::bind_udp_sensor(spa.listen)
+                    .with_context(|| format!("cannot listen on spa.listen ({})", spa.listen))?
+            }
+        };
+        sockets.spa = Some(socket);
+    }
+    Ok(sockets)
 }
 
 impl Bound {
     /// The real address of each guarded listener (port 0 resolved).
     pub fn guarded_addrs(&self) -> Vec<(Arc<str>, SocketAddr)> {
-        self.guarded
+        self.sockets
+            .guarded
             .iter()
             .filter_map(|(s, l)| l.local_addr().ok().map(|a| (s.name.clone(), a)))
             .collect()
@@ -134,9 +216,10 @@ impl Bound {
         self.readiness.clone()
     }
 
-    /// Serves until `shutdown` is cancelled, then drains.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.run_with(Arc::new(MemoryStore::new()), Arc::new(SystemClock), shutdown)
+    /// Serves until `shutdown` is cancelled, then drains. Each config that
+    /// arrives on `reloads` (already validated) is swapped in.
+    pub async fn run(self, shutdown: CancellationToken, reloads: mpsc::Receiver<Config>) -> anyhow::Result<()> {
+        self.run_with(Arc::new(MemoryStore::new()), Arc::new(SystemClock), shutdown, reloads)
             .await
     }
 
@@ -146,22 +229,14 @@ impl Bound {
         store: Arc<dyn GrantStore>,
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
+        mut reloads: mpsc::Receiver<Config>,
     ) -> anyhow::Result<()> {
         let Bound {
             config,
-            guarded,
-            udp_knocks,
-            tcp_knocks,
-            spa,
+            sockets,
             admin,
             readiness,
         } = self;
-        let started_unix = sensor::spa::unix_secs(&*clock);
-        let bound_addrs: Vec<(Arc<str>, SocketAddr)> = guarded
-            .iter()
-            .filter_map(|(s, l)| l.local_addr().ok().map(|a| (s.name.clone(), a)))
-            .collect();
-        let guard = Arc::new(SourceGuard::new(config.limits));
         let shared = Arc::new(Shared::new(store.clone(), clock.clone(), config.gateway.clone()));
         let (tx, rx) = mpsc::channel(GATE_QUEUE);
         // Started first, so probes are answered (503) while the rest starts.
@@ -179,75 +254,61 @@ impl Bound {
             }
             None => None,
         };
-        let mut tasks = tokio::task::JoinSet::new();
-
-        let rules = config
-            .services
-            .iter()
-            .map(|s| ServiceRule {
-                name: s.name.clone(),
-                open_for: s.open_for,
-                knock: s.knock.clone(),
-            })
-            .collect();
-        let gate = Gate::new(
-            rules,
-            GateLimits {
-                max_attempts: config.gateway.max_knock_attempts,
-            },
-        );
-        let intake = sensor::Intake {
-            tx: tx.clone(),
-            guard: guard.clone(),
-            clock: clock.clone(),
+        let guard = Arc::new(SourceGuard::new(config.limits));
+        let gate = Gate::new(rules(&config), gate_limits(&config));
+        let driver = tokio::spawn(drive_gate(
+            gate,
+            rx,
+            store.clone(),
+            clock.clone(),
+            guard.clone(),
+            shared.stop.clone(),
+        ));
+        let mut runtime = Runtime {
+            started_unix: sensor::spa::unix_secs(&*clock),
+            config,
+            shared: shared.clone(),
+            tx,
+            guard,
+            store,
+            clock,
+            services: HashMap::new(),
+            udp_sessions: HashMap::new(),
+            sensors: Vec::new(),
+            sensors_stop: CancellationToken::new(),
         };
-        if let Some(socket) = spa {
-            tracing::info!(kind = "spa", addr = %socket.local_addr()?, users = config.users.len(), "listening");
-            let spa_sensor = sensor::spa::SpaSensor {
-                desk: sensor::spa::SpaDesk::new(&config, &bound_addrs, started_unix),
-                guard: guard.clone(),
-                store: store.clone(),
-                clock: clock.clone(),
-                log_limit: governor::RateLimiter::direct(governor::Quota::per_second(SPA_LOG_RATE)),
-            };
-            tasks.spawn(sensor::spa::run(socket, spa_sensor, tx.clone(), shared.stop.clone()));
-        }
-        tasks.spawn(drive_gate(gate, rx, store, clock, guard, shared.stop.clone()));
-
-        for (service, listener) in guarded {
-            let addr = listener.local_addr()?;
-            tracing::info!(kind = "guarded", service = %service.name, protocol = service.protocol.as_str(), %addr, upstream = %service.upstream, unauthorized = service.unauthorized.as_str(), "listening");
-            match listener {
-                Guarded::Tcp(l) => tasks.spawn(proxy::serve(l, service, shared.clone())),
-                Guarded::Udp(s) => tasks.spawn(udp::serve(s, service, shared.clone())),
-            };
-        }
-        for (listener, step) in tcp_knocks {
-            let step = Step {
-                proto: step.proto,
-                addr: listener.local_addr()?,
-            };
-            tracing::info!(kind = "knock", %step, "listening");
-            tasks.spawn(sensor::run_tcp(listener, step, intake.clone(), shared.stop.clone()));
-        }
-        for (socket, step) in &udp_knocks {
-            tracing::info!(kind = "knock", step = %Step { proto: step.proto, addr: socket.local_addr()? }, "listening");
-        }
-        if !udp_knocks.is_empty() {
-            tasks.spawn(sensor::run_udp(udp_knocks, intake.clone(), shared.stop.clone()));
-        }
-        drop(intake);
-        drop(tx);
+        runtime.start(sockets)?;
         readiness.set_ready();
         tracing::info!("ready");
 
-        shutdown.cancelled().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(new) = reloads.recv() => match runtime.reload(new).await {
+                    Ok(summary) => {
+                        metrics::config_reload(ReloadResult::Success);
+                        tracing::info!(
+                            added = summary.added,
+                            removed = summary.removed,
+                            changed = summary.changed,
+                            "config reloaded"
+                        );
+                    }
+                    Err(e) => {
+                        metrics::config_reload(ReloadResult::Failure);
+                        tracing::error!(error = %format!("{e:#}"), "config reload failed: the running config is unchanged");
+                    }
+                },
+            }
+        }
+
         readiness.set_draining();
         let grace = shared.gateway.shutdown_grace;
         tracing::info!("shutting down");
         shared.stop.cancel();
         shared.tracker.close();
-        while tasks.join_next().await.is_some() {}
+        runtime.stop_all().await;
+        let _ = driver.await;
         tracing::info!(
             in_flight = shared.active.load(Ordering::Relaxed),
             grace = %humantime::format_duration(grace),
@@ -266,6 +327,283 @@ impl Bound {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+fn rules(config: &Config) -> Vec<ServiceRule> {
+    config
+        .services
+        .iter()
+        .map(|s| ServiceRule {
+            name: s.name.clone(),
+            open_for: s.open_for,
+            knock: s.knock.clone(),
+        })
+        .collect()
+}
+
+fn gate_limits(config: &Config) -> GateLimits {
+    GateLimits {
+        max_attempts: config.gateway.max_knock_attempts,
+    }
+}
+
+/// A running guarded service.
+#[derive(Debug)]
+struct ServiceTask {
+    service: Arc<Service>,
+    stop: CancellationToken,
+    handle: JoinHandle<Guarded>,
+}
+
+/// A running sensor; each hands its sockets back when stopped.
+#[derive(Debug)]
+enum SensorTask {
+    UdpKnocks(JoinHandle<Vec<(UdpSocket, Step)>>),
+    TcpKnock(Step, JoinHandle<TcpListener>),
+    Spa(SocketAddr, JoinHandle<UdpSocket>),
+}
+
+/// What a reload changed, for its log line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: usize,
+    pub removed: usize,
+    pub changed: usize,
+}
+
+/// The running data plane of one config.
+#[derive(Debug)]
+struct Runtime {
+    config: Config,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Input>,
+    guard: Arc<SourceGuard>,
+    store: Arc<dyn GrantStore>,
+    clock: Arc<dyn Clock>,
+    started_unix: u64,
+    services: HashMap<Arc<str>, ServiceTask>,
+    /// UDP services' session tables by service name, kept across reloads
+    /// so established flows survive them.
+    udp_sessions: HashMap<Arc<str>, Arc<udp::Sessions>>,
+    /// Every sensor task, stopped together by `sensors_stop`.
+    sensors: Vec<SensorTask>,
+    sensors_stop: CancellationToken,
+}
+
+impl Runtime {
+    /// Starts serving `sockets` for `self.config`, logging each listener.
+    fn start(&mut self, sockets: Sockets) -> anyhow::Result<()> {
+        let Sockets {
+            guarded,
+            udp_knocks,
+            tcp_knocks,
+            spa,
+        } = sockets;
+        self.sensors_stop = self.shared.stop.child_token();
+        let sensors_stop = self.sensors_stop.clone();
+        let intake = sensor::Intake {
+            tx: self.tx.clone(),
+            guard: self.guard.clone(),
+            clock: self.clock.clone(),
+        };
+        let mut bound = Vec::with_capacity(guarded.len());
+        for (service, listener) in guarded {
+            let addr = listener.local_addr()?;
+            bound.push((service.name.clone(), addr));
+            tracing::info!(kind = "guarded", service = %service.name, protocol = service.protocol.as_str(), %addr, upstream = %service.upstream, unauthorized = service.unauthorized.as_str(), "listening");
+            self.spawn_service(service, listener);
+        }
+        if let Some(socket) = spa {
+            let addr = socket.local_addr()?;
+            tracing::info!(kind = "spa", %addr, users = self.config.users.len(), "listening");
+            let spa_sensor = sensor::spa::SpaSensor {
+                desk: sensor::spa::SpaDesk::new(&self.config, &bound, self.started_unix),
+                guard: self.guard.clone(),
+                store: self.store.clone(),
+                clock: self.clock.clone(),
+                log_limit: governor::RateLimiter::direct(governor::Quota::per_second(SPA_LOG_RATE)),
+            };
+            let run = sensor::spa::run(socket, spa_sensor, self.tx.clone(), sensors_stop.clone());
+            self.sensors.push(SensorTask::Spa(addr, tokio::spawn(run)));
+        }
+        for (listener, step) in tcp_knocks {
+            tracing::info!(kind = "knock", step = %Step { proto: step.proto, addr: listener.local_addr()? }, "listening");
+            let run = sensor::run_tcp(listener, step, intake.clone(), sensors_stop.clone());
+            self.sensors.push(SensorTask::TcpKnock(step, tokio::spawn(run)));
+        }
+        for (socket, step) in &udp_knocks {
+            tracing::info!(kind = "knock", step = %Step { proto: step.proto, addr: socket.local_addr()? }, "listening");
+        }
+        if !udp_knocks.is_empty() {
+            let run = sensor::run_udp(udp_knocks, intake, sensors_stop.clone());
+            self.sensors.push(SensorTask::UdpKnocks(tokio::spawn(run)));
+        }
+        Ok(())
+    }
+
+    fn spawn_service(&mut self, service: Arc<Service>, listener: Guarded) {
+        let stop = self.shared.stop.child_token();
+        let shared = self.shared.clone();
+        let handle = match listener {
+            Guarded::Tcp(l) => {
+                let run = proxy::serve(l, service.clone(), shared, stop.clone());
+                tokio::spawn(async move { Guarded::Tcp(run.await) })
+            }
+            Guarded::Udp(s) => {
+                let epoch = self.clock.now();
+                let sessions = self
+                    .udp_sessions
+                    .entry(service.name.clone())
+                    .or_insert_with(|| udp::Sessions::new(epoch))
+                    .clone();
+                let run = udp::serve(s, sessions, service.clone(), shared, stop.clone());
+                tokio::spawn(async move { Guarded::Udp(run.await) })
+            }
+        };
+        self.services
+            .insert(service.name.clone(), ServiceTask { service, stop, handle });
+    }
+
+    /// Swaps in `new`. Every address the new config adds is bound before
+    /// anything stops, so a failure leaves the running config untouched.
+    /// Then every listener pauses (its socket stays open: connections wait
+    /// in the backlog) and restarts under the new config; grants of
+    /// services that remain, and every established connection, survive.
+    async fn reload(&mut self, new: Config) -> anyhow::Result<ReloadSummary> {
+        for (section, same) in [
+            ("gateway", new.gateway == self.config.gateway),
+            ("admin", new.admin == self.config.admin),
+            ("limits", new.limits == self.config.limits),
+        ] {
+            if !same {
+                tracing::warn!(section, "changes to this section take effect at the next restart");
+            }
+        }
+        let summary = summarize(&self.config, &new);
+        let mut reuse = self.prebind(&new)?;
+        reuse.absorb(self.stop_all().await);
+        let sockets = bind_sockets(&new, &mut reuse)?;
+        self.tx
+            .send(Input::Reconfigure {
+                services: rules(&new),
+                limits: gate_limits(&new),
+            })
+            .await
+            .context("the gate has stopped")?;
+        // Sessions of services that are gone (or no longer UDP) end on
+        // their own when idle; the table is no longer needed for new ones.
+        self.udp_sessions
+            .retain(|name, _| new.services.iter().any(|s| s.name == *name && s.protocol == Proto::Udp));
+        self.config = new;
+        self.start(sockets)?;
+        Ok(summary)
+    }
+
+    /// Binds the addresses `new` has and the running config does not.
+    fn prebind(&self, new: &Config) -> anyhow::Result<Reusable> {
+        let mut staged = Reusable::default();
+        for s in &new.services {
+            let reusable = self.services.values().any(|t| {
+                let old = &t.service;
+                old.protocol == s.protocol && old.listen == s.listen && (old.name == s.name || s.listen.port() != 0)
+            });
+            if !reusable {
+                let what = || format!("cannot listen on service.{}.listen ({})", s.name, s.listen);
+                let g = match s.protocol {
+                    Proto::Tcp => Guarded::Tcp(net::bind_tcp(s.listen).with_context(what)?),
+                    Proto::Udp => Guarded::Udp(Arc::new(net::bind_udp(s.listen).with_context(what)?)),
+                };
+                staged.guarded.push((Arc::new(s.clone()), g));
+            }
+        }
+        let running = steps(&self.config);
+        for step in steps(new) {
+            if running.contains(&step) {
+                continue;
+            }
+            let what = || format!("cannot listen on knock step {step}");
+            match step.proto {
+                Proto::Udp => {
+                    staged
+                        .udp_knocks
+                        .insert(step, net::bind_udp_timestamped(step.addr).with_context(what)?);
+                }
+                Proto::Tcp => {
+                    staged
+                        .tcp_knocks
+                        .insert(step, net::bind_tcp(step.addr).with_context(what)?);
+                }
+            }
+        }
+        if let Some(spa) = &new.spa {
+            if self.config.spa.as_ref().map(|s| s.listen) != Some(spa.listen) {
+                let socket = net::bind_udp_sensor(spa.listen)
+                    .with_context(|| format!("cannot listen on spa.listen ({})", spa.listen))?;
+                staged.spa = Some((spa.listen, socket));
+            }
+        }
+        Ok(staged)
+    }
+
+    /// Stops every listener and sensor and takes their sockets back.
+    async fn stop_all(&mut self) -> Reusable {
+        let mut reuse = Reusable::default();
+        self.sensors_stop.cancel();
+        for (_, task) in self.services.drain() {
+            task.stop.cancel();
+            match task.handle.await {
+                Ok(g) => reuse.guarded.push((task.service, g)),
+                Err(e) => tracing::error!(service = %task.service.name, error = %e, "listener task failed"),
+            }
+        }
+        for sensor in self.sensors.drain(..) {
+            match sensor {
+                SensorTask::UdpKnocks(h) => {
+                    if let Ok(sockets) = h.await {
+                        reuse.udp_knocks.extend(sockets.into_iter().map(|(s, step)| (step, s)));
+                    }
+                }
+                SensorTask::TcpKnock(step, h) => {
+                    if let Ok(l) = h.await {
+                        reuse.tcp_knocks.insert(step, l);
+                    }
+                }
+                SensorTask::Spa(addr, h) => {
+                    if let Ok(s) = h.await {
+                        reuse.spa = Some((addr, s));
+                    }
+                }
+            }
+        }
+        reuse
+    }
+}
+
+/// Every knock and trap endpoint of a config.
+fn steps(config: &Config) -> std::collections::BTreeSet<Step> {
+    config
+        .services
+        .iter()
+        .filter_map(|s| s.knock.as_ref())
+        .flat_map(|k| k.sequence.iter().chain(&k.trap).copied())
+        .collect()
+}
+
+fn summarize(old: &Config, new: &Config) -> ReloadSummary {
+    let mut summary = ReloadSummary::default();
+    for s in &new.services {
+        match old.services.iter().find(|o| o.name == s.name) {
+            None => summary.added += 1,
+            Some(o) if o != s => summary.changed += 1,
+            Some(_) => {}
+        }
+    }
+    summary.removed = old
+        .services
+        .iter()
+        .filter(|o| !new.services.iter().any(|s| s.name == o.name))
+        .count();
+    summary
 }
 
 /// Feeds knocks and deadlines to the gate and applies what it decides.
@@ -359,6 +697,7 @@ fn apply(event: Event, store: &dyn GrantStore, clock: &dyn Clock) {
                 Method::Knock => None,
             };
             tracing::info!(
+                target: AUDIT_TARGET,
                 service = %grant.service,
                 source = %grant.source,
                 method = grant.method.as_label(),
@@ -374,14 +713,14 @@ fn apply(event: Event, store: &dyn GrantStore, clock: &dyn Clock) {
             {
                 metrics::grant_expired(&grant.service);
                 metrics::grants_active(&grant.service, -1.0);
-                tracing::info!(service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant expired");
+                tracing::info!(target: AUDIT_TARGET, service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant expired");
             }
         }
         Event::Revoked(grant) => {
             if store.revoke(&grant.service, grant.source).is_some() {
                 metrics::grants_active(&grant.service, -1.0);
             }
-            tracing::info!(service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant revoked");
+            tracing::info!(target: AUDIT_TARGET, service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant revoked");
         }
     }
 }
@@ -390,18 +729,14 @@ fn round_ms(d: std::time::Duration) -> std::time::Duration {
     std::time::Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Resolves on SIGTERM or SIGINT. SIGHUP is logged and otherwise ignored,
-/// so it cannot kill the process.
+/// Resolves on SIGTERM or SIGINT. (SIGHUP means reload: see `reload`.)
 pub async fn shutdown_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => { tracing::info!(signal = "SIGTERM", "signal received"); return Ok(()) }
-            _ = int.recv() => { tracing::info!(signal = "SIGINT", "signal received"); return Ok(()) }
-            _ = hup.recv() => tracing::warn!(signal = "SIGHUP", "config reload is not available in this version; the running config is unchanged"),
-        }
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
     }
+    Ok(())
 }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Service, Unauthorized};
 use crate::metrics;
@@ -69,14 +70,32 @@ struct Table {
     per_source: HashMap<IpAddr, usize>,
 }
 
-/// State shared by a service's receive loop and its session tasks.
+/// A service's session table, shared by its receive loop and its session
+/// tasks, and kept across reloads so established flows survive them.
 #[derive(Debug)]
-struct Sessions {
+pub struct Sessions {
     table: Mutex<Table>,
     epoch: Instant,
 }
 
 impl Sessions {
+    /// An empty table; `epoch` anchors the sessions' activity clocks.
+    pub fn new(epoch: Instant) -> Arc<Self> {
+        Arc::new(Self {
+            table: Mutex::new(Table::default()),
+            epoch,
+        })
+    }
+
+    /// Sessions open now.
+    pub fn len(&self) -> usize {
+        self.table.lock().expect("session table lock").sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn lookup(&self, client: SocketAddr) -> Option<Arc<Session>> {
         self.table
             .lock()
@@ -104,17 +123,20 @@ impl Sessions {
     }
 }
 
-/// Serves a guarded UDP service on `socket` until `shared.stop`.
-pub async fn serve(socket: UdpSocket, service: Arc<Service>, shared: Arc<Shared>) {
-    let socket = Arc::new(socket);
-    let sessions = Arc::new(Sessions {
-        table: Mutex::new(Table::default()),
-        epoch: shared.clock.now(),
-    });
+/// Serves a guarded UDP service on `socket` until `stop` (a child of
+/// `shared.stop`); hands the socket back so a reload can keep it. Sessions
+/// live in `sessions` and end on their own or at shutdown.
+pub async fn serve(
+    socket: Arc<UdpSocket>,
+    sessions: Arc<Sessions>,
+    service: Arc<Service>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Arc<UdpSocket> {
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     loop {
         let received = tokio::select! {
-            _ = shared.stop.cancelled() => return,
+            _ = stop.cancelled() => return socket,
             r = socket.recv_from(&mut buf) => r,
         };
         let (len, client) = match received {

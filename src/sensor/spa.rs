@@ -223,11 +223,16 @@ pub struct SpaSensor {
 }
 
 /// Reads the SPA socket until `cancel`.
-pub async fn run(socket: UdpSocket, sensor: SpaSensor, tx: mpsc::Sender<Input>, cancel: CancellationToken) {
+pub async fn run(
+    socket: UdpSocket,
+    sensor: SpaSensor,
+    tx: mpsc::Sender<Input>,
+    cancel: CancellationToken,
+) -> UdpSocket {
     let mut buf = vec![0u8; spa::MAX_PACKET_LEN + 1];
     loop {
         let received = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return socket,
             r = socket.recv_from(&mut buf) => r,
         };
         let (len, from) = match received {
