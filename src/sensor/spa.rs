@@ -308,3 +308,140 @@ fn refused(sensor: &SpaSensor, format: Option<Format>, refusal: Refusal, source:
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::spa::keyfile::{self, KeyKind};
+    use crate::spa::Fields;
+    use crate::store::MemoryStore;
+
+    const NOW: u64 = 1_800_000_000;
+
+    struct Fixture {
+        desk: SpaDesk,
+        alice: native::NativeKey,
+        store: MemoryStore,
+        clock: ManualClock,
+        _dir: tempfile::TempDir,
+    }
+
+    /// alice may open pg (5432) from 10.0.0.0/8 only and must send from the
+    /// address she asks for; bob may open pg from anywhere.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand::rng();
+        let alice = keyfile::generate(KeyKind::Native, &mut rng);
+        let bob = keyfile::generate(KeyKind::Native, &mut rng);
+        std::fs::write(dir.path().join("alice.key"), &*keyfile::render(&alice)).unwrap();
+        std::fs::write(dir.path().join("bob.key"), &*keyfile::render(&bob)).unwrap();
+        let raw: crate::config::raw::RawConfig = toml::from_str(
+            r#"
+[spa]
+listen = "127.0.0.1:0"
+[service.pg]
+listen = "127.0.0.1:5432"
+upstream = "127.0.0.1:1"
+open_for = "30s"
+spa_users = ["alice", "bob"]
+[service.other]
+listen = "127.0.0.1:6000"
+upstream = "127.0.0.1:1"
+spa_users = ["bob"]
+[user.alice]
+key_file = "alice.key"
+allow_from = ["10.0.0.0/8"]
+require_source_match = true
+[user.bob]
+key_file = "bob.key"
+"#,
+        )
+        .unwrap();
+        let config = crate::config::validate_in(&raw, dir.path()).unwrap();
+        Fixture {
+            desk: SpaDesk::new(&config, &[], NOW - 10),
+            alice: alice.native.unwrap(),
+            store: MemoryStore::new(),
+            clock: ManualClock::new(),
+            _dir: dir,
+        }
+    }
+
+    fn packet(key: &native::NativeKey, timestamp: u64, port: u16, allow_ip: Option<IpAddr>, n: u8) -> Vec<u8> {
+        let fields = Fields {
+            timestamp,
+            access: vec![(Proto::Tcp, port)],
+            allow_ip,
+            duration: Some(Duration::from_secs(3600)),
+        };
+        native::encode(key, &fields, [n; 12]).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn decisions_follow_the_users_rules() {
+        let f = fixture();
+        let verify = |p: &[u8], src: &str| f.desk.verify(p, ip(src), NOW, f.clock.now(), &f.store);
+        let ok = verify(&packet(&f.alice, NOW, 5432, None, 1), "10.1.2.3").unwrap();
+        assert_eq!(&*ok.user, "alice");
+        assert_eq!(ok.grantee, ip("10.1.2.3"));
+        // The requested hour is capped at the service's open_for.
+        assert_eq!(ok.grants, vec![(Arc::from("pg"), Duration::from_secs(30))]);
+
+        let cases: Vec<(Vec<u8>, &str, Refusal)> = vec![
+            (
+                packet(&f.alice, NOW, 5432, None, 2),
+                "192.0.2.1",
+                Refusal::SourceNotAllowed,
+            ),
+            (
+                packet(&f.alice, NOW, 5432, Some(ip("10.9.9.9")), 3),
+                "10.1.2.3",
+                Refusal::SourceMismatch,
+            ),
+            (packet(&f.alice, NOW, 6000, None, 4), "10.1.2.3", Refusal::NotPermitted),
+            (
+                packet(&f.alice, NOW, 7777, None, 5),
+                "10.1.2.3",
+                Refusal::UnknownService,
+            ),
+            (
+                packet(&f.alice, NOW - 11, 5432, None, 6),
+                "10.1.2.3",
+                Refusal::BeforeStart,
+            ),
+            (
+                packet(&f.alice, NOW - 500, 5432, None, 7),
+                "10.1.2.3",
+                Refusal::Packet(Reject::Stale {
+                    skew_secs: -500,
+                    max_age_secs: 120,
+                }),
+            ),
+            (packet(&f.alice, NOW, 5432, None, 1), "10.1.2.3", Refusal::Replay),
+            (
+                vec![0u8; 64],
+                "10.1.2.3",
+                Refusal::Packet(Reject::Malformed("neither a native nor an fwknop packet")),
+            ),
+        ];
+        for (p, src, want) in cases {
+            assert_eq!(verify(&p, src), Err(want), "{want:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_packet_is_not_remembered_as_seen() {
+        let f = fixture();
+        let p = packet(&f.alice, NOW, 5432, None, 9);
+        assert_eq!(
+            f.desk.verify(&p, ip("192.0.2.1"), NOW, f.clock.now(), &f.store),
+            Err(Refusal::SourceNotAllowed)
+        );
+        assert!(f.desk.verify(&p, ip("10.0.0.1"), NOW, f.clock.now(), &f.store).is_ok());
+    }
+}
