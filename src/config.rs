@@ -596,6 +596,28 @@ impl Validator {
         }
     }
 
+    /// A listener of the gateway's own at `key` (admin, SPA) must not take
+    /// a guarded listener's or a knock step's address.
+    fn own_endpoint(&mut self, key: &str, ours: Step, services: &[Service]) {
+        for s in services {
+            let guarded = Step {
+                proto: s.protocol,
+                addr: s.listen,
+            };
+            let steps = s
+                .knock
+                .iter()
+                .flat_map(|k| k.sequence.iter().chain(&k.trap))
+                .map(|st| (*st, format!("service.{}.knock", s.name)));
+            for (other, path) in std::iter::once((guarded, format!("service.{}.listen", s.name))).chain(steps) {
+                if collides(&ours, &other) {
+                    self.problem(key, format!("{} is also used by {path}", ours.addr));
+                    return;
+                }
+            }
+        }
+    }
+
     /// Guarded listeners and knock endpoints must not collide.
     fn endpoints(&mut self, services: &[Service]) {
         let mut taken: Vec<(Step, String, bool)> = Vec::new();

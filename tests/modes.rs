@@ -13,11 +13,7 @@ fn knock_seq(p: &[u16]) -> [u16; 3] {
 }
 
 fn knock(gw: &Gateway, seq: [u16; 3], source: &str) {
-    let steps: Vec<String> = seq.iter().map(|p| format!("{p}/udp")).collect();
-    let mut args = vec!["127.0.0.1", "-b", source];
-    args.extend(steps.iter().map(String::as_str));
-    portcullis_knock(&args);
-    gw.wait_grant("echo", source);
+    knock_and_wait(gw, "echo", &seq, source);
 }
 
 fn start(mode: &str, extra_gateway: &str) -> (Gateway, [u16; 3]) {

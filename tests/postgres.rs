@@ -5,35 +5,6 @@
 mod common;
 
 use common::*;
-use std::process::Command;
-
-fn pg_upstream() -> String {
-    std::env::var("PORTCULLIS_TEST_PG").unwrap_or_else(|_| "127.0.0.1:5432".to_string())
-}
-
-fn psql(port: u16, sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-tAc",
-            sql,
-        ])
-        .env("PGCONNECT_TIMEOUT", "5")
-        .output()
-        .expect("psql (apt-get install postgresql-client; scripts/install-test-deps does it)");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
 
 #[test]
 fn psql_runs_select_1_through_the_gateway_only_after_a_knock() {

@@ -25,10 +25,7 @@ knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
 }
 
 fn knock(seq: [u16; 3], source: &str) {
-    let steps: Vec<String> = seq.iter().map(|p| format!("{p}/udp")).collect();
-    let mut args = vec!["127.0.0.1", "-b", source];
-    args.extend(steps.iter().map(String::as_str));
-    portcullis_knock(&args);
+    knock_udp(&seq, source);
 }
 
 fn fnv(hash: &mut u64, bytes: &[u8]) {

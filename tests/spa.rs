@@ -140,48 +140,33 @@ fn pg_port(s: &Setup) -> String {
     format!("tcp/{}", s.gw.addr("pg").port())
 }
 
+/// Runs `portcullis spa` against the gateway's SPA port for pg with
+/// `key`, plus `extra` arguments; asserts it succeeded.
+fn portcullis_spa(s: &Setup, key: &str, extra: &[&str]) {
+    let host = s.spa.ip().to_string();
+    let port = s.spa.port().to_string();
+    let key = s.keys.path(key);
+    let access = pg_port(s);
+    let mut args = vec!["spa", "-D", &host, "-p", &port, "-A", &access, "--key-file", &key];
+    args.extend_from_slice(extra);
+    let (code, _, err) = run_bin(&args, &[]);
+    assert_eq!(code, 0, "portcullis {args:?}: {err}");
+}
+
 fn rejected(gw: &Gateway, source: &str, reason: &str) {
     gw.wait_for(|l| msg(l) == "spa packet rejected" && l["source"] == source && l["reason"] == reason);
-}
-
-fn pg_upstream() -> String {
-    std::env::var("PORTCULLIS_TEST_PG").unwrap_or_else(|_| "127.0.0.1:5432".to_string())
-}
-
-fn psql_select_1(port: u16) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-tAc",
-            "select 1",
-        ])
-        .env("PGCONNECT_TIMEOUT", "5")
-        .output()
-        .expect("psql");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
 }
 
 #[test]
 fn stock_fwknop_opens_the_service_for_its_source_and_psql_runs() {
     let s = start(&pg_upstream(), "127.0.0.1");
     let port = s.gw.addr("pg").port();
-    assert!(psql_select_1(port).is_err(), "psql got through before SPA");
+    assert!(psql(port, "select 1").is_err(), "psql got through before SPA");
     fwknop_send(&s, "fw.key", &pg_port(&s), "127.0.0.1", None);
     let grant = s.gw.wait_grant("pg", "127.0.0.1");
     assert_eq!(grant["method"], "spa");
     assert_eq!(grant["user"], "fw");
-    assert_eq!(psql_select_1(port).as_deref(), Ok("1"));
+    assert_eq!(psql(port, "select 1").as_deref(), Ok("1"));
     assert!(
         !echo_or_connect_works("127.0.0.2", s.gw.addr("pg")),
         "another source got in"
@@ -272,25 +257,11 @@ fn native_spa_opens_and_its_replay_opens_nothing() {
     let upstream = echo_server("127.0.0.1:0");
     let s = start(&upstream.to_string(), "127.0.0.1");
     let saved = s.keys.dir.path().join("native.bin");
-    let (code, _, err) = run_bin(
-        &[
-            "spa",
-            "-D",
-            "127.0.0.1",
-            "-p",
-            &s.spa.port().to_string(),
-            "-A",
-            &pg_port(&s),
-            "--key-file",
-            &s.keys.path("alice.key"),
-            "-b",
-            "127.0.0.3",
-            "--save-packet",
-            saved.to_str().unwrap(),
-        ],
-        &[],
+    portcullis_spa(
+        &s,
+        "alice.key",
+        &["-b", "127.0.0.3", "--save-packet", saved.to_str().unwrap()],
     );
-    assert_eq!(code, 0, "{err}");
     let grant = s.gw.wait_grant("pg", "127.0.0.3");
     assert_eq!(grant["user"], "alice");
     assert!(echo_works("127.0.0.3", s.gw.addr("pg")));
@@ -306,21 +277,7 @@ fn native_spa_opens_and_its_replay_opens_nothing() {
 fn native_spa_over_ipv6() {
     let upstream = echo_server("[::1]:0");
     let s = start(&upstream.to_string(), "[::1]");
-    let (code, _, err) = run_bin(
-        &[
-            "spa",
-            "-D",
-            "::1",
-            "-p",
-            &s.spa.port().to_string(),
-            "-A",
-            &pg_port(&s),
-            "--key-file",
-            &s.keys.path("alice.key"),
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
+    portcullis_spa(&s, "alice.key", &[]);
     s.gw.wait_grant("pg", "::1");
     assert!(echo_works("::1", s.gw.addr("pg")));
 }
@@ -329,24 +286,7 @@ fn native_spa_over_ipv6() {
 fn portcullis_spa_in_fwknop_format_is_accepted() {
     let upstream = echo_server("127.0.0.1:0");
     let s = start(&upstream.to_string(), "127.0.0.1");
-    let (code, _, err) = run_bin(
-        &[
-            "spa",
-            "--fwknop",
-            "-D",
-            "127.0.0.1",
-            "-p",
-            &s.spa.port().to_string(),
-            "-A",
-            &pg_port(&s),
-            "--key-file",
-            &s.keys.path("fw.key"),
-            "-b",
-            "127.0.0.6",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
+    portcullis_spa(&s, "fw.key", &["--fwknop", "-b", "127.0.0.6"]);
     let accepted = s.gw.wait_for(|l| msg(l) == "spa accepted");
     assert_eq!(accepted["format"], "fwknop");
     s.gw.wait_grant("pg", "127.0.0.6");

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use zeroize::Zeroize as _;
 
 use super::raw::RawAdmin;
-use super::{collides, Service, Validator};
+use super::{Service, Validator};
 use crate::secret::Secret;
 use crate::step::{Proto, Step};
 
@@ -155,23 +155,7 @@ impl Validator {
             proto: Proto::Tcp,
             addr: admin.listen,
         };
-        for s in services {
-            let guarded = Step {
-                proto: s.protocol,
-                addr: s.listen,
-            };
-            let steps = s
-                .knock
-                .iter()
-                .flat_map(|k| k.sequence.iter().chain(&k.trap))
-                .map(|st| (*st, format!("service.{}.knock", s.name)));
-            for (other, path) in std::iter::once((guarded, format!("service.{}.listen", s.name))).chain(steps) {
-                if collides(&ours, &other) {
-                    self.problem("admin.listen", format!("{} is also used by {path}", admin.listen));
-                    return;
-                }
-            }
-        }
+        self.own_endpoint("admin.listen", ours, services);
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::raw::{RawLimits, RawSpa, RawUser};
-use super::{collides, Service, Validator};
+use super::{Service, Validator};
 use crate::spa::fwknop::FwknopKeys;
 use crate::spa::keyfile;
 use crate::spa::native::NativeKey;
@@ -277,22 +277,6 @@ impl Validator {
             proto: Proto::Udp,
             addr: spa.listen,
         };
-        for s in services {
-            let guarded = Step {
-                proto: s.protocol,
-                addr: s.listen,
-            };
-            let steps = s
-                .knock
-                .iter()
-                .flat_map(|k| k.sequence.iter().chain(&k.trap))
-                .map(|st| (*st, format!("service.{}.knock", s.name)));
-            for (other, path) in std::iter::once((guarded, format!("service.{}.listen", s.name))).chain(steps) {
-                if collides(&ours, &other) {
-                    self.problem("spa.listen", format!("{} is also used by {path}", spa.listen));
-                    return;
-                }
-            }
-        }
+        self.own_endpoint("spa.listen", ours, services);
     }
 }

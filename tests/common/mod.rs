@@ -517,3 +517,49 @@ pub fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// Where the PostgreSQL the tests front listens.
+pub fn pg_upstream() -> String {
+    std::env::var("PORTCULLIS_TEST_PG").unwrap_or_else(|_| "127.0.0.1:5432".to_string())
+}
+
+/// Runs `sql` with `psql` as `postgres` through 127.0.0.1:`port`; its
+/// trimmed output, or its error text.
+pub fn psql(port: u16, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-tAc",
+            sql,
+        ])
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("psql (apt-get install postgresql-client; scripts/install-test-deps does it)");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Sends `seq` as UDP knocks to 127.0.0.1 from `source` with `portcullis
+/// knock`, without waiting for the gate.
+pub fn knock_udp(seq: &[u16], source: &str) {
+    let steps: Vec<String> = seq.iter().map(|p| format!("{p}/udp")).collect();
+    let mut args = vec!["127.0.0.1", "-b", source];
+    args.extend(steps.iter().map(String::as_str));
+    portcullis_knock(&args);
+}
+
+/// [`knock_udp`], then waits for `service`'s grant to `source`.
+pub fn knock_and_wait(gw: &Gateway, service: &str, seq: &[u16], source: &str) {
+    knock_udp(seq, source);
+    gw.wait_grant(service, source);
+}
