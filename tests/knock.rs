@@ -129,7 +129,7 @@ fn a_late_step_leaves_it_closed() {
 fn an_expired_grant_leaves_it_closed_and_established_connections_survive() {
     let upstream = echo_server("127.0.0.1:0");
     let (gw, ports) = Gateway::start_on_free_ports(10, |p| {
-        echo_config(upstream, &seq(p), "").replace("open_for = \"10s\"", "open_for = \"1s\"")
+        echo_config(upstream, &seq(p), "").replace("open_for = \"10s\"", "open_for = \"2s\"")
     });
     let [a, b, c] = seq(&ports);
     let echo = gw.addr("echo");

@@ -128,7 +128,7 @@ fn a_session_outlives_its_grant_while_active_and_ends_when_idle() {
     let upstream = udp_echo("127.0.0.1:0");
     let (gw, p) = Gateway::start_on_free_ports(10, |p| {
         udp_config(upstream, p, "")
-            .replace("open_for = \"10s\"", "open_for = \"1s\"")
+            .replace("open_for = \"10s\"", "open_for = \"2s\"")
             .replace("idle_timeout = \"60s\"", "idle_timeout = \"1s\"")
     });
     let svc = gw.addr("dns");
