@@ -18,7 +18,11 @@
 //! - [`guard`]: per-source rate limits and lockouts in front of the sensors.
 //! - [`spa`]: SPA packet codecs (native and fwknop) and key files; pure, time passed in.
 //! - [`proxy`]: guarded TCP listeners, the unauthorised modes, and the splice.
-//! - [`udp`]: guarded UDP services and their per-client session table.
+//!   Its data path ([`proxy::relay`]) copies small flows through lazy
+//!   buffers and splices bulk ones through pooled pipes ([`proxy::pipes`]).
+//! - `sys`: the only `unsafe` code: `splice(2)` and pipe system calls.
+//! - [`udp`]: guarded UDP services, their per-client session table and kernel filter.
+//! - [`filter`]: classic BPF socket filters that admit a set of sources; pure.
 //! - [`reload`]: SIGHUP and config-directory changes into validated reloads.
 //! - [`server`]: binds every socket, drives the gate, shuts down gracefully.
 //! - [`config`]: file and environment into validated runtime types.
@@ -36,6 +40,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod filter;
 pub mod gate;
 pub mod guard;
 pub mod logging;
@@ -49,4 +54,5 @@ pub mod server;
 pub mod spa;
 pub mod step;
 pub mod store;
+mod sys;
 pub mod udp;

@@ -132,6 +132,39 @@ pub fn udp_session_closed(service: &str, reason: &'static str) {
     metrics::gauge!(UDP_SESSIONS_ACTIVE, "service" => service.to_owned()).decrement(1.0);
 }
 
+pub const UDP_KERNEL_FILTER: &str = "portcullis_udp_kernel_filter";
+pub const UDP_KERNEL_FILTER_FALLBACKS_TOTAL: &str = "portcullis_udp_kernel_filter_fallbacks_total";
+
+/// Why a UDP service's kernel filter gave way to userspace filtering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterFallback {
+    /// More sources than one socket filter holds: everything passes to
+    /// userspace until they fit again.
+    TooManySources,
+    /// The kernel refused the filter: userspace alone until the next start.
+    AttachFailed,
+}
+
+impl FilterFallback {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            FilterFallback::TooManySources => "too_many_sources",
+            FilterFallback::AttachFailed => "attach_failed",
+        }
+    }
+}
+
+/// Whether `service`'s kernel filter is what drops datagrams from sources
+/// without a grant (else userspace does it alone).
+pub fn udp_kernel_filter(service: &str, in_kernel: bool) {
+    metrics::gauge!(UDP_KERNEL_FILTER, "service" => service.to_owned()).set(if in_kernel { 1.0 } else { 0.0 });
+}
+
+pub fn udp_kernel_filter_fallback(service: &str, why: FilterFallback) {
+    metrics::counter!(UDP_KERNEL_FILTER_FALLBACKS_TOTAL, "service" => service.to_owned(), "reason" => why.as_label())
+        .increment(1);
+}
+
 // Operations: the admin endpoint's scrape, process health, and the timings
 // and volumes of proxied connections.
 
@@ -198,9 +231,10 @@ pub fn upstream_connect_duration(service: &str, duration: Duration) {
         .record(duration.as_secs_f64());
 }
 
-pub fn proxied_bytes(service: &str, direction: Direction, bytes: u64) {
+/// The counter of bytes proxied for `service` in `direction`: taken once
+/// per connection, then incremented as bytes flow (an atomic add).
+pub fn proxied_bytes_counter(service: &str, direction: Direction) -> metrics::Counter {
     metrics::counter!(PROXIED_BYTES_TOTAL, "service" => service.to_owned(), "direction" => direction.as_label())
-        .increment(bytes);
 }
 
 pub fn config_reload(result: ReloadResult) {
@@ -302,6 +336,14 @@ fn describe() {
     describe_counter!(UDP_SESSIONS_TOTAL, "UDP sessions opened.");
     describe_counter!(UDP_SESSIONS_ENDED_TOTAL, "UDP sessions ended, by reason.");
     describe_gauge!(UDP_SESSIONS_ACTIVE, "UDP sessions open now.");
+    describe_gauge!(
+        UDP_KERNEL_FILTER,
+        "1 while a UDP service's kernel socket filter drops datagrams from sources without a grant; 0 while userspace alone does (audit mode, filter refused, too many sources)."
+    );
+    describe_counter!(
+        UDP_KERNEL_FILTER_FALLBACKS_TOTAL,
+        "Times a UDP service's kernel filter gave way to userspace filtering, by reason."
+    );
     describe_counter!(
         SPA_PACKETS_TOTAL,
         "SPA packets, by format and result (accepted or why refused)."
@@ -369,6 +411,13 @@ fn zero(config: &Config) {
             // Registering a histogram makes it render with empty buckets.
             let _ = metrics::histogram!(CONNECTION_DURATION_SECONDS, "service" => s());
             let _ = metrics::histogram!(UPSTREAM_CONNECT_DURATION_SECONDS, "service" => s());
+        }
+        if service.protocol == Proto::Udp {
+            metrics::gauge!(UDP_KERNEL_FILTER, "service" => s()).set(0.0);
+            for f in [FilterFallback::TooManySources, FilterFallback::AttachFailed] {
+                metrics::counter!(UDP_KERNEL_FILTER_FALLBACKS_TOTAL, "service" => s(), "reason" => f.as_label())
+                    .absolute(0);
+            }
         }
     }
 }

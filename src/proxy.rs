@@ -3,7 +3,12 @@
 //! mode (refuse, blackhole, or allow in audit mode).
 //!
 //! The accept loop only takes a permit and spawns; the grant check, the
-//! upstream connect and the copy run in the spawned task.
+//! upstream connect and the copy run in the spawned task. How the bytes
+//! move is [`relay`]'s business; the pipes it splices through come from
+//! [`pipes`].
+
+pub mod pipes;
+pub mod relay;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,9 +22,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::config::{Gateway, Service, Unauthorized};
-use crate::metrics::{self, Decision};
+use crate::metrics::{self, Decision, Direction};
 use crate::net;
 use crate::store::GrantStore;
+use pipes::Pipes;
+use relay::Meter;
 
 /// Pause after a failed `accept()` (e.g. out of file descriptors), so the
 /// loop does not spin while the condition lasts.
@@ -42,6 +49,8 @@ pub struct Shared {
     /// Cuts proxied connections when the shutdown grace runs out.
     pub cut: CancellationToken,
     pub tracker: TaskTracker,
+    /// Pipes for splicing bulk transfers.
+    pub pipes: Pipes,
 }
 
 impl Shared {
@@ -56,6 +65,7 @@ impl Shared {
             stop: CancellationToken::new(),
             cut: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            pipes: Pipes::for_process(),
         }
     }
 }
@@ -147,16 +157,10 @@ async fn handle(
     }
 }
 
-async fn splice(
-    mut client: TcpStream,
-    source: IpAddr,
-    service: &Service,
-    shared: &Shared,
-    _permit: OwnedSemaphorePermit,
-) {
+async fn splice(client: TcpStream, source: IpAddr, service: &Service, shared: &Shared, _permit: OwnedSemaphorePermit) {
     let started = shared.clock.now();
     let connect = tokio::time::timeout(shared.gateway.connect_timeout, TcpStream::connect(&*service.upstream));
-    let mut upstream = match connect.await {
+    let upstream = match connect.await {
         Ok(Ok(s)) => {
             metrics::upstream_connect_duration(&service.name, shared.clock.now().saturating_duration_since(started));
             s
@@ -182,24 +186,36 @@ async fn splice(
     let _ = upstream.set_nodelay(true);
     shared.active.fetch_add(1, Ordering::Relaxed);
     metrics::connections_active(&service.name, 1.0);
+    let meter = |direction| Meter::new(metrics::proxied_bytes_counter(&service.name, direction));
+    let (up, down) = (meter(Direction::Upstream), meter(Direction::Downstream));
     let result = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => Some(r),
+        r = relay::relay(&client, &upstream, &shared.pipes, &up, &down) => Some(r),
         _ = shared.cut.cancelled() => None,
     };
     shared.active.fetch_sub(1, Ordering::Relaxed);
     metrics::connections_active(&service.name, -1.0);
     metrics::connection_duration(&service.name, shared.clock.now().saturating_duration_since(started));
+    let (bytes_up, bytes_down) = (up.bytes(), down.bytes());
+    let (spliced_up, spliced_down) = (up.spliced(), down.spliced());
     match result {
-        Some(Ok((up, down))) => {
-            // TODO(lead): count as bytes flow; totals at close miss
-            // connections that end in an error or are cut, and show long
-            // ones only when they end.
-            metrics::proxied_bytes(&service.name, metrics::Direction::Upstream, up);
-            metrics::proxied_bytes(&service.name, metrics::Direction::Downstream, down);
-            tracing::debug!(service = %service.name, %source, bytes_up = up, bytes_down = down, "connection closed")
-        }
+        Some(Ok(())) => tracing::debug!(
+            service = %service.name,
+            %source,
+            bytes_up,
+            bytes_down,
+            spliced_up,
+            spliced_down,
+            "connection closed"
+        ),
         // A peer hanging up mid-stream is normal life for a proxy.
-        Some(Err(e)) => tracing::debug!(service = %service.name, %source, error = %e, "connection ended with an error"),
-        None => tracing::debug!(service = %service.name, %source, "connection cut at shutdown"),
+        Some(Err(e)) => tracing::debug!(
+            service = %service.name,
+            %source,
+            bytes_up,
+            bytes_down,
+            error = %e,
+            "connection ended with an error"
+        ),
+        None => tracing::debug!(service = %service.name, %source, bytes_up, bytes_down, "connection cut at shutdown"),
     }
 }

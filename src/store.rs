@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use dashmap::DashMap;
+use tokio::sync::watch;
 
 use crate::gate::Grant;
 
@@ -36,6 +37,12 @@ pub trait GrantStore: std::fmt::Debug + Send + Sync + 'static {
     /// Returns false when the digest was already recorded: a replay.
     fn first_sighting(&self, digest: &[u8; 32], now: Instant, until: Instant) -> bool;
 
+    /// Sees a new value after each change to the grants held (one given,
+    /// expired or revoked), so that whatever keeps a copy derived from them
+    /// (a UDP service's kernel filter) knows when to look again. Changes
+    /// close together may be seen as one.
+    fn changes(&self) -> watch::Receiver<u64>;
+
     /// Whether a grant for `service` and `source` is held, expired or not.
     fn holds(&self, service: &str, source: IpAddr) -> bool {
         self.snapshot()
@@ -46,13 +53,26 @@ pub trait GrantStore: std::fmt::Debug + Send + Sync + 'static {
 
 /// The embedded store: a concurrent map keyed by source address, holding
 /// that source's grants (almost always one or two).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     by_source: DashMap<IpAddr, Vec<Grant>>,
     /// SPA replay digests and when each may be forgotten.
     seen: DashMap<[u8; 32], Instant>,
     /// Table size at which expired digests are next swept out.
     sweep_at: AtomicUsize,
+    /// Bumped after each change to `by_source`.
+    generation: watch::Sender<u64>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            by_source: DashMap::new(),
+            seen: DashMap::new(),
+            sweep_at: AtomicUsize::new(0),
+            generation: watch::channel(0).0,
+        }
+    }
 }
 
 /// Smallest replay-table size that triggers a sweep of expired digests.
@@ -66,11 +86,14 @@ impl MemoryStore {
 
 impl GrantStore for MemoryStore {
     fn insert(&self, grant: &Grant) {
-        let mut grants = self.by_source.entry(grant.source).or_default();
-        match grants.iter_mut().find(|g| g.service == grant.service) {
-            Some(old) => *old = grant.clone(),
-            None => grants.push(grant.clone()),
+        {
+            let mut grants = self.by_source.entry(grant.source).or_default();
+            match grants.iter_mut().find(|g| g.service == grant.service) {
+                Some(old) => *old = grant.clone(),
+                None => grants.push(grant.clone()),
+            }
         }
+        self.bump();
     }
 
     fn allows(&self, service: &str, source: IpAddr, now: Instant) -> bool {
@@ -89,6 +112,10 @@ impl GrantStore for MemoryStore {
 
     fn snapshot(&self) -> Vec<Grant> {
         self.by_source.iter().flat_map(|e| e.value().clone()).collect()
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     fn first_sighting(&self, digest: &[u8; 32], now: Instant, until: Instant) -> bool {
@@ -130,7 +157,15 @@ impl MemoryStore {
             }
             grants.is_empty()
         });
+        if removed.is_some() {
+            self.bump();
+        }
         removed
+    }
+
+    /// Tells [`GrantStore::changes`] watchers, outside any map guard.
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
     }
 }
 
@@ -233,6 +268,33 @@ mod tests {
             "{} digests kept",
             store.seen.len()
         );
+    }
+
+    #[test]
+    fn every_change_to_the_grants_is_seen_by_watchers() {
+        let clock = ManualClock::new();
+        let store = MemoryStore::new();
+        let mut changes = store.changes();
+        let a = IpAddr::from([127, 0, 0, 1]);
+        assert!(!changes.has_changed().unwrap());
+        store.insert(&grant("echo", [127, 0, 0, 1], clock.now() + Duration::from_secs(1)));
+        assert!(changes.has_changed().unwrap(), "a grant given");
+        changes.mark_unchanged();
+        assert!(store.remove_expired("echo", a, clock.now()).is_none());
+        assert!(store.revoke("pg", a).is_none());
+        assert!(!changes.has_changed().unwrap(), "nothing removed, nothing to see");
+        clock.advance(Duration::from_secs(1));
+        assert!(store.remove_expired("echo", a, clock.now()).is_some());
+        assert!(changes.has_changed().unwrap(), "a grant expired");
+        changes.mark_unchanged();
+        store.insert(&grant("echo", [127, 0, 0, 1], clock.now() + Duration::from_secs(1)));
+        changes.mark_unchanged();
+        assert!(store.revoke("echo", a).is_some());
+        assert!(changes.has_changed().unwrap(), "a grant revoked");
+        // A replay digest is not a grant.
+        changes.mark_unchanged();
+        store.first_sighting(&[1; 32], clock.now(), clock.now() + Duration::from_secs(1));
+        assert!(!changes.has_changed().unwrap());
     }
 
     #[test]

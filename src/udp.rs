@@ -10,9 +10,15 @@
 //! shutdown. Datagrams from sources without a grant are dropped and
 //! counted; nothing is sent back, whatever `unauthorized` says.
 //!
+//! Most of them never get here: [`kernel`] keeps a socket filter on the
+//! service's socket that passes only the sources with a grant or a session,
+//! so the kernel drops the rest. The check here stays the authority.
+//!
 //! The forwarding path does not allocate: one receive buffer per direction
 //! and thread, non-blocking sends (a full socket buffer drops the datagram,
 //! as the network would).
+
+mod kernel;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -24,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Service, Unauthorized};
@@ -76,6 +83,8 @@ struct Table {
 pub struct Sessions {
     table: Mutex<Table>,
     epoch: Instant,
+    /// Told when a source gains its first session or loses its last.
+    sources_changed: watch::Sender<()>,
 }
 
 impl Sessions {
@@ -84,7 +93,19 @@ impl Sessions {
         Arc::new(Self {
             table: Mutex::new(Table::default()),
             epoch,
+            sources_changed: watch::channel(()).0,
         })
+    }
+
+    /// The source addresses with at least one session.
+    fn sources(&self) -> Vec<IpAddr> {
+        let t = self.table.lock().expect("session table lock");
+        t.per_source.keys().copied().collect()
+    }
+
+    /// Sees a change whenever [`Sessions::sources`] may have changed.
+    fn changes(&self) -> watch::Receiver<()> {
+        self.sources_changed.subscribe()
     }
 
     /// Sessions open now.
@@ -110,22 +131,43 @@ impl Sessions {
     }
 
     fn remove(&self, client: SocketAddr) {
-        let mut t = self.table.lock().expect("session table lock");
-        if t.sessions.remove(&client).is_some() {
-            let source = client.ip().to_canonical();
-            if let Some(n) = t.per_source.get_mut(&source) {
-                *n -= 1;
-                if *n == 0 {
-                    t.per_source.remove(&source);
+        let mut last = false;
+        {
+            let mut t = self.table.lock().expect("session table lock");
+            if t.sessions.remove(&client).is_some() {
+                let source = client.ip().to_canonical();
+                if let Some(n) = t.per_source.get_mut(&source) {
+                    *n -= 1;
+                    if *n == 0 {
+                        t.per_source.remove(&source);
+                        last = true;
+                    }
                 }
             }
+        }
+        if last {
+            self.sources_changed.send_replace(());
+        }
+    }
+
+    fn insert(&self, client: SocketAddr, session: Arc<Session>) {
+        let first = {
+            let mut t = self.table.lock().expect("session table lock");
+            t.sessions.insert(client, session);
+            let n = t.per_source.entry(client.ip().to_canonical()).or_default();
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            self.sources_changed.send_replace(());
         }
     }
 }
 
 /// Serves a guarded UDP service on `socket` until `stop` (a child of
 /// `shared.stop`); hands the socket back so a reload can keep it. Sessions
-/// live in `sessions` and end on their own or at shutdown.
+/// live in `sessions` and end on their own or at shutdown. The socket's
+/// kernel filter is kept current meanwhile.
 pub async fn serve(
     socket: Arc<UdpSocket>,
     sessions: Arc<Sessions>,
@@ -133,10 +175,22 @@ pub async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> Arc<UdpSocket> {
+    let keeper = tokio::spawn(kernel::keep(
+        socket.clone(),
+        service.clone(),
+        sessions.clone(),
+        shared.clone(),
+        stop.clone(),
+    ));
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     loop {
         let received = tokio::select! {
-            _ = stop.cancelled() => return socket,
+            _ = stop.cancelled() => {
+                // Stopped with the loop, so that after a reload the next
+                // keeper is the only one to attach filters to this socket.
+                let _ = keeper.await;
+                return socket;
+            }
             r = socket.recv_from(&mut buf) => r,
         };
         let (len, client) = match received {
@@ -213,11 +267,7 @@ async fn open(
         upstream,
         last: AtomicU64::new(sessions.millis(now)),
     });
-    {
-        let mut t = sessions.table.lock().expect("session table lock");
-        t.sessions.insert(client, session.clone());
-        *t.per_source.entry(source).or_default() += 1;
-    }
+    sessions.insert(client, session.clone());
     metrics::udp_session_opened(&service.name);
     tracing::debug!(service = %service.name, %client, "udp session opened");
     let task = (

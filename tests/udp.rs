@@ -1,13 +1,15 @@
 //! Guarded UDP services through the real binary: a UDP echo upstream,
 //! sources on distinct 127.x.y.z addresses, and a real DNS server and
-//! client (dnsmasq and dig).
+//! client (dnsmasq and dig). Where the kernel filter drops a datagram is
+//! read from the listener's `drops` counter in /proc/net/udp{,6}.
 
 mod common;
 
 use common::*;
+use serde_json::Value;
 use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A UDP echo server on `addr`; returns its address.
 fn udp_echo(addr: &str) -> SocketAddr {
@@ -42,6 +44,9 @@ knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"], step_timeout = "5s", seque
     )
 }
 
+/// Knocks from `source` and waits until its datagrams pass: the grant is
+/// in the store, and the kernel filter, which follows the store a moment
+/// later, admits the source.
 fn knock(gw: &Gateway, p: &[u16], host: &str, source: &str) {
     portcullis_knock(&[
         host,
@@ -53,6 +58,62 @@ fn knock(gw: &Gateway, p: &[u16], host: &str, source: &str) {
         &p[5].to_string(),
     ]);
     gw.wait_grant("dns", source);
+    gw.wait_for(|l| filter_admits(l, source) || msg(l) == FILTER_UNAVAILABLE);
+}
+
+const FILTER_UNAVAILABLE: &str = "udp kernel filter unavailable: filtering in userspace";
+
+/// The sources a filter log line says the kernel passes.
+fn admits(line: &Value) -> Vec<&str> {
+    line["admits"]
+        .as_str()
+        .unwrap_or_default()
+        .split(", ")
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn filter_admits(line: &Value, source: &str) -> bool {
+    matches!(msg(line), "udp kernel filter attached" | "udp kernel filter updated") && admits(line).contains(&source)
+}
+
+/// Waits for the first filter of the run to be attached.
+fn wait_filter_attached(gw: &Gateway) -> Value {
+    gw.wait_for(|l| msg(l) == "udp kernel filter attached" || msg(l) == FILTER_UNAVAILABLE)
+}
+
+/// The kernel's count of datagrams dropped on the UDP socket bound to
+/// `addr`, socket filter drops included: the `drops` column of
+/// /proc/net/udp or /proc/net/udp6, whose addresses are the raw 32-bit
+/// words in hex.
+fn kernel_drops(addr: SocketAddr) -> u64 {
+    let hex = |octets: &[u8]| -> String {
+        octets
+            .chunks(4)
+            .map(|w| format!("{:08X}", u32::from_ne_bytes(w.try_into().unwrap())))
+            .collect()
+    };
+    let (path, local) = match addr {
+        SocketAddr::V4(a) => ("/proc/net/udp", format!("{}:{:04X}", hex(&a.ip().octets()), a.port())),
+        SocketAddr::V6(a) => ("/proc/net/udp6", format!("{}:{:04X}", hex(&a.ip().octets()), a.port())),
+    };
+    let text = std::fs::read_to_string(path).unwrap();
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) == Some(&local.as_str()) {
+            return fields.last().unwrap().parse().unwrap();
+        }
+    }
+    panic!("no udp socket bound to {addr} in {path}:\n{text}");
+}
+
+/// Polls `done` until it holds; panics with `what` after [`PATIENCE`].
+fn poll(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// A client socket on `source`, with a short read timeout for asserting
@@ -72,14 +133,42 @@ fn round_trip(s: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Vec<u8> {
     buf
 }
 
-/// Sends from `s` and asserts the gateway dropped it: waits for the n-th
-/// drop line for this client, then checks that nothing came back.
-fn assert_dropped(gw: &Gateway, s: &UdpSocket, to: SocketAddr, n: usize) {
-    s.send_to(b"anyone?", to).unwrap();
+/// Where a datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dropped {
+    /// By the kernel filter: userspace never saw it.
+    InKernel,
+    /// By the grant check in userspace.
+    InUserspace,
+    /// Either (the filter may still be catching up with a removal).
+    Anywhere,
+}
+
+/// Sends from `s` and asserts the gateway dropped it where `at` says:
+/// waits until the listener's kernel drop count or this client's "no
+/// grant" lines go up, then checks that nothing came back.
+fn assert_dropped(gw: &Gateway, s: &UdpSocket, to: SocketAddr, at: Dropped) {
     let me = s.local_addr().unwrap().to_string();
-    gw.wait_for_nth(n, |l| {
-        msg(l) == "udp datagram dropped: no grant" && l["client"] == me.as_str()
+    let userspace = || gw.count(|l| msg(l) == "udp datagram dropped: no grant" && l["client"] == me.as_str());
+    let (kernel_before, user_before) = (kernel_drops(to), userspace());
+    s.send_to(b"anyone?", to).unwrap();
+    poll(&format!("a datagram from {me} to be dropped"), || {
+        kernel_drops(to) > kernel_before || userspace() > user_before
     });
+    // Once dropped in one place it cannot show up in the other.
+    match at {
+        Dropped::InKernel => assert_eq!(
+            userspace(),
+            user_before,
+            "userspace saw a datagram from {me} that the kernel filter should have dropped"
+        ),
+        Dropped::InUserspace => assert_eq!(
+            kernel_drops(to),
+            kernel_before,
+            "the kernel dropped a datagram from {me} that it should have passed"
+        ),
+        Dropped::Anywhere => {}
+    }
     s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let mut buf = [0u8; 64];
     let got = s.recv_from(&mut buf);
@@ -93,13 +182,13 @@ fn replies_only_after_a_knock_and_only_to_the_knocking_source() {
     let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
     let svc = gw.addr("dns");
     let a = client("127.0.0.1");
-    assert_dropped(&gw, &a, svc, 1);
+    assert_dropped(&gw, &a, svc, Dropped::Anywhere);
 
     knock(&gw, &p, "127.0.0.1", "127.0.0.1");
     assert_eq!(round_trip(&a, svc, b"hello"), b"hello");
 
     let other = client("127.0.0.2");
-    assert_dropped(&gw, &other, svc, 1);
+    assert_dropped(&gw, &other, svc, Dropped::Anywhere);
 }
 
 #[test]
@@ -153,7 +242,7 @@ fn a_session_outlives_its_grant_while_active_and_ends_when_idle() {
     let ended = gw.wait_for(|l| msg(l) == "udp session ended");
     assert_eq!(ended["reason"], "idle");
     // ...and without a grant no new one opens.
-    assert_dropped(&gw, &c, svc, 1);
+    assert_dropped(&gw, &c, svc, Dropped::Anywhere);
 }
 
 #[test]
@@ -198,9 +287,153 @@ fn ipv6_udp_service() {
     let svc = gw.addr("dns");
     assert!(svc.is_ipv6());
     let c = client("::1");
-    assert_dropped(&gw, &c, svc, 1);
+    wait_filter_attached(&gw);
+    assert_dropped(&gw, &c, svc, Dropped::InKernel);
     knock(&gw, &p, "::1", "::1");
     assert_eq!(round_trip(&c, svc, b"over v6"), b"over v6");
+}
+
+const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+#[test]
+fn the_kernel_drops_datagrams_from_sources_without_a_grant() {
+    let upstream = udp_echo("127.0.0.1:0");
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, "") + ADMIN);
+    let svc = gw.addr("dns");
+    let attached = wait_filter_attached(&gw);
+    assert_eq!(msg(&attached), "udp kernel filter attached", "{attached}");
+    assert_eq!(attached["sources"], 0);
+    let scrape = gw.scrape();
+    assert_eq!(
+        metric(&scrape, "portcullis_udp_kernel_filter", &[("service", "dns")]),
+        Some(1.0)
+    );
+
+    // Before any knock, the kernel drops every datagram.
+    let a = client("127.0.0.1");
+    let stranger = client("127.0.0.2");
+    assert_dropped(&gw, &a, svc, Dropped::InKernel);
+    assert_dropped(&gw, &stranger, svc, Dropped::InKernel);
+
+    // After one, the knocking source passes and the others still do not.
+    knock(&gw, &p, "127.0.0.1", "127.0.0.1");
+    assert_eq!(round_trip(&a, svc, b"hello"), b"hello");
+    assert_dropped(&gw, &stranger, svc, Dropped::InKernel);
+    let b = client("127.0.0.1");
+    assert_eq!(round_trip(&b, svc, b"same source"), b"same source");
+
+    let scrape = gw.scrape();
+    let no_grant = [("service", "dns"), ("reason", "no_grant")];
+    assert_eq!(
+        metric(&scrape, "portcullis_udp_datagrams_dropped_total", &no_grant).unwrap_or(0.0),
+        0.0,
+        "userspace saw datagrams the kernel should have dropped"
+    );
+    assert_eq!(
+        metric(&scrape, "portcullis_udp_kernel_filter", &[("service", "dns")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &scrape,
+            "portcullis_udp_kernel_filter_fallbacks_total",
+            &[("service", "dns")]
+        ),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn a_session_keeps_passing_the_kernel_filter_after_its_grant_expires() {
+    let upstream = udp_echo("127.0.0.1:0");
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
+        udp_config(upstream, p, "").replace("open_for = \"10s\"", "open_for = \"1s\"")
+    });
+    let svc = gw.addr("dns");
+    // A opens a session; B knocks after A, so its grant expires after A's,
+    // and never sends.
+    knock(&gw, &p, "127.0.0.1", "127.0.0.4");
+    let a = client("127.0.0.4");
+    assert_eq!(round_trip(&a, svc, b"first"), b"first");
+    knock(&gw, &p, "127.0.0.1", "127.0.0.9");
+    gw.wait_for(|l| msg(l) == "grant expired" && l["source"] == "127.0.0.4");
+    gw.wait_for(|l| msg(l) == "grant expired" && l["source"] == "127.0.0.9");
+    // The rebuild that takes B out comes after A's grant is gone too: the
+    // session alone keeps A in.
+    let update = gw.wait_for(|l| {
+        msg(l) == "udp kernel filter updated" && l["removed"].as_u64() > Some(0) && admits(l) == ["127.0.0.4"]
+    });
+    assert_eq!(update["sources"], 1, "{update}");
+
+    assert_eq!(round_trip(&a, svc, b"still here"), b"still here");
+    let b = client("127.0.0.9");
+    assert_dropped(&gw, &b, svc, Dropped::InKernel);
+    // The filter passes A's address, not only its session: another client
+    // on it gets through the kernel, and userspace, the authority, refuses
+    // it a session.
+    let a2 = client("127.0.0.4");
+    assert_dropped(&gw, &a2, svc, Dropped::InUserspace);
+}
+
+#[test]
+fn a_dual_stack_listener_filters_ipv4_and_ipv6_sources_in_the_kernel() {
+    let upstream = udp_echo("127.0.0.1:0");
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
+        udp_config(upstream, p, "").replace("listen = \"127.0.0.1:0\"", "listen = \"[::]:0\"")
+    });
+    let listener = gw.addr("dns");
+    assert!(listener.ip().is_unspecified() && listener.is_ipv6(), "{listener}");
+    let v4 = SocketAddr::from(([127, 0, 0, 1], listener.port()));
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listener.port()));
+    wait_filter_attached(&gw);
+    // IPv4 datagrams reach the IPv6 socket v4-mapped; the filter sees
+    // their IPv4 header and counts the drop on the IPv6 socket.
+    let drop_on = |s: &UdpSocket, to: SocketAddr| {
+        let before = kernel_drops(listener);
+        s.send_to(b"anyone?", to).unwrap();
+        poll("a kernel drop on the dual-stack socket", || {
+            kernel_drops(listener) > before
+        });
+    };
+    let stranger4 = client("127.0.0.8");
+    let stranger6 = client("::1");
+    drop_on(&stranger4, v4);
+    drop_on(&stranger6, v6);
+
+    knock(&gw, &p, "127.0.0.1", "127.0.0.7");
+    let c = client("127.0.0.7");
+    assert_eq!(round_trip(&c, v4, b"mapped"), b"mapped");
+    drop_on(&stranger4, v4);
+    drop_on(&stranger6, v6);
+    assert_eq!(
+        gw.count(|l| msg(l) == "udp datagram dropped: no grant"),
+        0,
+        "userspace saw datagrams the kernel should have dropped"
+    );
+}
+
+#[test]
+fn audit_mode_attaches_no_filter_even_after_a_reload_from_another_mode() {
+    let upstream = udp_echo("127.0.0.1:0");
+    let config = |p: &[u16]| udp_config(upstream, p, "") + ADMIN;
+    let (gw, p) = Gateway::start_on_free_ports(10, config);
+    let svc = gw.addr("dns");
+    wait_filter_attached(&gw);
+    let c = client("127.0.0.2");
+    assert_dropped(&gw, &c, svc, Dropped::InKernel);
+
+    // The same socket is kept across the reload; its filter must go.
+    let audit = config(&p).replace("unauthorized = \"refuse\"", "unauthorized = \"allow\"");
+    std::fs::write(&gw.config_path, audit).unwrap();
+    gw.signal(nix::sys::signal::Signal::SIGHUP);
+    gw.wait_for(|l| msg(l) == "udp kernel filter off: audit mode sees every datagram");
+    assert_eq!(round_trip(&c, svc, b"audited"), b"audited");
+    gw.wait_for(|l| msg(l) == "audit: udp session allowed that would have been denied (no grant)");
+    let scrape = gw.scrape();
+    assert_eq!(
+        metric(&scrape, "portcullis_udp_kernel_filter", &[("service", "dns")]),
+        Some(0.0)
+    );
 }
 
 struct Dnsmasq(Child);
