@@ -325,7 +325,7 @@ fn describe() {
     describe_counter!(
         PROXIED_BYTES_TOTAL,
         Unit::Bytes,
-        "Bytes proxied, by service and direction (upstream: from clients)."
+        "Bytes proxied, by service and direction (upstream: from clients), counted as they move."
     );
     describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result.");
     describe_counter!(UDP_DATAGRAMS_TOTAL, "UDP datagrams relayed, by service and direction.");
