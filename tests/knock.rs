@@ -216,20 +216,7 @@ fn two_services_share_knock_ports_and_grant_separately() {
     let up1 = echo_server("127.0.0.1:0");
     let up2 = echo_server("127.0.0.1:0");
     let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        format!(
-            r#"
-[service.one]
-listen = "127.0.0.1:0"
-upstream = "{up1}"
-knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
-
-[service.two]
-listen = "127.0.0.1:0"
-upstream = "{up2}"
-knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
-"#,
-            p[3], p[7], p[5], p[3], p[8], p[5]
-        )
+        knock_service("one", up1, &[p[3], p[7], p[5]]) + &knock_service("two", up2, &[p[3], p[8], p[5]])
     });
     portcullis_knock(&[
         "127.0.0.1",

@@ -102,20 +102,7 @@ fn unreachable_upstream_closes_the_client_promptly_and_harms_nothing_else() {
     };
     let good = echo_server("127.0.0.1:0");
     let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        format!(
-            r#"
-[service.echo]
-listen = "127.0.0.1:0"
-upstream = "{closed}"
-knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
-
-[service.good]
-listen = "127.0.0.1:0"
-upstream = "{good}"
-knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
-"#,
-            p[3], p[7], p[5], p[3], p[8], p[5]
-        )
+        knock_service("echo", closed, &[p[3], p[7], p[5]]) + &knock_service("good", good, &[p[3], p[8], p[5]])
     });
     knock(&gw, knock_seq(&p), "127.0.0.1");
     // The client is reset as soon as the upstream connect fails, which can

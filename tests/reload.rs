@@ -11,19 +11,6 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-fn service(name: &str, upstream: std::net::SocketAddr, seq: [u16; 3]) -> String {
-    format!(
-        r#"
-[service.{name}]
-listen = "127.0.0.1:0"
-upstream = "{upstream}"
-open_for = "30s"
-knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
-"#,
-        seq[0], seq[1], seq[2]
-    )
-}
-
 fn knock(seq: [u16; 3], source: &str) {
     knock_udp(&seq, source);
 }
@@ -38,7 +25,7 @@ fn fnv(hash: &mut u64, bytes: &[u8]) {
 #[test]
 fn a_stream_survives_three_reloads_and_each_valid_one_takes_effect() {
     let upstream = echo_server("127.0.0.1:0");
-    let (mut gw, p) = Gateway::start_on_free_ports(10, |p| service("echo", upstream, [p[3], p[7], p[5]]));
+    let (mut gw, p) = Gateway::start_on_free_ports(10, |p| knock_service("echo", upstream, &[p[3], p[7], p[5]]));
     let a = [p[3], p[7], p[5]];
     let b = [p[2], p[8], p[4]];
     let c = [p[5], p[3], p[7]];
@@ -92,7 +79,7 @@ fn a_stream_survives_three_reloads_and_each_valid_one_takes_effect() {
     };
 
     // 1. SIGHUP after adding a service: it is served.
-    let two = service("echo", upstream, a) + &service("two", upstream, b);
+    let two = knock_service("echo", upstream, &a) + &knock_service("two", upstream, &b);
     write_config(&two);
     gw.signal(Signal::SIGHUP);
     gw.wait_for(|l| msg(l) == "config reloaded");
@@ -106,7 +93,7 @@ fn a_stream_survives_three_reloads_and_each_valid_one_takes_effect() {
     assert!(echo_works("127.0.0.2", two_addr));
 
     // 2. An invalid config: reported with its key path, nothing changes.
-    write_config(&service("echo", upstream, [p[1], p[2], p[3]]));
+    write_config(&knock_service("echo", upstream, &[p[1], p[2], p[3]]));
     gw.signal(Signal::SIGHUP);
     let failed = gw.wait_for(|l| msg(l) == "config reload failed: the running config is unchanged");
     assert!(
@@ -124,7 +111,7 @@ fn a_stream_survives_three_reloads_and_each_valid_one_takes_effect() {
     );
 
     // 3. A file change alone (no signal): a new sequence, service two gone.
-    write_config(&service("echo", upstream, c));
+    write_config(&knock_service("echo", upstream, &c));
     gw.wait_for_nth(2, |l| msg(l) == "config reloaded");
     gw.wait_for(|l| msg(l) == "grant revoked" && l["service"] == "two");
     assert!(

@@ -563,3 +563,13 @@ pub fn knock_and_wait(gw: &Gateway, service: &str, seq: &[u16], source: &str) {
     knock_udp(seq, source);
     gw.wait_grant(service, source);
 }
+
+/// A `[service.NAME]` table guarding 127.0.0.1:0 in front of `upstream`
+/// with a UDP knock sequence over `seq` (used in the order given).
+pub fn knock_service(name: &str, upstream: SocketAddr, seq: &[u16]) -> String {
+    let steps: Vec<String> = seq.iter().map(|p| format!("\"{p}/udp\"")).collect();
+    format!(
+        "\n[service.{name}]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nopen_for = \"30s\"\nknock = {{ sequence = [{}] }}\n",
+        steps.join(", ")
+    )
+}
