@@ -424,7 +424,10 @@ impl Runtime {
                 log_limit: governor::RateLimiter::direct(governor::Quota::per_second(SPA_LOG_RATE)),
             };
             let run = sensor::spa::run(socket, spa_sensor, self.tx.clone(), sensors_stop.clone());
-            self.sensors.push(SensorTask::Spa(addr, tokio::spawn(run)));
+            // Keyed by the configured address, as a reloaded config names it
+            // (port 0 included), not by the port the kernel chose.
+            let configured = self.config.spa.as_ref().map_or(addr, |s| s.listen);
+            self.sensors.push(SensorTask::Spa(configured, tokio::spawn(run)));
         }
         for (listener, step) in tcp_knocks {
             tracing::info!(kind = "knock", step = %Step { proto: step.proto, addr: listener.local_addr()? }, "listening");

@@ -136,3 +136,30 @@ fn a_stream_survives_three_reloads_and_each_valid_one_takes_effect() {
     gw.signal(Signal::SIGTERM);
     assert!(gw.wait_exit().success());
 }
+
+#[test]
+fn a_reload_that_changes_nothing_keeps_every_port() {
+    let upstream = echo_server("127.0.0.1:0");
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
+        format!(
+            "[spa]\nlisten = \"127.0.0.1:0\"\n{}",
+            knock_service("echo", upstream, &[p[3], p[7], p[5]])
+        )
+    });
+    let first = |kind: &str| gw.wait_for(|l| msg(l) == "listening" && l["kind"] == kind)["addr"].clone();
+    let (spa, echo) = (first("spa"), first("guarded"));
+    // Another file appearing beside the config triggers a reload that
+    // finds the same config.
+    std::fs::write(gw.dir.path().join("unrelated.txt"), "x").unwrap();
+    gw.wait_for(|l| msg(l) == "config reloaded");
+    let second = |kind: &str| gw.wait_for_nth(2, |l| msg(l) == "listening" && l["kind"] == kind)["addr"].clone();
+    assert_eq!(second("spa"), spa, "the SPA port moved");
+    assert_eq!(second("guarded"), echo, "the guarded port moved");
+    knock(p_seq(&p), "127.0.0.1");
+    gw.wait_grant("echo", "127.0.0.1");
+    assert!(echo_works("127.0.0.1", gw.addr("echo")));
+}
+
+fn p_seq(p: &[u16]) -> [u16; 3] {
+    [p[3], p[7], p[5]]
+}
