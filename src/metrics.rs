@@ -112,9 +112,10 @@ impl Direction {
     }
 }
 
-pub fn udp_datagram(service: &str, direction: Direction) {
+/// The datagram counter of one service and direction: taken once, outside
+/// the per-datagram path, so relaying a datagram does not build a label set.
+pub fn udp_datagrams(service: &str, direction: Direction) -> metrics::Counter {
     metrics::counter!(UDP_DATAGRAMS_TOTAL, "service" => service.to_owned(), "direction" => direction.as_label())
-        .increment(1);
 }
 
 /// `reason` is one of a fixed set of labels chosen in `udp`.

@@ -183,6 +183,7 @@ pub async fn serve(
         stop.clone(),
     ));
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let upstream_datagrams = metrics::udp_datagrams(&service.name, metrics::Direction::Upstream);
     loop {
         let received = tokio::select! {
             _ = stop.cancelled() => {
@@ -212,7 +213,7 @@ pub async fn serve(
         };
         session.last.store(sessions.millis(now), Ordering::Relaxed);
         match send_now(&session.upstream, &buf[..len], None) {
-            Ok(_) => metrics::udp_datagram(&service.name, metrics::Direction::Upstream),
+            Ok(_) => upstream_datagrams.increment(1),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => metrics::udp_dropped(&service.name, "buffer_full"),
             Err(e) => tracing::debug!(service = %service.name, %client, error = %e, "udp send upstream failed"),
         }
@@ -315,6 +316,7 @@ async fn replies(
     shared: &Shared,
 ) -> SessionEnd {
     let idle = service.udp.idle_timeout;
+    let downstream_datagrams = metrics::udp_datagrams(&service.name, metrics::Direction::Downstream);
     loop {
         let last = Duration::from_millis(session.last.load(Ordering::Relaxed));
         let deadline = sessions.epoch + last + idle;
@@ -344,7 +346,7 @@ async fn replies(
                 match relay_one(socket, client, session) {
                     Ok(true) => {
                         session.last.store(sessions.millis(shared.clock.now()), Ordering::Relaxed);
-                        metrics::udp_datagram(&service.name, metrics::Direction::Downstream);
+                        downstream_datagrams.increment(1);
                     }
                     Ok(false) => {}
                     Err(e) => {
