@@ -218,14 +218,7 @@ fn two_services_share_knock_ports_and_grant_separately() {
     let (gw, p) = Gateway::start_on_free_ports(10, |p| {
         knock_service("one", up1, &[p[3], p[7], p[5]]) + &knock_service("two", up2, &[p[3], p[8], p[5]])
     });
-    portcullis_knock(&[
-        "127.0.0.1",
-        "-u",
-        &p[3].to_string(),
-        &p[8].to_string(),
-        &p[5].to_string(),
-    ]);
-    gw.wait_grant("two", "127.0.0.1");
+    knock_and_wait(&gw, "two", &[p[3], p[8], p[5]], "127.0.0.1");
     assert!(echo_works("127.0.0.1", gw.addr("two")));
     assert!(
         !echo_works("127.0.0.1", gw.addr("one")),

@@ -118,14 +118,7 @@ fn unreachable_upstream_closes_the_client_promptly_and_harms_nothing_else() {
     assert_eq!(line["upstream"], closed.to_string());
     assert_eq!(line["level"], "WARN");
 
-    portcullis_knock(&[
-        "127.0.0.1",
-        "-u",
-        &p[3].to_string(),
-        &p[8].to_string(),
-        &p[5].to_string(),
-    ]);
-    gw.wait_grant("good", "127.0.0.1");
+    knock_and_wait(&gw, "good", &[p[3], p[8], p[5]], "127.0.0.1");
     assert!(echo_works("127.0.0.1", gw.addr("good")));
 }
 
