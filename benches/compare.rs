@@ -59,25 +59,49 @@ const STRANGER: Ipv4Addr = Ipv4Addr::new(127, 9, 0, 1);
 struct Opts {
     quick: bool,
     reps: usize,
+    /// Sections to run (`--only udp,conn`); empty runs them all.
+    only: Vec<String>,
+}
+
+/// The sections `--only` may name.
+const SECTIONS: [&str; 9] = [
+    "exact", "bulk", "conn", "latency", "udp", "refusals", "opens", "flood", "memory",
+];
+
+impl Opts {
+    fn wants(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
 }
 
 impl Opts {
     fn parse() -> Opts {
         let mut quick = std::env::var("PORTCULLIS_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
         let mut reps = None;
+        let mut only = Vec::new();
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
                 "--reps" => reps = args.next().and_then(|n| n.parse::<usize>().ok()),
+                "--only" => {
+                    for section in args.next().unwrap_or_default().split(',') {
+                        if SECTIONS.contains(&section) {
+                            only.push(section.to_string());
+                        } else {
+                            eprintln!("bench: unknown section {section:?} (known: {})", SECTIONS.join(", "));
+                        }
+                    }
+                }
                 // `cargo bench` passes --bench; filters mean nothing here.
                 "--bench" => {}
-                other => eprintln!("bench: ignoring argument {other:?} (known: --quick, --reps N)"),
+                other => eprintln!("bench: ignoring argument {other:?} (known: --quick, --reps N, --only SECTIONS)"),
             }
         }
         Opts {
             quick,
             reps: reps.unwrap_or(if quick { 1 } else { 5 }).max(1),
+            only,
         }
     }
 }
@@ -421,10 +445,15 @@ impl Bench {
         if let Err(e) = self.main_phase() {
             self.fail("setup", e);
         }
-        if let Err(e) = self.knock_flood() {
-            self.fail("knock flood", e);
+        if self.opts.wants("flood") {
+            if let Err(e) = self.knock_flood() {
+                self.fail("knock flood", e);
+            }
         }
         for col in [PORTCULLIS, HAPROXY] {
+            if !self.opts.wants("memory") {
+                break;
+            }
             if col == HAPROXY && self.env.haproxy.is_none() {
                 continue;
             }
@@ -557,15 +586,27 @@ impl Bench {
             }
         }
 
-        self.exact(gw.service("echo")?);
-        if iperf.is_some() {
+        if self.opts.wants("exact") {
+            self.exact(gw.service("echo")?);
+        }
+        if iperf.is_some() && self.opts.wants("bulk") {
             self.bulk(&targets);
         }
-        self.conn_rate(&targets);
-        self.latency(&targets);
-        self.udp(&sink, gw.service("udp")?);
-        self.refusals(&gw);
-        self.opens(&gw, &seq, &key);
+        if self.opts.wants("conn") {
+            self.conn_rate(&targets);
+        }
+        if self.opts.wants("latency") {
+            self.latency(&targets);
+        }
+        if self.opts.wants("udp") {
+            self.udp(&sink, gw.service("udp")?);
+        }
+        if self.opts.wants("refusals") {
+            self.refusals(&gw);
+        }
+        if self.opts.wants("opens") {
+            self.opens(&gw, &seq, &key);
+        }
         Ok(())
     }
 
