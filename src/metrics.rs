@@ -120,7 +120,12 @@ pub fn udp_datagrams(service: &str, direction: Direction) -> metrics::Counter {
 
 /// `reason` is one of a fixed set of labels chosen in `udp`.
 pub fn udp_dropped(service: &str, reason: &'static str) {
-    metrics::counter!(UDP_DATAGRAMS_DROPPED_TOTAL, "service" => service.to_owned(), "reason" => reason).increment(1);
+    udp_dropped_counter(service, reason).increment(1);
+}
+
+/// The counter behind [`udp_dropped`], for a loop that counts many.
+pub fn udp_dropped_counter(service: &str, reason: &'static str) -> metrics::Counter {
+    metrics::counter!(UDP_DATAGRAMS_DROPPED_TOTAL, "service" => service.to_owned(), "reason" => reason)
 }
 
 pub fn udp_session_opened(service: &str) {

@@ -14,9 +14,12 @@
 //! service's socket that passes only the sources with a grant or a session,
 //! so the kernel drops the rest. The check here stays the authority.
 //!
-//! The forwarding path does not allocate: one receive buffer per direction
-//! and thread, non-blocking sends (a full socket buffer drops the datagram,
-//! as the network would).
+//! The forwarding path does not allocate and moves datagrams in batches:
+//! one `recvmmsg(2)` takes up to [`sys::BATCH`] queued datagrams, and each
+//! run of them from one client goes upstream with one `sendmmsg(2)`, equal
+//! sizes as one UDP GSO message (one trip through the kernel's stack for
+//! the lot); replies likewise. Sends never wait: a full socket buffer drops the
+//! datagram, as the network would.
 
 mod kernel;
 
@@ -24,7 +27,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::Range;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,14 +41,23 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Service, Unauthorized};
 use crate::metrics;
 use crate::proxy::Shared;
+use crate::sys;
 
-/// Largest UDP payload (65535 - 8 byte UDP header - 20 byte IPv4 header).
-pub const MAX_DATAGRAM: usize = 65_507;
+/// Whether sends use UDP GSO (one trip through the kernel's stack per run
+/// of equal-sized datagrams). Turned off for good, process-wide, the first
+/// time the kernel refuses it.
+static GSO: AtomicBool = AtomicBool::new(true);
+
+fn no_gso(e: &io::Error) {
+    if GSO.swap(false, Ordering::Relaxed) {
+        tracing::warn!(error = %e, "UDP GSO refused by the kernel; sending one datagram per message from now on");
+    }
+}
 
 thread_local! {
-    /// Receive buffer for upstream replies, shared by every session task
-    /// that runs on this thread (a reply is sent before the next await).
-    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; MAX_DATAGRAM + 1]);
+    /// Receive batch for upstream replies, shared by every session task
+    /// that runs on this thread (a batch is sent on before the next await).
+    static REPLY_BATCH: RefCell<sys::RecvBatch> = RefCell::new(sys::RecvBatch::new());
 }
 
 /// Why a session ended.
@@ -182,8 +196,9 @@ pub async fn serve(
         shared.clone(),
         stop.clone(),
     ));
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut batch = sys::RecvBatch::new();
     let upstream_datagrams = metrics::udp_datagrams(&service.name, metrics::Direction::Upstream);
+    let buffer_full = metrics::udp_dropped_counter(&service.name, "buffer_full");
     loop {
         let received = tokio::select! {
             _ = stop.cancelled() => {
@@ -192,10 +207,10 @@ pub async fn serve(
                 let _ = keeper.await;
                 return socket;
             }
-            r = socket.recv_from(&mut buf) => r,
+            r = socket.async_io(Interest::READABLE, || batch.recv(socket.as_fd())) => r,
         };
-        let (len, client) = match received {
-            Ok(r) => r,
+        let count = match received {
+            Ok(_) => batch.len(),
             Err(e) => {
                 // On an unconnected socket these are ICMP echoes of earlier
                 // sends; nothing to do but go on.
@@ -204,20 +219,62 @@ pub async fn serve(
             }
         };
         let now = shared.clock.now();
-        let session = match sessions.lookup(client) {
-            Some(s) => s,
-            None => match open(&socket, client, &service, &shared, &sessions, now).await {
+        // Consecutive datagrams from one client go upstream in one call.
+        let mut i = 0;
+        while i < count {
+            let Some(client) = batch.source(i) else {
+                i += 1;
+                continue;
+            };
+            let end = (i + 1..count)
+                .find(|&j| batch.source(j) != Some(client))
+                .unwrap_or(count);
+            let run = i..end;
+            i = end;
+            let session = match sessions.lookup(client) {
                 Some(s) => s,
-                None => continue,
-            },
-        };
-        session.last.store(sessions.millis(now), Ordering::Relaxed);
-        match send_now(&session.upstream, &buf[..len], None) {
-            Ok(_) => upstream_datagrams.increment(1),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => metrics::udp_dropped(&service.name, "buffer_full"),
-            Err(e) => tracing::debug!(service = %service.name, %client, error = %e, "udp send upstream failed"),
+                None => match open(&socket, client, &service, &shared, &sessions, now).await {
+                    Some(s) => s,
+                    None => continue,
+                },
+            };
+            session.last.store(sessions.millis(now), Ordering::Relaxed);
+            let (sent, dropped) = forward(&session.upstream, &batch, run, &service.name, client);
+            upstream_datagrams.increment(sent);
+            buffer_full.increment(dropped);
         }
     }
+}
+
+/// Sends datagrams `run` of `batch` to the session's upstream, in as few
+/// calls as the kernel allows. Returns (sent, dropped for a full buffer);
+/// a datagram the kernel refused for another reason (a pending ICMP error,
+/// say) is logged and neither.
+fn forward(
+    upstream: &UdpSocket,
+    batch: &sys::RecvBatch,
+    run: Range<usize>,
+    service: &str,
+    client: SocketAddr,
+) -> (u64, u64) {
+    let (mut next, mut sent) = (run.start, 0u64);
+    while next < run.end {
+        let gso = GSO.load(Ordering::Relaxed);
+        match sys::send_many(upstream.as_fd(), (next..run.end).map(|k| batch.payload(k)), None, gso) {
+            Ok(n) => {
+                sent += n as u64;
+                next += n.max(1);
+            }
+            Err(e) if gso && sys::gso_unsupported(&e) => no_gso(&e),
+            // A full send buffer drops the rest, as the network would.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (sent, (run.end - next) as u64),
+            Err(e) => {
+                tracing::debug!(service, %client, error = %e, "udp send upstream failed");
+                next += 1;
+            }
+        }
+    }
+    (sent, 0)
 }
 
 /// Opens a session for `client` if its source may have one.
@@ -343,12 +400,12 @@ async fn replies(
                     }
                     Ok(_) => {}
                 }
-                match relay_one(socket, client, session) {
-                    Ok(true) => {
+                match relay_batch(socket, client, session) {
+                    Ok(0) => {}
+                    Ok(n) => {
                         session.last.store(sessions.millis(shared.clock.now()), Ordering::Relaxed);
-                        downstream_datagrams.increment(1);
+                        downstream_datagrams.increment(n);
                     }
-                    Ok(false) => {}
                     Err(e) => {
                         // A connected socket reports the upstream's ICMP
                         // errors (port unreachable) here: the flow is over.
@@ -361,35 +418,42 @@ async fn replies(
     }
 }
 
-/// Moves one datagram from the upstream to the client. Ok(false) when
-/// there was nothing to read after all.
-fn relay_one(socket: &UdpSocket, client: SocketAddr, session: &Session) -> io::Result<bool> {
-    REPLY_BUF.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        let len = match session.upstream.try_recv(&mut buf) {
+/// Moves what the upstream has queued, a batch at a time, to the client.
+/// Returns how many datagrams went; replies the client's side had no room
+/// for are dropped, as the network would.
+fn relay_batch(socket: &UdpSocket, client: SocketAddr, session: &Session) -> io::Result<u64> {
+    REPLY_BATCH.with(|batch| {
+        let mut batch = batch.borrow_mut();
+        let count = match session
+            .upstream
+            .try_io(Interest::READABLE, || batch.recv(session.upstream.as_fd()))
+        {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
             Err(e) => return Err(e),
         };
-        match send_now(socket, &buf[..len], Some(client)) {
-            Ok(_) => Ok(true),
-            // A full send buffer drops the reply, as the network would.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => {
-                tracing::debug!(%client, error = %e, "udp send to client failed");
-                Ok(false)
+        let mut next = 0;
+        let mut sent = 0;
+        while next < count {
+            let gso = GSO.load(Ordering::Relaxed);
+            match sys::send_many(
+                socket.as_fd(),
+                (next..count).map(|k| batch.payload(k)),
+                Some(client),
+                gso,
+            ) {
+                Ok(n) => {
+                    sent += n as u64;
+                    next += n.max(1);
+                }
+                Err(e) if gso && sys::gso_unsupported(&e) => no_gso(&e),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(%client, error = %e, "udp send to client failed");
+                    next += 1;
+                }
             }
         }
+        Ok(sent)
     })
-}
-
-/// Sends at once, straight to the socket: tokio's `try_send` reports
-/// WouldBlock until the reactor has seen the socket writable, which a new
-/// session's socket has not yet; a real full buffer still reports it.
-fn send_now(socket: &UdpSocket, payload: &[u8], to: Option<SocketAddr>) -> io::Result<usize> {
-    let sock = socket2::SockRef::from(socket);
-    match to {
-        Some(to) => sock.send_to(payload, &to.into()),
-        None => sock.send(payload),
-    }
 }

@@ -212,6 +212,52 @@ fn two_clients_on_one_address_each_get_only_their_own_replies() {
     }
 }
 
+/// Bursts larger than one receive batch, from two clients interleaved,
+/// arrive complete, in order, and each client gets only its own replies.
+#[test]
+fn interleaved_bursts_larger_than_a_batch_arrive_complete_and_in_order() {
+    let upstream = udp_echo("127.0.0.1:0");
+    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
+    let svc = gw.addr("dns");
+    knock(&gw, &p, "127.0.0.1", "127.0.0.3");
+    let x = client("127.0.0.3");
+    let y = client("127.0.0.3");
+    // Sessions first, so the burst meets open sessions.
+    assert_eq!(round_trip(&x, svc, b"x"), b"x");
+    assert_eq!(round_trip(&y, svc, b"y"), b"y");
+    const EACH: u32 = 40;
+    for i in 0..EACH {
+        x.send_to(format!("x{i}").as_bytes(), svc).unwrap();
+        y.send_to(format!("y{i}").as_bytes(), svc).unwrap();
+        if i % 3 == 0 {
+            x.send_to(format!("x{i}+").as_bytes(), svc).unwrap();
+        }
+    }
+    let mut buf = [0u8; 64];
+    let mut expect_x = Vec::new();
+    for i in 0..EACH {
+        expect_x.push(format!("x{i}"));
+        if i % 3 == 0 {
+            expect_x.push(format!("x{i}+"));
+        }
+    }
+    let got_x: Vec<String> = (0..expect_x.len())
+        .map(|_| {
+            let (n, from) = x.recv_from(&mut buf).expect("a reply for x");
+            assert_eq!(from, svc, "replies come from the service address");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        })
+        .collect();
+    assert_eq!(got_x, expect_x);
+    let got_y: Vec<String> = (0..EACH)
+        .map(|_| {
+            let (n, _) = y.recv_from(&mut buf).expect("a reply for y");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        })
+        .collect();
+    assert_eq!(got_y, (0..EACH).map(|i| format!("y{i}")).collect::<Vec<_>>());
+}
+
 #[test]
 fn a_session_outlives_its_grant_while_active_and_ends_when_idle() {
     let upstream = udp_echo("127.0.0.1:0");
