@@ -8,7 +8,6 @@
 mod process;
 
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -39,6 +38,19 @@ pub enum Decision {
 }
 
 impl Decision {
+    pub const ALL: [Decision; 5] = [
+        Decision::Allowed,
+        Decision::AllowedAudit,
+        Decision::Refused,
+        Decision::Blackholed,
+        Decision::Overflow,
+    ];
+
+    /// Where this decision sits in [`Decision::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_label(self) -> &'static str {
         match self {
             Decision::Allowed => "allowed",
@@ -69,15 +81,6 @@ pub fn grant(service: &str, method: &Method) {
 
 pub fn grant_expired(service: &str) {
     metrics::counter!(GRANTS_EXPIRED_TOTAL, "service" => service.to_owned()).increment(1);
-}
-
-pub fn connection(service: &str, decision: Decision) {
-    metrics::counter!(CONNECTIONS_TOTAL, "service" => service.to_owned(), "decision" => decision.as_label())
-        .increment(1);
-}
-
-pub fn connections_active(service: &str, delta: f64) {
-    metrics::gauge!(CONNECTIONS_ACTIVE, "service" => service.to_owned()).increment(delta);
 }
 
 pub fn upstream_error(service: &str) {
@@ -223,18 +226,45 @@ impl ReloadResult {
     }
 }
 
+/// The per-connection metrics of one guarded TCP service, looked up once
+/// when its accept loop starts: a connection then touches only atomics,
+/// with no label set built and no registry searched on the accept path.
+#[derive(Debug, Clone)]
+pub struct ServiceMetrics {
+    /// Indexed by [`Decision::index`].
+    decisions: [metrics::Counter; 5],
+    pub active: metrics::Gauge,
+    pub upstream_errors: metrics::Counter,
+    pub upstream_connect_duration: metrics::Histogram,
+    pub connection_duration: metrics::Histogram,
+    pub bytes_upstream: metrics::Counter,
+    pub bytes_downstream: metrics::Counter,
+}
+
+impl ServiceMetrics {
+    pub fn new(service: &str) -> Self {
+        let s = || service.to_owned();
+        Self {
+            decisions: Decision::ALL
+                .map(|d| metrics::counter!(CONNECTIONS_TOTAL, "service" => s(), "decision" => d.as_label())),
+            active: metrics::gauge!(CONNECTIONS_ACTIVE, "service" => s()),
+            upstream_errors: metrics::counter!(UPSTREAM_CONNECT_ERRORS_TOTAL, "service" => s()),
+            upstream_connect_duration: metrics::histogram!(UPSTREAM_CONNECT_DURATION_SECONDS, "service" => s()),
+            connection_duration: metrics::histogram!(CONNECTION_DURATION_SECONDS, "service" => s()),
+            bytes_upstream: proxied_bytes_counter(service, Direction::Upstream),
+            bytes_downstream: proxied_bytes_counter(service, Direction::Downstream),
+        }
+    }
+
+    /// Counts one guarded connection and what was decided for it.
+    pub fn connection(&self, decision: Decision) {
+        self.decisions[decision.index()].increment(1);
+    }
+}
+
 /// One more (`delta` 1.0) or one fewer (-1.0) grant held for `service`.
 pub fn grants_active(service: &str, delta: f64) {
     metrics::gauge!(GRANTS_ACTIVE, "service" => service.to_owned()).increment(delta);
-}
-
-pub fn connection_duration(service: &str, duration: Duration) {
-    metrics::histogram!(CONNECTION_DURATION_SECONDS, "service" => service.to_owned()).record(duration.as_secs_f64());
-}
-
-pub fn upstream_connect_duration(service: &str, duration: Duration) {
-    metrics::histogram!(UPSTREAM_CONNECT_DURATION_SECONDS, "service" => service.to_owned())
-        .record(duration.as_secs_f64());
 }
 
 /// The counter of bytes proxied for `service` in `direction`: taken once
@@ -383,13 +413,6 @@ fn zero(config: &Config) {
         ExpiryCause::Evicted,
     ];
     let methods = [Method::Knock, Method::Spa { user: "".into() }];
-    let decisions = [
-        Decision::Allowed,
-        Decision::AllowedAudit,
-        Decision::Refused,
-        Decision::Blackholed,
-        Decision::Overflow,
-    ];
     for service in &config.services {
         let s = || service.name.to_string();
         if service.knock.is_some() {
@@ -407,7 +430,7 @@ fn zero(config: &Config) {
         metrics::gauge!(GRANTS_ACTIVE, "service" => s()).set(0.0);
         metrics::counter!(UPSTREAM_CONNECT_ERRORS_TOTAL, "service" => s()).absolute(0);
         if service.protocol == Proto::Tcp {
-            for d in decisions {
+            for d in Decision::ALL {
                 metrics::counter!(CONNECTIONS_TOTAL, "service" => s(), "decision" => d.as_label()).absolute(0);
             }
             metrics::gauge!(CONNECTIONS_ACTIVE, "service" => s()).set(0.0);
@@ -446,4 +469,18 @@ pub fn source_refused(listener: &'static str, reason: &'static str) {
 
 pub fn lockout() {
     metrics::counter!(LOCKOUTS_TOTAL).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_decision_has_its_own_counter_slot() {
+        for (i, d) in Decision::ALL.into_iter().enumerate() {
+            assert_eq!(d.index(), i, "{d:?}");
+        }
+        let labels: std::collections::HashSet<_> = Decision::ALL.map(Decision::as_label).into_iter().collect();
+        assert_eq!(labels.len(), Decision::ALL.len());
+    }
 }

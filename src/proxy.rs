@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::config::{Gateway, Service, Unauthorized};
-use crate::metrics::{self, Decision, Direction};
+use crate::metrics::{self, Decision, ServiceMetrics};
 use crate::net;
 use crate::store::GrantStore;
 use pipes::Pipes;
@@ -80,6 +80,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> TcpListener {
+    let meters = Arc::new(ServiceMetrics::new(&service.name));
     loop {
         // Waiting for a permit before accepting leaves excess connections
         // in the kernel's backlog instead of in our memory.
@@ -96,11 +97,11 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let service = service.clone();
-                let task_shared = shared.clone();
-                shared
-                    .tracker
-                    .spawn(async move { handle(stream, peer, service, task_shared, permit).await });
+                let task = (service.clone(), shared.clone(), meters.clone());
+                shared.tracker.spawn(async move {
+                    let (service, shared, meters) = task;
+                    handle(stream, peer, &service, &shared, &meters, permit).await
+                });
             }
             Err(e) => {
                 metrics::accept_error("guarded");
@@ -114,30 +115,31 @@ pub async fn serve(
 async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
-    service: Arc<Service>,
-    shared: Arc<Shared>,
+    service: &Service,
+    shared: &Shared,
+    meters: &ServiceMetrics,
     permit: OwnedSemaphorePermit,
 ) {
     let source = peer.ip().to_canonical();
     if shared.store.allows(&service.name, source, shared.clock.now()) {
-        metrics::connection(&service.name, Decision::Allowed);
+        meters.connection(Decision::Allowed);
         tracing::debug!(service = %service.name, %source, "connection allowed");
-        return splice(stream, source, &service, &shared, permit).await;
+        return splice(stream, source, service, shared, meters, permit).await;
     }
     match service.unauthorized {
         Unauthorized::Refuse => {
-            metrics::connection(&service.name, Decision::Refused);
+            meters.connection(Decision::Refused);
             tracing::debug!(service = %service.name, %source, "connection refused: no grant");
             net::reset(stream);
         }
         Unauthorized::Blackhole => {
             drop(permit);
             let Ok(_hole) = shared.blackholes.clone().try_acquire_owned() else {
-                metrics::connection(&service.name, Decision::Overflow);
+                meters.connection(Decision::Overflow);
                 tracing::debug!(service = %service.name, %source, "connection refused: no grant, blackhole full");
                 return net::reset(stream);
             };
-            metrics::connection(&service.name, Decision::Blackholed);
+            meters.connection(Decision::Blackholed);
             tracing::debug!(service = %service.name, %source, "connection blackholed: no grant");
             tokio::select! {
                 _ = tokio::time::sleep(shared.gateway.blackhole_hold) => {}
@@ -146,32 +148,40 @@ async fn handle(
             drop(stream);
         }
         Unauthorized::Allow => {
-            metrics::connection(&service.name, Decision::AllowedAudit);
+            meters.connection(Decision::AllowedAudit);
             tracing::info!(
                 service = %service.name,
                 %source,
                 "audit: connection allowed that would have been denied (no grant)"
             );
-            splice(stream, source, &service, &shared, permit).await;
+            splice(stream, source, service, shared, meters, permit).await;
         }
     }
 }
 
-async fn splice(client: TcpStream, source: IpAddr, service: &Service, shared: &Shared, _permit: OwnedSemaphorePermit) {
+async fn splice(
+    client: TcpStream,
+    source: IpAddr,
+    service: &Service,
+    shared: &Shared,
+    meters: &ServiceMetrics,
+    _permit: OwnedSemaphorePermit,
+) {
     let started = shared.clock.now();
     let connect = tokio::time::timeout(shared.gateway.connect_timeout, TcpStream::connect(&*service.upstream));
     let upstream = match connect.await {
         Ok(Ok(s)) => {
-            metrics::upstream_connect_duration(&service.name, shared.clock.now().saturating_duration_since(started));
+            let took = shared.clock.now().saturating_duration_since(started);
+            meters.upstream_connect_duration.record(took.as_secs_f64());
             s
         }
         Ok(Err(e)) => {
-            metrics::upstream_error(&service.name);
+            meters.upstream_errors.increment(1);
             tracing::warn!(service = %service.name, upstream = %service.upstream, %source, error = %e, "upstream connect failed");
             return net::reset(client);
         }
         Err(_) => {
-            metrics::upstream_error(&service.name);
+            meters.upstream_errors.increment(1);
             tracing::warn!(
                 service = %service.name,
                 upstream = %service.upstream,
@@ -185,16 +195,17 @@ async fn splice(client: TcpStream, source: IpAddr, service: &Service, shared: &S
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     shared.active.fetch_add(1, Ordering::Relaxed);
-    metrics::connections_active(&service.name, 1.0);
-    let meter = |direction| Meter::new(metrics::proxied_bytes_counter(&service.name, direction));
-    let (up, down) = (meter(Direction::Upstream), meter(Direction::Downstream));
+    meters.active.increment(1.0);
+    let up = Meter::new(meters.bytes_upstream.clone());
+    let down = Meter::new(meters.bytes_downstream.clone());
     let result = tokio::select! {
         r = relay::relay(&client, &upstream, &shared.pipes, &up, &down) => Some(r),
         _ = shared.cut.cancelled() => None,
     };
     shared.active.fetch_sub(1, Ordering::Relaxed);
-    metrics::connections_active(&service.name, -1.0);
-    metrics::connection_duration(&service.name, shared.clock.now().saturating_duration_since(started));
+    meters.active.decrement(1.0);
+    let lasted = shared.clock.now().saturating_duration_since(started);
+    meters.connection_duration.record(lasted.as_secs_f64());
     let (bytes_up, bytes_down) = (up.bytes(), down.bytes());
     let (spliced_up, spliced_down) = (up.spliced(), down.spliced());
     match result {
