@@ -83,11 +83,31 @@ const LENIENT: GeneralPurpose = GeneralPurpose::new(
 /// `hmac: None` accepts packets from clients run without `--use-hmac`:
 /// unauthenticated CBC whose only integrity is the inner digest. Servers
 /// should refuse such keys unless the operator asked for them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct FwknopKeys {
     enc: Secret,
     hmac: Option<Secret>,
+    /// HMAC-SHA256 with `hmac`'s inner and outer pads already hashed:
+    /// each packet then costs only its own blocks.
+    mac: Option<HmacSha256>,
 }
+
+impl std::fmt::Debug for FwknopKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FwknopKeys")
+            .field("enc", &self.enc)
+            .field("hmac", &self.hmac)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for FwknopKeys {
+    fn eq(&self, other: &Self) -> bool {
+        self.enc == other.enc && self.hmac == other.hmac
+    }
+}
+
+impl Eq for FwknopKeys {}
 
 impl FwknopKeys {
     /// Checks the lengths fwknop allows (encryption 1–32 bytes, HMAC 1–128)
@@ -112,7 +132,10 @@ impl FwknopKeys {
                 return Err(KeyError::SameKeys);
             }
         }
-        Ok(Self { enc, hmac })
+        let mac = hmac
+            .as_ref()
+            .map(|k| HmacSha256::new_from_slice(k.expose()).expect("HMAC accepts keys of any length"));
+        Ok(Self { enc, hmac, mac })
     }
 
     /// What `fwknop --key-gen` makes: a 32-byte encryption key and a
@@ -208,6 +231,12 @@ fn telling(reject: Reject) -> u8 {
     }
 }
 
+/// Whether `b` is a standard base64 character (padding excluded); no
+/// branches, so that a loop over a packet vectorises.
+fn is_base64_char(b: u8) -> bool {
+    (b.wrapping_sub(b'A') < 26) | (b.wrapping_sub(b'a') < 26) | (b.wrapping_sub(b'0') < 10) | (b == b'+') | (b == b'/')
+}
+
 /// The key-independent checks, in fwknopd's order.
 fn precheck(wire: &[u8]) -> Result<&str, Reject> {
     if wire.len() > MAX_WIRE_LEN {
@@ -223,24 +252,27 @@ fn precheck(wire: &[u8]) -> Result<&str, Reject> {
         return Err(Reject::OpensslPrefix);
     }
     // No '=': the client strips padding, so every packet is pure alphabet.
-    if !wire
-        .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
-    {
+    // Range tests and no early exit: a loop the compiler vectorises.
+    let outside = wire.iter().fold(0u8, |acc, &b| acc | u8::from(!is_base64_char(b)));
+    if outside != 0 {
         return Err(Reject::Malformed("character outside the base64 alphabet"));
     }
     Ok(std::str::from_utf8(wire).expect("checked to be ASCII"))
 }
 
 fn decode_checked(text: &str, keys: &FwknopKeys, window: Window) -> Result<Request, Reject> {
-    let body = match keys.hmac() {
-        Some(hmac_key) => {
+    let body = match &keys.mac {
+        Some(mac) => {
             // precheck guarantees more than TAG_B64_LEN bytes, all ASCII.
             let (body, tag) = text.split_at(text.len() - TAG_B64_LEN);
             // The tag is compared as text: comparing decoded bytes would
             // accept several spellings of one tag (unused trailing bits).
-            let expected = STANDARD_NO_PAD.encode(hmac_sha256(hmac_key, body));
-            if !ct_eq(expected.as_bytes(), tag.as_bytes()) {
+            let mut expected = [0u8; TAG_B64_LEN];
+            let n = STANDARD_NO_PAD
+                .encode_slice(hmac_sha256(mac, body), &mut expected)
+                .expect("a SHA-256 tag is TAG_B64_LEN base64 characters");
+            debug_assert_eq!(n, TAG_B64_LEN);
+            if !ct_eq(&expected, tag.as_bytes()) {
                 return Err(Reject::BadMac);
             }
             body
@@ -481,8 +513,8 @@ fn evp_bytes_to_key(pass: &Secret, salt: &[u8; 8]) -> (Zeroizing<[u8; 32]>, Zero
 
 /// HMAC-SHA256 over the full ciphertext text: the stripped prefix, then
 /// the body as sent.
-fn hmac_sha256(key: &Secret, body: &str) -> [u8; 32] {
-    let mut mac = HmacSha256::new_from_slice(key.expose()).expect("HMAC accepts keys of any length");
+fn hmac_sha256(keyed: &HmacSha256, body: &str) -> [u8; 32] {
+    let mut mac = keyed.clone();
     mac.update(SALTED_B64.as_bytes());
     mac.update(body.as_bytes());
     mac.finalize().into_bytes().into()
@@ -582,8 +614,8 @@ pub fn encode(user: &str, fields: &Fields, keys: &FwknopKeys, nonce: PacketNonce
         .strip_prefix(SALTED_B64)
         .expect("base64 of Salted__ always starts with U2FsdGVkX1");
     let mut wire = body.to_string();
-    if let Some(hmac_key) = keys.hmac() {
-        wire.push_str(&STANDARD_NO_PAD.encode(hmac_sha256(hmac_key, body)));
+    if let Some(mac) = &keys.mac {
+        wire.push_str(&STANDARD_NO_PAD.encode(hmac_sha256(mac, body)));
     }
     if wire.len() > MAX_WIRE_LEN {
         return Err(EncodeError::TooLarge {
@@ -606,6 +638,14 @@ pub fn encode_random(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_alphabet_check_admits_exactly_standard_base64() {
+        for b in 0..=255u8 {
+            let expected = b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
+            assert_eq!(super::is_base64_char(b), expected, "byte {b:#04x}");
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 
