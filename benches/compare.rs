@@ -47,6 +47,8 @@ const IN_FLIGHT_BYTES: usize = 64 * 1024;
 /// the proxy's send buffer toward the upstream holds with 1460-byte
 /// segments (about 270 KiB), so the proxy is left holding what it read.
 const STALLED_BYTES: usize = 512 * 1024;
+/// Quiet between the last close and the "after close" reading.
+const AFTER_CLOSE_QUIET: Duration = Duration::from_secs(1);
 /// Longest wait for the proxy's RSS to settle.
 const MEMORY_SETTLE: Duration = Duration::from_secs(5);
 /// Size of the datagrams of the UDP forwarding test.
@@ -962,6 +964,9 @@ impl Bench {
             if let Err(e) = hold.wait_open_at_most(0, Duration::from_secs(30)) {
                 close_errors.push(e.context(format!("after {count} connections closed")));
             }
+            // A second of quiet before "after close", for either proxy: what
+            // it gives back once the load has gone is the point, not how fast.
+            std::thread::sleep(AFTER_CLOSE_QUIET);
             let after = procs::settled_rss_kib(pid, MEMORY_SETTLE)?;
             // Leak check: the same again. Memory an allocator keeps for
             // reuse is reused; memory leaked per connection grows again.
@@ -972,6 +977,7 @@ impl Bench {
                 if let Err(e) = hold.wait_open_at_most(0, Duration::from_secs(30)) {
                     close_errors.push(e.context(format!("after {count} connections closed again")));
                 }
+                std::thread::sleep(AFTER_CLOSE_QUIET);
                 Some(procs::settled_rss_kib(pid, MEMORY_SETTLE)?)
             } else {
                 None
@@ -1311,7 +1317,7 @@ impl Bench {
                 self.sizes.latency_n, self.sizes.latency_warmup
             ),
             format!(
-                "Memory: the proxy's VmRSS over its baseline after warm-up, per connection, measured once per count. Clients and upstream use 1460-byte segments (TCP_MAXSEG), as on Ethernet, and the upstream reads nothing after the first byte. Idle: each connection carried one 1-byte round trip. In flight: each client then wrote {} KiB, which the kernel's socket buffers absorb. Stalled (smallest count only, in a fresh proxy): {} KiB each, more than the proxy's send buffer holds, so the proxy is left holding what it read. Second cycle: as many connections opened and closed again; growth there would be a leak, while memory kept from the first cycle and reused is the allocator's.",
+                "Memory: the proxy's VmRSS over its baseline after warm-up, per connection, measured once per count. Clients and upstream use 1460-byte segments (TCP_MAXSEG), as on Ethernet, and the upstream reads nothing after the first byte. Idle: each connection carried one 1-byte round trip. In flight: each client then wrote {} KiB, which the kernel's socket buffers absorb. Stalled (smallest count only, in a fresh proxy): {} KiB each, more than the proxy's send buffer holds, so the proxy is left holding what it read. After close: read once the upstream has seen every connection close, after a second of quiet. Second cycle: as many connections opened and closed again; growth there would be a leak, while memory kept from the first cycle and reused is the allocator's.",
                 IN_FLIGHT_BYTES >> 10,
                 STALLED_BYTES >> 10
             ),

@@ -264,6 +264,7 @@ impl Bound {
             guard.clone(),
             shared.stop.clone(),
         ));
+        tokio::spawn(trim_heap(shared.clone()));
         let mut runtime = Runtime {
             started_unix: sensor::spa::unix_secs(&*clock),
             config,
@@ -610,6 +611,53 @@ fn summarize(old: &Config, new: &Config) -> ReloadSummary {
 }
 
 /// Feeds knocks and deadlines to the gate and applies what it decides.
+/// How often [`trim_heap`] looks at the connection count.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// When to give freed memory back after connections close: once the count
+/// has fallen by at least `min_drop` and to half its peak or less since the
+/// last trim. Trimming walks the heap, so it waits for a real drop, not
+/// every close.
+#[derive(Debug)]
+struct TrimPolicy {
+    peak: usize,
+    min_drop: usize,
+}
+
+impl TrimPolicy {
+    fn new(min_drop: usize) -> Self {
+        Self { peak: 0, min_drop }
+    }
+
+    /// Sees the current count; true when it is time to trim.
+    fn observe(&mut self, active: usize) -> bool {
+        self.peak = self.peak.max(active);
+        if self.peak - active >= self.min_drop && active <= self.peak / 2 {
+            self.peak = active;
+            return true;
+        }
+        false
+    }
+}
+
+/// Gives the allocator's free memory back to the kernel after a burst of
+/// connections has closed, so RSS follows the load down.
+async fn trim_heap(shared: Arc<Shared>) {
+    let mut policy = TrimPolicy::new(256);
+    let mut every = tokio::time::interval(TRIM_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if policy.observe(shared.active.load(Ordering::Relaxed)) {
+            let released = crate::sys::trim_heap();
+            tracing::debug!(released, "heap trimmed after connections closed");
+        }
+    }
+}
+
 async fn drive_gate(
     mut gate: Gate,
     mut rx: mpsc::Receiver<Input>,
@@ -742,4 +790,28 @@ pub async fn shutdown_signal() -> anyhow::Result<()> {
         _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrimPolicy;
+
+    #[test]
+    fn the_heap_is_trimmed_after_a_large_drop_only() {
+        let mut p = TrimPolicy::new(256);
+        // Growing and small dips: nothing to give back.
+        for active in [0, 100, 1_000, 900, 1_000, 600] {
+            assert!(!p.observe(active), "at {active}");
+        }
+        // Down to half the peak, and by more than the minimum: trim once.
+        assert!(p.observe(500));
+        assert!(!p.observe(400), "the peak restarts from the trim");
+        assert!(!p.observe(300));
+        assert!(p.observe(0), "a further drop of 500 from 500");
+        // A small load never trims, however far it falls.
+        let mut small = TrimPolicy::new(256);
+        for active in [200, 0, 200, 0] {
+            assert!(!small.observe(active));
+        }
+    }
 }

@@ -103,6 +103,10 @@ mod portable {
     pub fn gso_unsupported(_e: &io::Error) -> bool {
         false
     }
+
+    pub fn trim_heap() -> bool {
+        false
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -208,6 +212,22 @@ mod linux {
             Err(io::Error::last_os_error())
         } else {
             Ok(n as usize)
+        }
+    }
+
+    /// Hands the allocator's free memory back to the kernel (glibc keeps
+    /// what a burst of connections freed, in every arena, until asked).
+    /// Returns whether any was released; a no-op elsewhere than glibc.
+    pub fn trim_heap() -> bool {
+        #[cfg(target_env = "gnu")]
+        {
+            // SAFETY: malloc_trim takes a plain integer (the padding to keep
+            // at the top of the heap) and is safe to call from any thread.
+            unsafe { libc::malloc_trim(0) == 1 }
+        }
+        #[cfg(not(target_env = "gnu"))]
+        {
+            false
         }
     }
 
