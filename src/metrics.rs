@@ -121,12 +121,8 @@ pub fn udp_datagrams(service: &str, direction: Direction) -> metrics::Counter {
     metrics::counter!(UDP_DATAGRAMS_TOTAL, "service" => service.to_owned(), "direction" => direction.as_label())
 }
 
-/// `reason` is one of a fixed set of labels chosen in `udp`.
-pub fn udp_dropped(service: &str, reason: &'static str) {
-    udp_dropped_counter(service, reason).increment(1);
-}
-
-/// The counter behind [`udp_dropped`], for a loop that counts many.
+/// Datagrams of `service` dropped for `reason`, one of a fixed set of
+/// labels chosen in `udp`; taken once by a loop that counts many.
 pub fn udp_dropped_counter(service: &str, reason: &'static str) -> metrics::Counter {
     metrics::counter!(UDP_DATAGRAMS_DROPPED_TOTAL, "service" => service.to_owned(), "reason" => reason)
 }

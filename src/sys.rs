@@ -356,6 +356,11 @@ mod linux {
     /// Most payload bytes one UDP GSO send carries: what one datagram
     /// could hold over IPv4.
     const GSO_MAX_BYTES: usize = 65_507;
+    /// Largest datagram sent with GSO: a GSO segment may not be fragmented,
+    /// so it must fit the path's MTU, which we do not know; 1232 bytes fit
+    /// IPv6's minimum MTU of 1280 (and IPv4 paths alike). Larger datagrams
+    /// go one per message and may be fragmented as usual.
+    const GSO_MAX_SEGMENT: usize = 1232;
 
     /// A control message buffer for one `UDP_SEGMENT` option, aligned as
     /// `cmsghdr` requires.
@@ -399,7 +404,7 @@ mod linux {
         while i < n {
             let segment = iovs[i].iov_len;
             let mut end = i + 1;
-            if gso && segment > 0 {
+            if gso && segment > 0 && segment <= GSO_MAX_SEGMENT {
                 let mut total = segment;
                 while end < n && end - i < GSO_MAX_SEGMENTS && total + iovs[end].iov_len <= GSO_MAX_BYTES {
                     let len = iovs[end].iov_len;

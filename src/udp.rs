@@ -233,7 +233,7 @@ pub async fn serve(
             i = end;
             let session = match sessions.lookup(client) {
                 Some(s) => s,
-                None => match open(&socket, client, &service, &shared, &sessions, now).await {
+                None => match open(&socket, client, run.len() as u64, &service, &shared, &sessions, now).await {
                     Some(s) => s,
                     None => continue,
                 },
@@ -277,10 +277,12 @@ fn forward(
     (sent, 0)
 }
 
-/// Opens a session for `client` if its source may have one.
+/// Opens a session for `client` if its source may have one; otherwise its
+/// `datagrams` waiting in the batch are dropped and counted.
 async fn open(
     socket: &Arc<UdpSocket>,
     client: SocketAddr,
+    datagrams: u64,
     service: &Arc<Service>,
     shared: &Arc<Shared>,
     sessions: &Arc<Sessions>,
@@ -289,7 +291,7 @@ async fn open(
     let source = client.ip().to_canonical();
     if !shared.store.allows(&service.name, source, now) {
         if service.unauthorized != Unauthorized::Allow {
-            metrics::udp_dropped(&service.name, "no_grant");
+            metrics::udp_dropped_counter(&service.name, "no_grant").increment(datagrams);
             tracing::debug!(service = %service.name, %client, "udp datagram dropped: no grant");
             return None;
         }
@@ -303,12 +305,12 @@ async fn open(
         let t = sessions.table.lock().expect("session table lock");
         let limits = service.udp;
         if t.sessions.len() >= limits.max_sessions {
-            metrics::udp_dropped(&service.name, "session_limit");
+            metrics::udp_dropped_counter(&service.name, "session_limit").increment(datagrams);
             tracing::debug!(service = %service.name, %client, "udp session refused: service at max_sessions");
             return None;
         }
         if t.per_source.get(&source).copied().unwrap_or(0) >= limits.max_sessions_per_source {
-            metrics::udp_dropped(&service.name, "source_session_limit");
+            metrics::udp_dropped_counter(&service.name, "source_session_limit").increment(datagrams);
             tracing::debug!(service = %service.name, %client, "udp session refused: source at max_sessions_per_source");
             return None;
         }
