@@ -11,10 +11,13 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 const BACKLOG: i32 = 1024;
 
 /// Binds a TCP listener with `SO_REUSEADDR`, so a restart is not blocked
-/// by connections in TIME_WAIT.
+/// by connections in TIME_WAIT, and `TCP_NODELAY`, which Linux hands on to
+/// every accepted socket: one system call per connection saved.
 pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    // Best effort: without it, accepted sockets are set one by one.
+    let _ = socket.set_nodelay(true);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
@@ -60,4 +63,22 @@ pub fn reset(stream: TcpStream) {
     // Failing to set linger only turns the reset into an orderly close.
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "the proxy relies on this instead of a setsockopt per connection"
+        );
+    }
 }

@@ -192,6 +192,9 @@ async fn splice(
             return net::reset(client);
         }
     };
+    // Linux hands the listener's TCP_NODELAY (net::bind_tcp) to the client
+    // socket; elsewhere it is set here.
+    #[cfg(not(target_os = "linux"))]
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     shared.active.fetch_add(1, Ordering::Relaxed);
