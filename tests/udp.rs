@@ -191,14 +191,19 @@ fn replies_only_after_a_knock_and_only_to_the_knocking_source() {
     assert_dropped(&gw, &other, svc, Dropped::Anywhere);
 }
 
-#[test]
-fn two_clients_on_one_address_each_get_only_their_own_replies() {
+/// A gateway in front of an echo upstream, a knock from 127.0.0.3, and two
+/// client sockets on that address: (gateway, service address, x, y).
+fn two_clients_after_a_knock() -> (Gateway, SocketAddr, UdpSocket, UdpSocket) {
     let upstream = udp_echo("127.0.0.1:0");
     let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
     let svc = gw.addr("dns");
     knock(&gw, &p, "127.0.0.1", "127.0.0.3");
-    let x = client("127.0.0.3");
-    let y = client("127.0.0.3");
+    (gw, svc, client("127.0.0.3"), client("127.0.0.3"))
+}
+
+#[test]
+fn two_clients_on_one_address_each_get_only_their_own_replies() {
+    let (_gw, svc, x, y) = two_clients_after_a_knock();
     x.send_to(b"from x", svc).unwrap();
     y.send_to(b"from y", svc).unwrap();
     let mut buf = [0u8; 64];
@@ -216,12 +221,7 @@ fn two_clients_on_one_address_each_get_only_their_own_replies() {
 /// arrive complete, in order, and each client gets only its own replies.
 #[test]
 fn interleaved_bursts_larger_than_a_batch_arrive_complete_and_in_order() {
-    let upstream = udp_echo("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
-    let svc = gw.addr("dns");
-    knock(&gw, &p, "127.0.0.1", "127.0.0.3");
-    let x = client("127.0.0.3");
-    let y = client("127.0.0.3");
+    let (_gw, svc, x, y) = two_clients_after_a_knock();
     // Sessions first, so the burst meets open sessions.
     assert_eq!(round_trip(&x, svc, b"x"), b"x");
     assert_eq!(round_trip(&y, svc, b"y"), b"y");
