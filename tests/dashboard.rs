@@ -142,6 +142,20 @@ const KEYWORDS: &[&str] = &[
     "atan2",
 ];
 
+/// The metric-name-like word starting at `i` in `chars`: the word, where it
+/// ends, and where the next non-blank character is.
+fn word_at(chars: &[char], i: usize) -> (String, usize, usize) {
+    let mut end = i;
+    while end < chars.len() && (chars[end].is_ascii_alphanumeric() || chars[end] == '_' || chars[end] == ':') {
+        end += 1;
+    }
+    let mut next = end;
+    while next < chars.len() && chars[next].is_whitespace() {
+        next += 1;
+    }
+    (chars[i..end].iter().collect(), end, next)
+}
+
 /// Metric names in a PromQL expression: identifiers that are not function
 /// or aggregation names (followed by `(`), keywords, label names (inside
 /// `{}` or grouping clauses) or numbers and durations.
@@ -164,15 +178,8 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut i = 0;
     while i < chars.len() {
         if chars[i].is_ascii_alphabetic() || chars[i] == '_' {
-            let start = i;
-            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':') {
-                i += 1;
-            }
-            let word: String = chars[start..i].iter().collect();
-            let mut j = i;
-            while j < chars.len() && chars[j].is_whitespace() {
-                j += 1;
-            }
+            let (word, end, mut j) = word_at(&chars, i);
+            i = end;
             let grouping = ["by", "without", "on", "ignoring", "group_left", "group_right"].contains(&word.as_str());
             if grouping && j < chars.len() && chars[j] == '(' {
                 // The clause goes whole, so `sum by (x) (...)` reads as a call.
@@ -200,15 +207,8 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
                 i += 1;
             }
         } else if c.is_ascii_alphabetic() || c == '_' || c == ':' {
-            let start = i;
-            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':') {
-                i += 1;
-            }
-            let word: String = chars[start..i].iter().collect();
-            let mut j = i;
-            while j < chars.len() && chars[j].is_whitespace() {
-                j += 1;
-            }
+            let (word, end, j) = word_at(&chars, i);
+            i = end;
             let called = j < chars.len() && chars[j] == '(';
             if !called && !KEYWORDS.contains(&word.to_ascii_lowercase().as_str()) {
                 names.insert(word);
