@@ -377,8 +377,9 @@ mod linux {
     /// datagrams cheap. Returns how many payloads went: fewer than given
     /// when the kernel stopped at an error, which the next call would
     /// report; the error itself when the first could not go. A kernel or
-    /// route without UDP GSO fails the first GSO message (`EIO`, `EINVAL`,
-    /// `ENOPROTOOPT` or `EOPNOTSUPP`); send without it then.
+    /// route without UDP GSO fails a GSO message (`EIO`, `EINVAL`,
+    /// `ENOPROTOOPT` or `EOPNOTSUPP`): when that message is the first, the
+    /// error comes back as [`gso_unsupported`]; send without GSO then.
     pub fn send_many<'a>(
         fd: BorrowedFd<'_>,
         payloads: impl Iterator<Item = &'a [u8]>,
@@ -466,19 +467,26 @@ mod linux {
             )
         };
         if sent < 0 {
-            Err(io::Error::last_os_error())
+            let e = io::Error::last_os_error();
+            let refused = matches!(
+                e.raw_os_error(),
+                Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+            );
+            // Only the first message's failure is reported, so only when
+            // that message carried the segment option is GSO to blame.
+            if refused && members[0] > 1 {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, e));
+            }
+            Err(e)
         } else {
             Ok(members[..sent as usize].iter().sum())
         }
     }
 
-    /// Whether `e`, from a [`send_many`] with `gso`, says UDP GSO is not
-    /// available on this kernel or route.
+    /// Whether `e`, from [`send_many`], says the kernel or route refused
+    /// UDP GSO (for a message that used it).
     pub fn gso_unsupported(e: &io::Error) -> bool {
-        matches!(
-            e.raw_os_error(),
-            Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
-        )
+        e.kind() == io::ErrorKind::Unsupported
     }
 
     #[cfg(test)]
