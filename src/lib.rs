@@ -40,6 +40,8 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod drain;
+pub mod driver;
 pub mod filter;
 pub mod gate;
 pub mod guard;

@@ -58,7 +58,7 @@ fn main() -> ExitCode {
                 let shutdown = CancellationToken::new();
                 let trigger = shutdown.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = server::shutdown_signal().await {
+                    if let Err(e) = portcullis::drain::shutdown_signal().await {
                         tracing::error!("{e:#}");
                     }
                     trigger.cancel();
@@ -144,7 +144,7 @@ fn spa_plan(args: &portcullis::cli::SpaArgs) -> anyhow::Result<client::SpaPlan> 
         let spec: portcullis::step::StepSpec = a.parse().with_context(|| format!("-A {a}"))?;
         access.push((spec.proto, spec.port));
     }
-    let timestamp = portcullis::sensor::spa::unix_secs(&portcullis::clock::SystemClock);
+    let timestamp = portcullis::spa::desk::unix_secs(&portcullis::clock::SystemClock);
     Ok(client::SpaPlan {
         host: args.host.clone(),
         port: args.port,

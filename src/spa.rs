@@ -6,11 +6,12 @@
 //! [`fwknop`] format (AES-256-CBC + HMAC-SHA256). [`keyfile`] reads and
 //! writes the key files both use.
 //!
-//! Everything here is pure: no sockets, no clock reads (the time arrives in a
-//! [`Window`]), no logging. Sockets belong to the sensors; the replay cache,
-//! users' permissions and what a request may open belong to the server and
-//! the gate, which act on the [`Request`] and on [`Request::digest`].
+//! The codecs are pure: no sockets, no clock reads (the time arrives in a
+//! [`Window`]), no logging, and nothing of the config. The policy on top of
+//! them (users' permissions, what a request may open, the replay cache)
+//! is the [`desk`]'s; sockets belong to the sensors.
 
+pub mod desk;
 pub mod fwknop;
 pub mod keyfile;
 pub mod native;

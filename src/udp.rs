@@ -38,9 +38,11 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::config::{Service, Unauthorized};
+use crate::drain::Lifecycle;
 use crate::metrics;
-use crate::proxy::Shared;
+use crate::store::GrantStore;
 use crate::sys;
 
 /// Whether sends use UDP GSO (one trip through the kernel's stack per run
@@ -52,6 +54,14 @@ fn no_gso(e: &io::Error) {
     if GSO.swap(false, Ordering::Relaxed) {
         tracing::warn!(error = %e, "UDP GSO refused by the kernel; sending one datagram per message from now on");
     }
+}
+
+/// What every UDP service shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub store: Arc<dyn GrantStore>,
+    pub clock: Arc<dyn Clock>,
+    pub life: Lifecycle,
 }
 
 thread_local! {
@@ -179,7 +189,7 @@ impl Sessions {
 }
 
 /// Serves a guarded UDP service on `socket` until `stop` (a child of
-/// `shared.stop`); hands the socket back so a reload can keep it. Sessions
+/// the lifecycle's stop); hands the socket back so a reload can keep it. Sessions
 /// live in `sessions` and end on their own or at shutdown. The socket's
 /// kernel filter is kept current meanwhile.
 pub async fn serve(
@@ -337,7 +347,7 @@ async fn open(
         sessions.clone(),
         shared.clone(),
     );
-    shared.tracker.spawn(async move {
+    shared.life.tracker().spawn(async move {
         let (socket, session, service, sessions, shared) = task;
         let end = replies(&socket, client, &session, &service, &sessions, &shared).await;
         sessions.remove(client);
@@ -380,7 +390,7 @@ async fn replies(
         let last = Duration::from_millis(session.last.load(Ordering::Relaxed));
         let deadline = sessions.epoch + last + idle;
         tokio::select! {
-            _ = shared.stop.cancelled() => return SessionEnd::Shutdown,
+            _ = shared.life.stop().cancelled() => return SessionEnd::Shutdown,
             _ = tokio::time::sleep_until(deadline.into()) => {
                 // Traffic towards the upstream may have moved the deadline.
                 let last = Duration::from_millis(session.last.load(Ordering::Relaxed));

@@ -25,10 +25,10 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::Sessions;
+use super::Shared;
 use crate::config::{Service, Unauthorized};
 use crate::filter::{self, Family, Insn};
 use crate::metrics::{self, FilterFallback};
-use crate::proxy::Shared;
 use crate::store::GrantStore;
 
 /// Shortest time between two rebuilds that add sources: a burst of grants
