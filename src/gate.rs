@@ -104,7 +104,7 @@ pub enum Input {
         service: Arc<str>,
         source: IpAddr,
     },
-    /// A reloaded config: new rules and limits (see [`Gate::reconfigure`]).
+    /// A reloaded config: new rules and limits (grants of services that remain are kept).
     Reconfigure {
         services: Vec<ServiceRule>,
         limits: GateLimits,

@@ -2,7 +2,7 @@
 //!
 //! [`bind`] opens every socket of a config (the same binding a reload uses:
 //! [`handover`]); [`Bound::run`] starts the admin endpoint, the gate
-//! driver and the data plane ([`runtime`]), swaps in each reloaded config,
+//! driver and the data plane (`runtime`), swaps in each reloaded config,
 //! and on SIGTERM stops the listeners, drains connections within the grace
 //! period and cuts what is left. If a core task dies (the driver, a
 //! sensor, an accept loop), `/healthz` fails and `run` returns an error so

@@ -3,6 +3,13 @@
 //! API (list, revoke), who may revoke, and TLS with client certificates
 //! and certificate reload. HTTP goes through `curl`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;

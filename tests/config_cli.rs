@@ -2,6 +2,13 @@
 //! invalid fixture: each invalid file names, in its first line, the key
 //! path its error must mention.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;

@@ -3,6 +3,13 @@
 //! name is exported by a running gateway, the rules pass their unit tests,
 //! and the dashboard works both imported and provisioned.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;

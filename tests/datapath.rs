@@ -7,6 +7,13 @@
 //! same offset (a checksum that also says where bytes went wrong), so no
 //! test holds 64 MiB in memory.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;

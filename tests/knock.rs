@@ -1,6 +1,13 @@
 //! Knock sequences through the real binary, with the stock `knock` client
 //! and our own, from distinct 127.x.y.z sources.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;

@@ -1,6 +1,13 @@
 //! What unauthorised and authorised guarded connections get: refuse,
 //! blackhole (bounded), allow (audit), upstream failures, and shutdown.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;

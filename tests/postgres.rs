@@ -2,6 +2,13 @@
 //! a knock from the stock client. Needs PostgreSQL on 127.0.0.1:5432 with
 //! trust auth for `postgres` (override with PORTCULLIS_TEST_PG=HOST:PORT).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;

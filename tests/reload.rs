@@ -2,6 +2,13 @@
 //! config is reloaded three times (by SIGHUP and by a file change), one of
 //! them invalid.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;

@@ -2,6 +2,13 @@
 //! `fwknop` client, our own `portcullis spa`, replays, wrong keys, NAT
 //! allow-IPs, IPv6 and a garbage flood.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;

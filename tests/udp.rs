@@ -3,6 +3,13 @@
 //! client (dnsmasq and dig). Where the kernel filter drops a datagram is
 //! read from the listener's `drops` counter in /proc/net/udp{,6}.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;

@@ -22,6 +22,10 @@ use crate::step::{Proto, Step};
 /// Where the SPA listener binds when `[spa]` names no address (fwknop's port).
 pub const DEFAULT_SPA_LISTEN: &str = "0.0.0.0:62201";
 
+/// The widest SPA timestamp window: packets stay replayable (and their
+/// digests must be kept) for as long as it is.
+pub const MAX_SPA_AGE: Duration = Duration::from_secs(24 * 3600);
+
 /// The validated `[spa]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spa {
@@ -146,7 +150,12 @@ impl Validator {
                 None
             }
         };
-        let max_age = self.duration("spa.max_age", raw.max_age.as_ref(), crate::spa::DEFAULT_MAX_AGE);
+        let max_age = self.duration_at_most(
+            "spa.max_age",
+            raw.max_age.as_ref(),
+            crate::spa::DEFAULT_MAX_AGE,
+            MAX_SPA_AGE,
+        );
         Some(Spa {
             listen: listen?,
             max_age,

@@ -593,6 +593,7 @@ mod tests {
     /// backend spent about 1.3 µs on a packet this short.)
     #[test]
     #[ignore = "timing; run in release"]
+    #[allow(clippy::disallowed_methods, reason = "a timing probe measures real time")]
     fn speed() {
         let k = key(7);
         let packet = encode(&k, &fields(), [3; NONCE_LEN]).expect("encodes");
