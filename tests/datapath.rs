@@ -36,10 +36,12 @@ fn knock_seq(p: &[u16]) -> [u16; 3] {
 /// and a grant long enough for the slowest test, already knocked open for
 /// 127.0.0.1.
 fn start(upstream: SocketAddr) -> Gateway {
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        format!("{}{ADMIN}", echo_config(upstream, &knock_seq(p), ""))
-            .replace("open_for = \"10s\"", "open_for = \"10m\"")
-    });
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            format!("{}{ADMIN}", echo_config(upstream, &knock_seq(p), ""))
+                .replace("open_for = \"10s\"", "open_for = \"10m\"")
+        })
+        .start_on_ports();
     knock_and_wait(&gw, "echo", &knock_seq(&p), "127.0.0.1");
     gw
 }

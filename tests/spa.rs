@@ -112,7 +112,9 @@ struct Setup {
 
 fn start(upstream: &str, listen_ip: &str) -> Setup {
     let keys = Keys::new();
-    let (gw, p) = Gateway::start_on_free_ports(1, |p| config(&keys, upstream, listen_ip, p));
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(1, |p| config(&keys, upstream, listen_ip, p))
+        .start_on_ports();
     let spa = SocketAddr::new(ip(listen_ip.trim_matches(['[', ']'])), p[0]);
     Setup { gw, keys, spa }
 }
