@@ -26,7 +26,7 @@
 //! - [`reload`]: SIGHUP and config-directory changes into validated reloads.
 //! - [`server`]: binds every socket, drives the gate, shuts down gracefully.
 //! - [`config`]: file and environment into validated runtime types.
-//! - [`client`]: the `knock` command.
+//! - [`client`]: the client commands (knock, spa, keygen, profiles, open, exec, connect, forward).
 //! - [`clock`]: the only place that reads the clock.
 //! - [`secret`]: key bytes that are redacted and zeroized; constant-time MAC comparison.
 //! - [`metrics`]: every metric name, the Prometheus recorder and process metrics.
