@@ -112,11 +112,16 @@ fn usage_error(e: clap::Error) -> ExitCode {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     ) {
         let _ = e.print();
-        return ExitCode::SUCCESS;
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(client::Exit::Usage.code()));
     }
+    // clap's message runs until its first blank line (usage and tips follow).
     let text = e.to_string();
-    let first = text.lines().next().unwrap_or("error: invalid command line");
-    eprintln!("{first} (see --help)");
+    let message: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    eprintln!("{} (see --help)", message.join(" "));
     ExitCode::from(client::Exit::Usage.code())
 }
 

@@ -588,3 +588,90 @@ knock = {{ sequence = ["{}/udp", "{}/tcp", "{}/udp", "{}/tcp"], step_timeout = "
     assert!(failed.is_empty(), "{} of 200 out of order: {failed:?}", failed.len());
     gw.wait_for_nth(200, |l| msg(l) == "grant");
 }
+
+#[test]
+fn knock_and_spa_take_profiles_by_name_from_xdg_or_a_named_file() {
+    let home = Home::new();
+    let (code, key, _) = home.run(&["keygen"]);
+    assert_eq!(code, 0);
+    let key_path = home.file("alice.key", key.as_bytes(), 0o600);
+    let upstream = echo_server("127.0.0.1:0");
+    let (gw, p) = Gateway::start_on_free_ports_with_files(10, &[("alice.key", key.as_bytes())], |p| {
+        format!(
+            r#"
+[spa]
+listen = "127.0.0.1:{}"
+
+[service.echo]
+listen = "127.0.0.1:0"
+upstream = "{upstream}"
+unauthorized = "refuse"
+open_for = "30s"
+knock = {{ sequence = ["{}/udp", "{}/tcp", "{}/udp"] }}
+spa_users = ["alice"]
+
+[user.alice]
+key_file = "alice.key"
+"#,
+            p[0], p[3], p[7], p[5]
+        )
+    });
+    let echo = gw.addr("echo");
+
+    // A knock profile under $XDG_CONFIG_HOME, with bind and -d in bare ms.
+    let xdg = home.path().join("xdg");
+    std::fs::create_dir_all(xdg.join("portcullis")).unwrap();
+    std::fs::write(
+        xdg.join("portcullis/client.toml"),
+        format!(
+            "[profile.k]\nhost = \"127.0.0.1\"\nbind = \"127.0.0.21\"\nknock = [\"{}/udp\", \"{}/tcp\", \"{}/udp\"]\n",
+            p[3], p[7], p[5]
+        ),
+    )
+    .unwrap();
+    let out = home
+        .cmd(&["knock", "-n", "k", "-d", "5", "-v"])
+        .env("XDG_CONFIG_HOME", &xdg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    gw.wait_grant("echo", "127.0.0.21");
+    assert!(echo_works("127.0.0.21", echo));
+
+    // A native SPA profile in a file named by --profiles, then by
+    // PORTCULLIS_PROFILES.
+    let file = home.file(
+        "elsewhere.toml",
+        format!(
+            "[profile.s]\nhost = \"127.0.0.1\"\nbind = \"127.0.0.22\"\n\
+             spa = {{ port = {}, access = \"tcp/{}\", key_file = \"{}\" }}\n\
+             [profile.t]\nhost = \"127.0.0.1\"\nbind = \"127.0.0.23\"\n\
+             spa = {{ port = {}, access = [\"tcp/{}\"], key_file = \"alice.key\", allow_ip = \"127.0.0.24\" }}\n",
+            p[0],
+            echo.port(),
+            key_path.display(),
+            p[0],
+            echo.port()
+        )
+        .as_bytes(),
+        0o644,
+    );
+    let f = file.to_str().unwrap();
+    let (code, _, err) = home.run(&["spa", "-n", "s", "--profiles", f]);
+    assert_eq!(code, 0, "{err}");
+    gw.wait_grant("echo", "127.0.0.22");
+    let out = home
+        .cmd(&["open", "t"])
+        .env("PORTCULLIS_PROFILES", &file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    gw.wait_grant("echo", "127.0.0.24");
+    assert!(echo_works("127.0.0.24", echo));
+
+    // A knock profile is not an SPA profile.
+    let (code, _, err) = home.run(&["spa", "-n", "k"]);
+    assert_eq!(code, 3);
+    one_error_line(&err);
+}

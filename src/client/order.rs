@@ -36,7 +36,7 @@ pub const REMOTE_GAP: Duration = Duration::from_millis(10);
 /// Pause after the gateway's queue is seen empty, before the next step:
 /// the sensor reads and forwards in one pass, so this only covers a thread
 /// preempted in between.
-pub const LOCAL_SETTLE: Duration = Duration::from_millis(2);
+pub const LOCAL_SETTLE: Duration = Duration::from_millis(5);
 
 /// Longest wait for a local gateway to read one step. A gateway that is
 /// stopped or wedged must not hang the client.

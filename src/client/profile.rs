@@ -486,9 +486,11 @@ pub fn from_fwknoprc(text: &str, name: &str, path: &Path) -> anyhow::Result<Opti
     };
     let access =
         parse_access(&[get("ACCESS").unwrap_or_default().to_string()]).map_err(|e| anyhow!("{}: {e}", at("ACCESS")))?;
+    // Without ALLOW_IP, the packet's source: right behind NAT, where the
+    // address this host sees for itself is not the one the gateway sees.
     let allow_ip = match get("ALLOW_IP") {
         Some(a) => a.parse().map_err(|e: String| anyhow!("{}: {e}", at("ALLOW_IP")))?,
-        None => AllowIp::Resolve,
+        None => AllowIp::Source,
     };
     let mut key_text = String::new();
     for k in ["KEY_BASE64", "KEY", "HMAC_KEY_BASE64", "HMAC_KEY"] {
