@@ -151,6 +151,7 @@ async fn spa_plan(args: &SpaArgs) -> Result<SpaPlan, Failure> {
 
 pub async fn spa(args: SpaArgs) -> Outcome {
     let plan = spa_plan(&args).await?;
+    spa::check_keys(&plan).map_err(Failure::profile)?;
     let packet = spa::build_spa(&plan).map_err(Failure::usage)?;
     if let Some(path) = &args.save_packet {
         std::fs::write(path, &packet)

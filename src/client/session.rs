@@ -68,6 +68,7 @@ pub async fn open(profile: &Profile, verbose: bool) -> Result<(), Failure> {
             let plan = spa_plan(&profile.host, profile.bind, spa)
                 .await
                 .map_err(Failure::failed)?;
+            spa::check_keys(&plan).map_err(Failure::profile)?;
             let packet = spa::build_spa(&plan).map_err(Failure::profile)?;
             if verbose {
                 print!("{}", spa::describe(&plan, packet.len()));

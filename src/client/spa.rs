@@ -23,11 +23,10 @@ pub struct SpaPlan {
     pub bind: Option<IpAddr>,
 }
 
-/// Builds the packet `plan` describes.
-pub fn build_spa(plan: &SpaPlan) -> anyhow::Result<Vec<u8>> {
-    let mut rng = rand::rng();
+/// Whether the plan's key file holds the keys its format needs.
+pub fn check_keys(plan: &SpaPlan) -> anyhow::Result<()> {
     match &plan.fwknop_user {
-        Some(user) => {
+        Some(_) => {
             let keys = plan
                 .keys
                 .fwknop
@@ -36,16 +35,24 @@ pub fn build_spa(plan: &SpaPlan) -> anyhow::Result<Vec<u8>> {
             if keys.hmac().is_none() {
                 bail!("the key file has no HMAC_KEY_BASE64: the gateway refuses packets without HMAC");
             }
-            Ok(fwknop::encode_random(user, &plan.fields, keys, &mut rng)?.into_bytes())
         }
         None => {
-            let key = plan
-                .keys
-                .native
-                .as_ref()
-                .context("the key file has no native key (PORTCULLIS_KEY_BASE64); use --fwknop for fwknop keys")?;
-            Ok(native::encode_random(key, &plan.fields, &mut rng)?)
+            if plan.keys.native.is_none() {
+                bail!("the key file has no native key (PORTCULLIS_KEY_BASE64); use --fwknop for fwknop keys");
+            }
         }
+    }
+    Ok(())
+}
+
+/// Builds the packet `plan` describes.
+pub fn build_spa(plan: &SpaPlan) -> anyhow::Result<Vec<u8>> {
+    check_keys(plan)?;
+    let mut rng = rand::rng();
+    match (&plan.fwknop_user, &plan.keys.fwknop, &plan.keys.native) {
+        (Some(user), Some(keys), _) => Ok(fwknop::encode_random(user, &plan.fields, keys, &mut rng)?.into_bytes()),
+        (None, _, Some(key)) => Ok(native::encode_random(key, &plan.fields, &mut rng)?),
+        _ => bail!("the key file has no key for this format"),
     }
 }
 
@@ -69,10 +76,12 @@ pub fn describe(plan: &SpaPlan, packet_len: usize) -> String {
     let when = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(plan.fields.timestamp),
     );
+    let host = match plan.host.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, plan.port).to_string(),
+        Err(_) => format!("{}:{}", plan.host, plan.port),
+    };
     let mut text = format!(
-        "spa to {}:{}\n  user:      {user}\n  access:    {}\n  allow-ip:  {allow}\n  timestamp: {} ({when})\n",
-        plan.host,
-        plan.port,
+        "spa to {host}\n  user:      {user}\n  access:    {}\n  allow-ip:  {allow}\n  timestamp: {} ({when})\n",
         access.join(","),
         plan.fields.timestamp,
     );
