@@ -17,8 +17,9 @@ Client exit codes (knock, spa, keygen, open, exec, connect, forward):
        could not be reached after opening
   2    the command line is wrong
   3    a profile, profile file or key file cannot be used
-  127  exec: the command could not be started
-  exec otherwise exits with its command's status.
+  126  exec: the command may not be run (not executable)
+  127  exec: the command was not found
+  exec otherwise becomes its command: its status is the exit status.
 Every client error is one line on stderr: error: ...";
 
 #[derive(Debug, Parser)]

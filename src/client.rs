@@ -34,7 +34,9 @@ pub enum Exit {
     Usage = 2,
     /// 3: a profile, profile file or key file cannot be used.
     Profile = 3,
-    /// 127: `exec` could not start its command.
+    /// 126: `exec` found its command but may not run it.
+    NotExecutable = 126,
+    /// 127: `exec` could not find its command.
     NoCommand = 127,
 }
 

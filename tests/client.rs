@@ -163,6 +163,10 @@ fn exec_opens_runs_psql_and_passes_its_exit_status_on() {
     let (code, _, err) = home.run(&["exec", "db", "--", "/nonexistent/command"]);
     assert_eq!(code, 127);
     one_error_line(&err);
+    let not_executable = home.file("not-executable", b"#!/bin/sh\n", 0o644);
+    let (code, _, err) = home.run(&["exec", "db", "--", not_executable.to_str().unwrap()]);
+    assert_eq!(code, 126);
+    one_error_line(&err);
 }
 
 /// `portcullis forward` on port 0; returns the process and its address.

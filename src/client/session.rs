@@ -151,28 +151,23 @@ fn refused(e: &anyhow::Error) -> bool {
         .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
-/// `exec`: opens, then runs `command`; returns its exit status.
+/// `exec`: opens, then replaces this process with `command` (as `env`
+/// and `ssh -t` callers expect: its exit status and its signals are its
+/// own, Ctrl-C reaches it alone). Returns only when it cannot be started.
 pub async fn exec(profile: &Profile, command: &[String], verbose: bool) -> Result<u8, Failure> {
+    use std::os::unix::process::CommandExt as _;
     let (program, args) = command
         .split_first()
         .ok_or_else(|| Failure::usage(anyhow!("exec needs a command after --")))?;
     open(profile, verbose).await?;
     tokio::time::sleep(OPEN_SETTLE).await;
-    let status = std::process::Command::new(program)
-        .args(args)
-        .status()
-        .map_err(|e| Failure::new(Exit::NoCommand, anyhow!(e).context(format!("cannot run {program}"))))?;
-    Ok(exit_status(status))
-}
-
-/// A child's status as our exit code: its code, or 128 + the signal.
-fn exit_status(status: std::process::ExitStatus) -> u8 {
-    use std::os::unix::process::ExitStatusExt as _;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => u8::try_from(c & 0xff).expect("masked to a byte"),
-        (None, Some(s)) => u8::try_from((128 + s) & 0xff).expect("masked to a byte"),
-        (None, None) => Exit::Failed.code(),
-    }
+    // Our sockets are close-on-exec; stdio is inherited as it is.
+    let e = std::process::Command::new(program).args(args).exec();
+    let exit = match e.kind() {
+        std::io::ErrorKind::PermissionDenied => Exit::NotExecutable,
+        _ => Exit::NoCommand,
+    };
+    Err(Failure::new(exit, anyhow!(e).context(format!("cannot run {program}"))))
 }
 
 /// `connect`: opens, connects, relays stdin to the service and the
