@@ -4,7 +4,7 @@
 //!
 //! - [`knock`]: knock sequences, kept in order at the gateway ([`order`]).
 //! - [`spa`]: building, describing and sending SPA packets.
-//! - [`profile`]: named profiles from `client.toml` and `~/.fwknoprc`.
+//! - [`profile`]: named profiles from `client.toml`, then [`fwknoprc`] stanzas.
 //! - [`session`]: open a profile, then run a command, relay stdio, or
 //!   forward a local listener.
 //!
@@ -14,6 +14,7 @@
 use std::fmt;
 
 pub mod command;
+pub mod fwknoprc;
 pub mod knock;
 pub mod order;
 pub mod profile;
