@@ -38,7 +38,7 @@
 //! - [`config`]: file and environment into validated runtime types.
 //! - [`admin`]: `/metrics`, health probes and the grants API, on a thread of its own.
 //! - [`metrics`]: every metric name, the Prometheus recorder and process metrics.
-//! - [`client`]: the `knock` command.
+//! - [`client`]: the client commands (knock, spa, keygen, profiles, open, exec, connect, forward).
 //! - [`clock`]: the only place that reads the clock.
 //! - [`secret`]: key bytes that are redacted and zeroized; constant-time MAC comparison.
 //! - [`step`]: knock steps and protocols, parsed from every common spelling.

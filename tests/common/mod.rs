@@ -120,6 +120,22 @@ impl<'a> Builder<'a> {
         self
     }
 
+    /// Environment variables for the process.
+    pub fn envs(mut self, vars: &[(&str, &str)]) -> Self {
+        for (k, v) in vars {
+            self = self.env(k, v);
+        }
+        self
+    }
+
+    /// Files (name, content) written beside the config.
+    pub fn files(mut self, files: &[(&str, &[u8])]) -> Self {
+        for (name, content) in files {
+            self = self.file(name, content);
+        }
+        self
+    }
+
     /// A file written beside the config.
     pub fn file(mut self, name: &str, content: impl AsRef<[u8]>) -> Self {
         self.files.push((name.to_owned(), content.as_ref().to_vec()));
