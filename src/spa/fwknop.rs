@@ -369,13 +369,10 @@ fn decode_checked(text: &str, keys: &FwknopKeys, window: Window) -> Result<Reque
     let salt: [u8; 8] = raw[8..16].try_into().expect("length checked above");
     let (key, iv) = evp_bytes_to_key(keys.enc(), &salt);
     let mut buf = raw[16..].to_vec();
-    let plaintext = crypto::decrypt(keys.mode, &key, &iv, &mut buf)
-        .ok_or(Reject::Decrypt("bad padding (wrong encryption key or mode?)"))?;
+    let plaintext = crypto::decrypt(keys.mode, &key, &iv, &mut buf).ok_or(Reject::Decrypt(garbled(keys.mode)))?;
     // fwknop's own sanity check on the decryption: 16 digits, then ':'.
     if plaintext.len() < 17 || !plaintext[..16].iter().all(u8::is_ascii_digit) || plaintext[16] != b':' {
-        return Err(Reject::Decrypt(
-            "plaintext does not start with 16 digits (wrong encryption key or mode?)",
-        ));
+        return Err(Reject::Decrypt(garbled(keys.mode)));
     }
 
     let message = parse_plaintext(plaintext)?;
@@ -390,6 +387,19 @@ fn decode_checked(text: &str, keys: &FwknopKeys, window: Window) -> Result<Reque
         nat: message.nat,
         digest: replay_digest(DIGEST_LABEL, plaintext),
     })
+}
+
+/// Why a ciphertext the HMAC vouched for decrypts to nonsense, naming the
+/// mode the keys expected: a client sending another `-M` is the usual
+/// cause once the HMAC matched.
+fn garbled(mode: EncryptionMode) -> &'static str {
+    match mode {
+        EncryptionMode::Cbc => "no plausible plaintext in mode cbc (wrong encryption key, or the client's -M differs?)",
+        EncryptionMode::Ctr => "no plausible plaintext in mode ctr (wrong encryption key, or the client's -M differs?)",
+        EncryptionMode::Cfb => "no plausible plaintext in mode cfb (wrong encryption key, or the client's -M differs?)",
+        EncryptionMode::Ofb => "no plausible plaintext in mode ofb (wrong encryption key, or the client's -M differs?)",
+        EncryptionMode::Ecb => "no plausible plaintext in mode ecb (wrong encryption key, or the client's -M differs?)",
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
