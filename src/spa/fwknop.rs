@@ -1274,6 +1274,210 @@ mod tests {
         );
     }
 
+    fn fields(duration: Option<u64>) -> Fields {
+        Fields {
+            timestamp: NOW,
+            access: vec![(Proto::Tcp, 5432)],
+            allow_ip: ip("192.0.2.7"),
+            duration: duration.map(Duration::from_secs),
+        }
+    }
+
+    fn nat(host: &str, port: u16, local: bool) -> NatAccess {
+        NatAccess {
+            host: host.into(),
+            port,
+            local,
+        }
+    }
+
+    #[test]
+    fn every_hmac_digest_and_mode_round_trips() {
+        let nonce = PacketNonce {
+            salt: [9; 8],
+            rand16: 42,
+        };
+        for hmac in DigestType::ALL {
+            for mode in EncryptionMode::ALL {
+                let keys = v1_keys().with(hmac, mode);
+                let wire = encode("alice", &fields(Some(60)), &keys, nonce).expect("encodes");
+                let req = decode(wire.as_bytes(), &keys, window(NOW)).expect("decodes");
+                assert_eq!(
+                    (req.user.as_str(), req.duration),
+                    ("alice", Some(Duration::from_secs(60)))
+                );
+                assert!(wire.len() >= MIN_WIRE_LEN, "{hmac} {mode}: {} chars", wire.len());
+
+                // Another mode with the same keys: the HMAC vouches for the
+                // text, the plaintext comes out garbled, and the reason
+                // names the mode that was tried.
+                let other_mode = EncryptionMode::ALL[(mode as usize + 1) % EncryptionMode::ALL.len()];
+                let got = decode(wire.as_bytes(), &v1_keys().with(hmac, other_mode), window(NOW));
+                assert_eq!(got, Err(Reject::Decrypt(garbled(other_mode))), "{hmac} {mode}");
+                assert!(garbled(other_mode).contains(other_mode.as_str()));
+                // Another HMAC type: the tag does not match (the length may
+                // not even agree).
+                let other_hmac = DigestType::ALL[(hmac as usize + 1) % DigestType::ALL.len()];
+                let got = decode(wire.as_bytes(), &v1_keys().with(other_hmac, mode), window(NOW));
+                assert_eq!(got, Err(Reject::BadMac), "{hmac} {mode} as {other_hmac}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_inner_digest_decodes_and_a_wrong_one_is_a_digest_mismatch() {
+        let keys = v1_keys();
+        let nonce = PacketNonce {
+            salt: [5; 8],
+            rand16: 7,
+        };
+        for digest in DigestType::ALL {
+            let extras = Extras { digest, nat: None };
+            let wire = encode_with("alice", &fields(None), &keys, &extras, nonce).expect("encodes");
+            let req = decode(wire.as_bytes(), &keys, window(NOW)).unwrap_or_else(|e| panic!("{digest}: {e}"));
+            assert_eq!(req.access, [(Proto::Tcp, 5432)], "{digest}");
+        }
+        // The digest of other text, of each length.
+        let encoded = format!(
+            "1234567890123456:{}:{NOW}:3.0.0:1:{}",
+            STANDARD_NO_PAD.encode("alice"),
+            STANDARD_NO_PAD.encode("192.0.2.7,tcp/5432")
+        );
+        for digest in DigestType::ALL {
+            let wrong = STANDARD_NO_PAD.encode(digest.hash(&[b"other text"]).as_slice());
+            let wire = seal(&format!("{encoded}:{wrong}"), &keys, nonce).expect("seals");
+            assert_eq!(
+                decode(wire.as_bytes(), &keys, window(NOW)),
+                Err(Reject::DigestMismatch),
+                "{digest}"
+            );
+            assert_eq!(
+                verify_digest(
+                    &encoded,
+                    &STANDARD_NO_PAD.encode(digest.hash(&[encoded.as_bytes()]).as_slice())
+                ),
+                Ok(digest),
+                "the SHA-3 fallback finds {digest}"
+            );
+        }
+    }
+
+    #[test]
+    fn nat_messages_round_trip() {
+        let keys = v1_keys();
+        let cases = [
+            (nat("10.0.0.5", 5432, false), None),
+            (nat("db.internal", 22, false), Some(45)),
+            (nat("127.0.0.1", 8080, true), None),
+            (nat("gw.example.org", 443, true), Some(600)),
+        ];
+        for (target, duration) in cases {
+            let extras = Extras {
+                digest: DigestType::Sha256,
+                nat: Some(target.clone()),
+            };
+            let wire =
+                encode_random_with("alice", &fields(duration), &keys, &extras, &mut rand::rng()).expect("encodes");
+            let req = decode(wire.as_bytes(), &keys, window(NOW)).expect("decodes");
+            assert_eq!(req.nat.as_ref(), Some(&target));
+            assert_eq!(req.duration, duration.map(Duration::from_secs));
+        }
+    }
+
+    #[test]
+    fn nat_field_table() {
+        let b = |s: &str| STANDARD_NO_PAD.encode(s);
+        let msg = b("127.0.0.1,tcp/22");
+        let head = format!("1234567890123456:{}:1:3.0.0", b("u"));
+        let cases: Vec<(String, Result<Option<NatAccess>, Reject>)> = vec![
+            (
+                format!("{head}:2:{msg}:{}", b("10.0.0.5,5432")),
+                Ok(Some(nat("10.0.0.5", 5432, false))),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("DB.Internal,1")),
+                Ok(Some(nat("db.internal", 1, false))),
+            ),
+            (format!("{head}:4:{msg}:{}:30", b("h,9")), Ok(Some(nat("h", 9, false)))),
+            (format!("{head}:5:{msg}:{}", b("gw,80")), Ok(Some(nat("gw", 80, true)))),
+            (
+                format!("{head}:6:{msg}:{}:30", b("gw,80")),
+                Ok(Some(nat("gw", 80, true))),
+            ),
+            (format!("{head}:1:{msg}"), Ok(None)),
+            (
+                format!("{head}:2:{msg}:{}:{}", b("h,9"), b("auth")),
+                Err(Reject::UnsupportedMode("server_auth field")),
+            ),
+            (
+                format!("{head}:4:{msg}:{}:{}:30", b("h,9"), b("auth")),
+                Err(Reject::UnsupportedMode("server_auth field")),
+            ),
+            (
+                format!("{head}:2:{msg}"),
+                Err(Reject::Malformed("wrong number of fields for the message type")),
+            ),
+            (
+                format!("{head}:4:{msg}:{}", b("h,9")),
+                Err(Reject::Malformed("wrong number of fields for the message type")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("h")),
+                Err(Reject::Malformed("NAT access is not host,port")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("h,0")),
+                Err(Reject::Malformed("NAT access has a bad port")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("h,65536")),
+                Err(Reject::Malformed("NAT access has a bad port")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("h,1,2")),
+                Err(Reject::Malformed("NAT access has a bad port")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("a/b,1")),
+                Err(Reject::Malformed("NAT access host has a character fwknop forbids")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b(",1")),
+                Err(Reject::Malformed("NAT access host has a character fwknop forbids")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", "A".repeat(129)),
+                Err(Reject::Malformed("NAT access field is empty or too long")),
+            ),
+            (format!("{head}:0:{}", b("127.0.0.1,uname")), Err(Reject::Command)),
+        ];
+        for (encoded, want) in cases {
+            let digest = STANDARD_NO_PAD.encode(DigestType::Sha256.hash(&[encoded.as_bytes()]).as_slice());
+            let got = parse_plaintext(format!("{encoded}:{digest}").as_bytes()).map(|m| m.nat);
+            assert_eq!(got, want, "{encoded}");
+        }
+    }
+
+    #[test]
+    fn gpg_packets_the_hmac_vouches_for_have_their_own_reason() {
+        // What `fwknop -g --use-hmac` sends: base64 GPG data without its
+        // "hQ", then an HMAC over "hQ" and the rest.
+        let keys = v1_keys();
+        let body: String = "hQEMA5xmKeyIdAQf/".chars().cycle().skip(2).take(700).collect();
+        let mac = keys.mac.as_ref().expect("v1 has an HMAC key");
+        let tag = |body: &str| STANDARD_NO_PAD.encode(mac.tag(GPG_B64.as_bytes(), body.as_bytes()).as_slice());
+        let wire = format!("{body}{}", tag(&body));
+        assert_eq!(decode(wire.as_bytes(), &keys, window(NOW)), Err(Reject::Gpg));
+        let users = [("paul", &p_keys()), ("alice", &keys)];
+        assert_eq!(decode_any(wire.as_bytes(), users, window(NOW)), Err(Reject::Gpg));
+        // Without the right HMAC key it is just a bad MAC.
+        assert_eq!(decode(wire.as_bytes(), &p_keys(), window(NOW)), Err(Reject::BadMac));
+        // Short packets are never tried as GPG.
+        let short = &body[..200];
+        let wire = format!("{short}{}", tag(short));
+        assert_eq!(decode(wire.as_bytes(), &keys, window(NOW)), Err(Reject::BadMac));
+    }
+
     #[test]
     fn key_rules() {
         let s = |n: usize, b: u8| Secret::from_slice(&vec![b; n]);
@@ -1316,6 +1520,28 @@ mod tests {
         }
 
         #[test]
+        fn mutated_packets_of_every_mode_and_digest_are_rejected(
+            hmac in prop::sample::select(DigestType::ALL.to_vec()),
+            mode in prop::sample::select(EncryptionMode::ALL.to_vec()),
+            digest in prop::sample::select(DigestType::ALL.to_vec()),
+            nat_port in proptest::option::of(1u16..),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let keys = v1_keys().with(hmac, mode);
+            let extras = Extras { digest, nat: nat_port.map(|p| nat("db", p, false)) };
+            let nonce = PacketNonce { salt: [1; 8], rand16: 2 };
+            let wire = encode_with("alice", &fields(Some(9)), &keys, &extras, nonce).expect("encodes");
+            let req = decode(wire.as_bytes(), &keys, window(NOW)).expect("the packet itself decodes");
+            prop_assert_eq!(req.nat, extras.nat);
+            let mut bad = wire.into_bytes();
+            let i = at.index(bad.len());
+            prop_assume!(bad[i] != byte);
+            bad[i] = byte;
+            prop_assert!(decode(&bad, &keys, window(NOW)).is_err());
+        }
+
+        #[test]
         fn unauthenticated_mutations_never_panic(
             at in any::<prop::sample::Index>(),
             byte in any::<u8>(),
@@ -1331,6 +1557,21 @@ mod tests {
         #[test]
         fn arbitrary_plaintext_never_panics(text in "[0-9]{16}:[ -~]{0,200}") {
             let _ = parse_plaintext(text.as_bytes());
+        }
+
+        #[test]
+        fn arbitrary_nat_fields_never_panic(
+            msg_type in 0u8..10,
+            nat in "[ -~]{0,80}",
+            tail in "(:[0-9A-Za-z+/]{0,12}){0,3}",
+        ) {
+            let b = |s: &str| STANDARD_NO_PAD.encode(s);
+            let encoded = format!(
+                "1234567890123456:{}:1:3.0.0:{msg_type}:{}:{}{tail}",
+                b("u"), b("127.0.0.1,tcp/22"), b(&nat)
+            );
+            let digest = STANDARD_NO_PAD.encode(DigestType::Sha256.hash(&[encoded.as_bytes()]).as_slice());
+            let _ = parse_plaintext(format!("{encoded}:{digest}").as_bytes());
         }
     }
 }
