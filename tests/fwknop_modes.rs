@@ -2,7 +2,8 @@
 //! that fwknopd grants, through the real binary: each HMAC digest type,
 //! each inner digest (`-m`), each encryption mode (`-M`), NAT access to a
 //! service's upstream (`-N`, `--nat-local`), `-f` up to `max_open_for`;
-//! and each refusal with its own reason in the log line and in /metrics.
+//! and each refusal with its own reason in the log line and in /metrics,
+//! GPG packets (`-g`) included.
 //!
 //! One gateway serves every case of a test: users differ by key file,
 //! grants by allow-IP (`-a 127.0.N.M`), so each case finds its own log line.
@@ -235,6 +236,55 @@ impl Setup {
     }
 }
 
+/// Sends a GPG-encrypted packet (`fwknop -g`) to a key made for the
+/// occasion, tagged with `user`'s HMAC key.
+fn gpg_send(s: &Setup, user: &str, args: &[&str]) {
+    let home = s.keys.path().join("gnupg");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let out = Command::new("gpg")
+        .args([
+            "--batch",
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            "gw@example.invalid",
+            "rsa2048",
+            "encrypt",
+            "never",
+        ])
+        .env("GNUPGHOME", &home)
+        .output()
+        .expect("gpg (scripts/install-test-deps installs gnupg)");
+    assert!(out.status.success(), "gpg: {}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(s.keys.path().join(format!("{user}.key"))).unwrap();
+    let out = Command::new("fwknop")
+        .args(["-D", "127.0.0.1", "-p", &s.spa.port().to_string()])
+        .args([
+            "--gpg-encryption",
+            "--gpg-recipient-key",
+            "gw@example.invalid",
+            "--gpg-home-dir",
+        ])
+        .arg(&home)
+        .args(["--key-base64-hmac", &key_value(&text, "HMAC_KEY_BASE64")])
+        .args(["--no-rc-file", "--no-save-args"])
+        .args(args)
+        .env("HOME", s.keys.path())
+        .output()
+        .expect("fwknop");
+    assert!(
+        out.status.success(),
+        "fwknop -g: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // gpg started an agent for the key; it must not outlive the test.
+    let _ = Command::new("gpgconf")
+        .args(["--kill", "gpg-agent"])
+        .env("GNUPGHOME", &home)
+        .status();
+}
+
 /// A grant line's `open_for` in whole seconds, rounded up: the gate logs
 /// what is left when it applies the grant.
 fn open_for_secs(grant: &Value) -> u64 {
@@ -408,11 +458,17 @@ fn each_refusal_has_its_own_reason_in_the_log_and_the_metrics() {
             assert!(got.contains(want), "{reason}: detail {got:?} lacks {want:?}");
         }
     }
+    // GPG (`fwknop -g`) with fw's HMAC key: recognised, refused.
+    gpg_send(&s, "fw", &["-A", &access, "-a", "127.0.2.1"]);
+    let line = s.rejected(1, "gpg");
+    assert!(line["detail"].as_str().unwrap_or_default().contains("GPG"), "{line}");
+
     // None of them opened anything.
     assert!(!echo_works("127.0.2.1", s.gw.addr("main")));
 
     let scrape = s.gw.scrape();
-    for (_, _, reason, _) in &cases {
+    let reasons = cases.iter().map(|(_, _, reason, _)| reason).chain([&"gpg"]);
+    for reason in reasons {
         let n = metric(
             &scrape,
             "portcullis_spa_packets_total",
