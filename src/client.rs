@@ -2,7 +2,7 @@
 //! Packet Authorization packet, `open` either of them from a profile, and
 //! `exec`, `connect` and `forward` open and then reach the service.
 //!
-//! - [`knock`]: knock sequences, kept in order at the gateway ([`order`]).
+//! - [`knock`](mod@knock): knock sequences, kept in order at the gateway ([`order`]).
 //! - [`spa`]: building, describing and sending SPA packets.
 //! - [`profile`]: named profiles from `client.toml`, then [`fwknoprc`] stanzas.
 //! - [`session`]: open a profile, then run a command, relay stdio, or

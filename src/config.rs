@@ -23,7 +23,7 @@ use crate::gate::KnockRule;
 use crate::step::Proto;
 pub use admin::{Admin, AdminTls, DEFAULT_ADMIN_LISTEN};
 use raw::{RawConfig, RawCount, RawGateway, RawService};
-pub use spa::{Limits, Spa, User, DEFAULT_SPA_LISTEN, MAX_SPA_AGE};
+pub use spa::{Limits, ServiceSpa, Spa, User, DEFAULT_SPA_LISTEN, MAX_SPA_AGE};
 
 /// Prefix of environment overrides; sections and keys are joined by `__`.
 pub const ENV_PREFIX: &str = "PORTCULLIS";
@@ -107,6 +107,7 @@ pub struct Service {
     pub knock: Option<KnockRule>,
     /// Users whose SPA packets may open this service.
     pub spa_users: Vec<Arc<str>>,
+    pub spa: ServiceSpa,
     /// Session settings; used by UDP services only.
     pub udp: UdpSessions,
 }
@@ -463,6 +464,7 @@ impl Validator {
                 None
             }
         };
+        let spa = self.service_spa(&base, raw, open_for);
         if self.problems.len() > before {
             return None;
         }
@@ -475,6 +477,7 @@ impl Validator {
             open_for,
             knock,
             spa_users: raw.spa_users.iter().map(|u| Arc::from(u.trim())).collect(),
+            spa: spa?,
             udp,
         })
     }

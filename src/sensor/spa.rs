@@ -103,6 +103,7 @@ fn refused(sensor: &SpaSensor, format: Option<Format>, refusal: Refusal, source:
             reason = refusal.as_label(),
             format = format.map_or("unknown", Format::as_label),
             skew_secs = skew,
+            detail = refusal.detail(),
             "spa packet rejected"
         ),
     }

@@ -36,10 +36,25 @@ pub enum Refusal {
     SourceMismatch,
     /// The packet names no service.
     NoAccess,
-    /// No service listens on a requested protocol and port.
-    UnknownService,
+    /// No service listens on a requested protocol and port (the first
+    /// such pair).
+    UnknownService(Proto, u16),
     /// The user is not in the requested service's `spa_users`.
     NotPermitted,
+    /// The user's `expires` has passed.
+    Expired,
+    /// The packet's username is not the user's `require_username`.
+    UsernameMismatch,
+    /// The packet names no allow-IP (`fwknop -s`) and the user has
+    /// `require_source_address`.
+    SourceAddressRequired,
+    /// A NAT request names an internal `host:port` that no SPA service's
+    /// upstream (or `nat_name`) is.
+    NatUnknownTarget,
+    /// A NAT request's `host:port` names more than one service.
+    NatAmbiguousTarget,
+    /// A NAT request names a service the user is not permitted to open.
+    NatNotPermitted,
     /// The per-source guard refused the packet before it was read.
     Guard(crate::guard::Refusal),
 }
@@ -53,9 +68,25 @@ impl Refusal {
             Refusal::SourceNotAllowed => "source_not_allowed",
             Refusal::SourceMismatch => "source_mismatch",
             Refusal::NoAccess => "no_access",
-            Refusal::UnknownService => "unknown_service",
+            Refusal::UnknownService(..) => "unknown_service",
             Refusal::NotPermitted => "not_permitted",
+            Refusal::Expired => "expired",
+            Refusal::UsernameMismatch => "username_mismatch",
+            Refusal::SourceAddressRequired => "source_address_required",
+            Refusal::NatUnknownTarget => "nat_unknown_target",
+            Refusal::NatAmbiguousTarget => "nat_ambiguous_target",
+            Refusal::NatNotPermitted => "nat_not_permitted",
             Refusal::Guard(g) => g.as_label(),
+        }
+    }
+
+    /// What the log line adds to the label: never secret, never
+    /// unauthenticated peer text.
+    pub fn detail(self) -> Option<String> {
+        match self {
+            Refusal::Packet(r) => Some(r.to_string()),
+            Refusal::UnknownService(proto, port) => Some(format!("no spa service on {proto}/{port}")),
+            _ => None,
         }
     }
 }
@@ -77,6 +108,28 @@ struct Door {
     port: u16,
     users: Vec<Arc<str>>,
     open_for: Duration,
+    max_open_for: Duration,
+    /// The upstream's host (lowercased, no brackets) and port, and the
+    /// service's `nat_name`: what fwknop NAT requests name.
+    nat_host: Arc<str>,
+    nat_port: Option<u16>,
+    nat_name: Option<Arc<str>>,
+}
+
+impl Door {
+    /// Whether a NAT request for `nat` names this door. `--nat-local`
+    /// names a port on the gateway host: a service whose upstream is on
+    /// loopback.
+    fn is_nat_target(&self, nat: &spa::NatAccess) -> bool {
+        if self.nat_port != Some(nat.port) {
+            return false;
+        }
+        if nat.local {
+            let host = &*self.nat_host;
+            return host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        }
+        *self.nat_host == *nat.host || self.nat_name.as_deref() == Some(nat.host.as_str())
+    }
 }
 
 /// Everything needed to decide on a packet.
@@ -120,6 +173,15 @@ impl SpaDesk {
                     .map_or(s.listen.port(), |(_, addr)| addr.port()),
                 users: s.spa_users.clone(),
                 open_for: s.open_for,
+                max_open_for: s.spa.max_open_for,
+                nat_host: s
+                    .upstream
+                    .rsplit_once(':')
+                    .map_or("", |(h, _)| h.trim_matches(['[', ']']))
+                    .to_ascii_lowercase()
+                    .into(),
+                nat_port: s.upstream.rsplit_once(':').and_then(|(_, p)| p.parse().ok()),
+                nat_name: s.spa.nat_name.clone(),
             })
             .collect();
         Self {
@@ -167,6 +229,16 @@ impl SpaDesk {
         if !user.may_send_from(source) {
             return Err(Refusal::SourceNotAllowed);
         }
+        if user.expires_unix.is_some_and(|t| now_unix >= t) {
+            return Err(Refusal::Expired);
+        }
+        let named = request.format == Format::Fwknop;
+        if named && user.require_username.as_ref().is_some_and(|u| **u != *request.user) {
+            return Err(Refusal::UsernameMismatch);
+        }
+        if user.require_source_address && request.allow_ip.is_none() {
+            return Err(Refusal::SourceAddressRequired);
+        }
         if request.timestamp < self.started_unix {
             return Err(Refusal::BeforeStart);
         }
@@ -177,19 +249,39 @@ impl SpaDesk {
         if request.access.is_empty() {
             return Err(Refusal::NoAccess);
         }
-        // Like fwknopd, one refused entry refuses the whole request.
+        let grant = |door: &Door| {
+            let duration = request.duration.map_or(door.open_for, |d| d.min(door.max_open_for));
+            (door.service.clone(), duration)
+        };
         let mut grants = Vec::with_capacity(request.access.len());
-        for (proto, port) in &request.access {
+        if let Some(nat) = &request.nat {
+            // The internal host:port names the service; the requested
+            // protocols must be its protocol (the port is the sender's
+            // view of the gateway, which a userspace gateway cannot remap).
+            let mut targets = self
+                .doors
+                .iter()
+                .filter(|d| d.is_nat_target(nat) && request.access.iter().all(|(p, _)| *p == d.proto));
+            let door = targets.next().ok_or(Refusal::NatUnknownTarget)?;
+            if targets.next().is_some() {
+                return Err(Refusal::NatAmbiguousTarget);
+            }
+            if !door.users.contains(&user.name) {
+                return Err(Refusal::NatNotPermitted);
+            }
+            grants.push(grant(door));
+        }
+        // Like fwknopd, one refused entry refuses the whole request.
+        for (proto, port) in request.access.iter().filter(|_| request.nat.is_none()) {
             let door = self
                 .doors
                 .iter()
                 .find(|d| d.proto == *proto && d.port == *port)
-                .ok_or(Refusal::UnknownService)?;
+                .ok_or(Refusal::UnknownService(*proto, *port))?;
             if !door.users.contains(&user.name) {
                 return Err(Refusal::NotPermitted);
             }
-            let duration = request.duration.map_or(door.open_for, |d| d.min(door.open_for));
-            grants.push((door.service.clone(), duration));
+            grants.push(grant(door));
         }
         if !store.first_sighting(&request.digest, now, now + 2 * self.max_age) {
             return Err(Refusal::Replay);
@@ -306,7 +398,7 @@ key_file = "bob.key"
             (
                 packet(&f.alice, NOW, 7777, None, 5),
                 "10.1.2.3",
-                Refusal::UnknownService,
+                Refusal::UnknownService(Proto::Tcp, 7777),
             ),
             (
                 packet(&f.alice, NOW - 11, 5432, None, 6),

@@ -260,6 +260,7 @@ pub fn decode<'k>(
         access: fields.access,
         allow_ip: fields.allow_ip,
         duration: fields.duration,
+        nat: None,
         digest: replay_digest(DIGEST_LABEL, packet),
     })
 }
