@@ -76,6 +76,14 @@ impl Default for Gateway {
 /// What an unauthorised guarded connection gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unauthorized {
+    /// TCP: while no grant of the service is active, bound but not
+    /// listening (a SYN gets a reset, as on an unused port); while one
+    /// is, as `Refuse`. The default.
+    Closed,
+    /// TCP: a kernel filter on the listener drops SYNs from sources
+    /// without a grant (no answer at all). Needs CAP_NET_ADMIN; without
+    /// it the service runs as `Closed`.
+    Dark,
     /// Accept, then reset at once.
     Refuse,
     /// Accept and hold silently until `blackhole_hold` runs out.
@@ -85,8 +93,18 @@ pub enum Unauthorized {
 }
 
 impl Unauthorized {
+    pub const ALL: [Unauthorized; 5] = [
+        Unauthorized::Closed,
+        Unauthorized::Dark,
+        Unauthorized::Refuse,
+        Unauthorized::Blackhole,
+        Unauthorized::Allow,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
+            Unauthorized::Closed => "closed",
+            Unauthorized::Dark => "dark",
             Unauthorized::Refuse => "refuse",
             Unauthorized::Blackhole => "blackhole",
             Unauthorized::Allow => "allow",
@@ -429,22 +447,19 @@ impl Validator {
         };
         let udp = self.udp_sessions(&base, raw, protocol);
         let unauthorized = match raw.unauthorized.as_deref().map(str::trim) {
-            None | Some("refuse") => Unauthorized::Refuse,
+            None | Some("closed") => Unauthorized::Closed,
+            Some("dark") => Unauthorized::Dark,
+            Some("refuse") => Unauthorized::Refuse,
             Some("blackhole") => Unauthorized::Blackhole,
             Some("allow") => Unauthorized::Allow,
-            Some("dark") => {
-                self.problem(
-                    format!("{base}.unauthorized"),
-                    "\"dark\" is not supported by this version: use \"blackhole\", \"refuse\" or \"allow\"",
-                );
-                Unauthorized::Refuse
-            }
             Some(other) => {
                 self.problem(
                     format!("{base}.unauthorized"),
-                    format!("{other:?} is not a mode: use \"refuse\", \"blackhole\" or \"allow\""),
+                    format!(
+                        "{other:?} is not a mode: use \"closed\", \"dark\", \"refuse\", \"blackhole\" or \"allow\""
+                    ),
                 );
-                Unauthorized::Refuse
+                Unauthorized::Closed
             }
         };
         let open_for = self.duration(

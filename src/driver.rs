@@ -14,7 +14,7 @@
 //! replica then runs the same deterministic gate over the same inputs, and
 //! the knock logic is never written twice.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::door::Door;
 use crate::gate::{Event, Gate, GateLimits, Grant, Input, Knock, KnockResult, Method, ServiceRule};
 use crate::guard::{SourceGuard, StrikeKind};
 use crate::metrics;
@@ -48,6 +49,12 @@ pub enum Request {
         service: Arc<str>,
         source: IpAddr,
         reply: oneshot::Sender<Option<Grant>>,
+    },
+    /// The doors of the services in `closed` mode, replacing any before;
+    /// each is opened or closed at once to match the grants held.
+    Doors {
+        doors: Vec<Arc<Door>>,
+        reply: oneshot::Sender<()>,
     },
     /// A reloaded config's rules; answered once the gate has them.
     Reconfigure {
@@ -127,6 +134,17 @@ impl DriverHandle {
             .map_err(|_| DriverError::Busy)?
     }
 
+    /// Installs the doors of the `closed` services and waits until each
+    /// listens exactly when its service has a grant.
+    pub async fn doors(&self, doors: Vec<Arc<Door>>) -> Result<(), DriverError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Request::Doors { doors, reply })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        answer.await.map_err(|_| DriverError::Stopped)
+    }
+
     /// Hands the gate a reloaded config's rules and waits until it has them.
     pub async fn reconfigure(&self, services: Vec<ServiceRule>, limits: GateLimits) -> Result<(), DriverError> {
         let (reply, answer) = oneshot::channel();
@@ -203,6 +221,10 @@ pub struct Driver {
     requests: mpsc::Receiver<Request>,
     effects: Effects,
     events: Vec<Event>,
+    /// Grants held per service, as applied to the store.
+    held: HashMap<Arc<str>, usize>,
+    /// The doors of `closed` services, by service.
+    doors: HashMap<Arc<str>, Arc<Door>>,
 }
 
 impl Driver {
@@ -213,6 +235,8 @@ impl Driver {
             requests,
             effects,
             events: Vec::new(),
+            held: HashMap::new(),
+            doors: HashMap::new(),
         }
     }
 
@@ -225,7 +249,7 @@ impl Driver {
                 _ = stop.cancelled() => return,
                 entry = self.log.next() => self.feed(entry),
                 request = self.requests.recv() => match request {
-                    Some(request) => self.log.append(entry(request)),
+                    Some(request) => self.take(request),
                     None => return,
                 },
                 _ = sleep_until(deadline), if deadline.is_some() => {
@@ -273,30 +297,110 @@ impl Driver {
     }
 
     fn apply_events(&mut self) {
-        for event in self.events.drain(..) {
-            apply(event, &*self.effects.store, &*self.effects.clock);
+        let mut events = std::mem::take(&mut self.events);
+        for event in events.drain(..) {
+            self.apply(event);
+        }
+        self.events = events;
+    }
+
+    /// Applies one gate event to the store, metrics, the audit log and the
+    /// doors of `closed` services.
+    fn apply(&mut self, event: Event) {
+        let (store, clock) = (&*self.effects.store, &*self.effects.clock);
+        match event {
+            Event::Granted(grant) => {
+                // The store mirrors the gate, which ends an expired grant
+                // before granting again: a grant already held is renewed.
+                if !store.holds(&grant.service, grant.source) {
+                    metrics::grants_active(&grant.service, 1.0);
+                    let held = self.held.entry(grant.service.clone()).or_default();
+                    *held += 1;
+                    // Listening before the grant is visible: the granted
+                    // source's first connect never meets a closed port.
+                    if *held == 1 {
+                        if let Some(door) = self.doors.get(&grant.service) {
+                            door.open();
+                        }
+                    }
+                }
+                store.insert(&grant);
+                audit_grant(&grant, clock);
+            }
+            Event::GrantExpired(grant) => {
+                if store
+                    .remove_expired(&grant.service, grant.source, clock.now())
+                    .is_some()
+                {
+                    metrics::grant_expired(&grant.service);
+                    self.ended(&grant.service);
+                    tracing::info!(target: AUDIT_TARGET, service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant expired");
+                }
+            }
+            Event::Revoked(grant) => {
+                if store.revoke(&grant.service, grant.source).is_some() {
+                    self.ended(&grant.service);
+                }
+                tracing::info!(target: AUDIT_TARGET, service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant revoked");
+            }
+            other => apply_progress(other),
+        }
+    }
+
+    /// One grant of `service` ended; the last one closes its door.
+    fn ended(&mut self, service: &Arc<str>) {
+        metrics::grants_active(service, -1.0);
+        let held = self.held.entry(service.clone()).or_default();
+        *held = held.saturating_sub(1);
+        if *held == 0 {
+            self.held.remove(service);
+            if let Some(door) = self.doors.get(service) {
+                door.close();
+            }
+        }
+    }
+
+    /// Takes the doors of a (re)started config and sets each to match the
+    /// grants its service holds.
+    fn install(&mut self, doors: Vec<Arc<Door>>) {
+        self.doors = doors.into_iter().map(|d| (d.service().clone(), d)).collect();
+        for (service, door) in &self.doors {
+            if self.held.get(service).copied().unwrap_or(0) > 0 {
+                door.open();
+            } else {
+                door.close();
+            }
         }
     }
 }
 
-fn entry(request: Request) -> Entry {
-    match request {
-        Request::Input(input) => Entry {
-            input,
-            reply: Reply::None,
-        },
-        Request::Revoke { service, source, reply } => Entry {
-            input: Input::Revoke { service, source },
-            reply: Reply::Revoked(reply),
-        },
-        Request::Reconfigure {
-            services,
-            limits,
-            reply,
-        } => Entry {
-            input: Input::Reconfigure { services, limits },
-            reply: Reply::Reconfigured(reply),
-        },
+impl Driver {
+    /// Gate inputs go to the log; doors are this process's own business.
+    fn take(&mut self, request: Request) {
+        let entry = match request {
+            Request::Doors { doors, reply } => {
+                self.install(doors);
+                let _ = reply.send(());
+                return;
+            }
+            Request::Input(input) => Entry {
+                input,
+                reply: Reply::None,
+            },
+            Request::Revoke { service, source, reply } => Entry {
+                input: Input::Revoke { service, source },
+                reply: Reply::Revoked(reply),
+            },
+            Request::Reconfigure {
+                services,
+                limits,
+                reply,
+            } => Entry {
+                input: Input::Reconfigure { services, limits },
+                reply: Reply::Reconfigured(reply),
+            },
+        };
+        self.log.append(entry);
     }
 }
 
@@ -312,6 +416,8 @@ fn is_bad_knock(events: &[Event], source: IpAddr) -> bool {
             match result {
                 KnockResult::Advanced { .. } | KnockResult::Repeated { .. } => return false,
                 KnockResult::Reset(_) | KnockResult::Ignored => bad = true,
+                // Not the source's doing (a flood filled the table).
+                KnockResult::TableFull => {}
             }
         }
     }
@@ -324,8 +430,8 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Applies one gate event to the store, metrics and the audit log.
-fn apply(event: Event, store: &dyn GrantStore, clock: &dyn Clock) {
+/// Counts and logs a knock's progress or an attempt's end.
+fn apply_progress(event: Event) {
     match event {
         Event::Knock {
             service,
@@ -340,46 +446,27 @@ fn apply(event: Event, store: &dyn GrantStore, clock: &dyn Clock) {
             metrics::attempt_expired(&service, cause);
             tracing::debug!(%service, %source, cause = cause.as_label(), "knock attempt ended");
         }
-        Event::Granted(grant) => {
-            // The store mirrors the gate, which ends an expired grant
-            // before granting again: a grant already held is being renewed.
-            if !store.holds(&grant.service, grant.source) {
-                metrics::grants_active(&grant.service, 1.0);
-            }
-            store.insert(&grant);
-            metrics::grant(&grant.service, &grant.method);
-            let open_for = grant.expires_at.saturating_duration_since(clock.now());
-            let user = match &grant.method {
-                Method::Spa { user } => Some(user.to_string()),
-                Method::Knock => None,
-            };
-            tracing::info!(
-                target: AUDIT_TARGET,
-                service = %grant.service,
-                source = %grant.source,
-                method = grant.method.as_label(),
-                user,
-                open_for = %humantime::format_duration(round_ms(open_for)),
-                "grant"
-            );
-        }
-        Event::GrantExpired(grant) => {
-            if store
-                .remove_expired(&grant.service, grant.source, clock.now())
-                .is_some()
-            {
-                metrics::grant_expired(&grant.service);
-                metrics::grants_active(&grant.service, -1.0);
-                tracing::info!(target: AUDIT_TARGET, service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant expired");
-            }
-        }
-        Event::Revoked(grant) => {
-            if store.revoke(&grant.service, grant.source).is_some() {
-                metrics::grants_active(&grant.service, -1.0);
-            }
-            tracing::info!(target: AUDIT_TARGET, service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant revoked");
-        }
+        Event::Granted(_) | Event::GrantExpired(_) | Event::Revoked(_) => {}
     }
+}
+
+/// Counts and logs a grant given.
+fn audit_grant(grant: &Grant, clock: &dyn Clock) {
+    metrics::grant(&grant.service, &grant.method);
+    let open_for = grant.expires_at.saturating_duration_since(clock.now());
+    let user = match &grant.method {
+        Method::Spa { user } => Some(user.to_string()),
+        Method::Knock => None,
+    };
+    tracing::info!(
+        target: AUDIT_TARGET,
+        service = %grant.service,
+        source = %grant.source,
+        method = grant.method.as_label(),
+        user,
+        open_for = %humantime::format_duration(round_ms(open_for)),
+        "grant"
+    );
 }
 
 fn round_ms(d: Duration) -> Duration {

@@ -122,16 +122,19 @@ pub enum KnockResult {
     Reset(ResetCause),
     /// Not the next step and there was no progress to reset.
     Ignored,
+    /// A first step, refused because the attempt table is full.
+    TableFull,
 }
 
 impl KnockResult {
     /// One of each kind of result (labels depend on the kind alone).
-    pub const ALL: [KnockResult; 5] = [
+    pub const ALL: [KnockResult; 6] = [
         KnockResult::Advanced { step: 1, of: 1 },
         KnockResult::Repeated { step: 1 },
         KnockResult::Reset(ResetCause::WrongStep),
         KnockResult::Reset(ResetCause::Trap),
         KnockResult::Ignored,
+        KnockResult::TableFull,
     ];
 
     /// Stable label for logs and metrics.
@@ -142,6 +145,7 @@ impl KnockResult {
             KnockResult::Reset(ResetCause::WrongStep) => "reset_wrong_step",
             KnockResult::Reset(ResetCause::Trap) => "reset_trap",
             KnockResult::Ignored => "ignored",
+            KnockResult::TableFull => "table_full",
         }
     }
 }
@@ -158,17 +162,14 @@ pub enum ResetCause {
 pub enum ExpiryCause {
     StepTimeout,
     SequenceTimeout,
-    /// The attempt table was full and this was the attempt nearest its end.
-    Evicted,
     /// A reload changed or removed the service's knock rule.
     Reconfigured,
 }
 
 impl ExpiryCause {
-    pub const ALL: [ExpiryCause; 4] = [
+    pub const ALL: [ExpiryCause; 3] = [
         ExpiryCause::StepTimeout,
         ExpiryCause::SequenceTimeout,
-        ExpiryCause::Evicted,
         ExpiryCause::Reconfigured,
     ];
 
@@ -176,7 +177,6 @@ impl ExpiryCause {
         match self {
             ExpiryCause::StepTimeout => "step_timeout",
             ExpiryCause::SequenceTimeout => "sequence_timeout",
-            ExpiryCause::Evicted => "evicted",
             ExpiryCause::Reconfigured => "reconfigured",
         }
     }
@@ -412,7 +412,7 @@ impl Gate {
         for (idx, role) in targets {
             let result = match role {
                 Role::Trap => self.trap(idx, knock.source),
-                Role::Sequence => self.advance(idx, knock, now, out),
+                Role::Sequence => self.advance(idx, knock, now),
             };
             out.push(Event::Knock {
                 service: self.services[idx].name.clone(),
@@ -457,15 +457,14 @@ impl Gate {
         Some(grant)
     }
 
+    /// A trap hit ends any attempt of the source, and is reported as a
+    /// trap hit even without one: the driver locks the source out either way.
     fn trap(&mut self, idx: usize, source: IpAddr) -> KnockResult {
-        if self.remove_attempt((idx, source)).is_some() {
-            KnockResult::Reset(ResetCause::Trap)
-        } else {
-            KnockResult::Ignored
-        }
+        self.remove_attempt((idx, source));
+        KnockResult::Reset(ResetCause::Trap)
     }
 
-    fn advance(&mut self, idx: usize, knock: Knock, now: Instant, out: &mut Vec<Event>) -> KnockResult {
+    fn advance(&mut self, idx: usize, knock: Knock, now: Instant) -> KnockResult {
         let rule = self.services[idx]
             .knock
             .as_ref()
@@ -491,8 +490,10 @@ impl Gate {
         } else if !first {
             return KnockResult::Ignored;
         }
+        // Full: a new attempt is refused rather than evicting one in
+        // progress (a spoofed flood must not cost a real user theirs).
         if self.attempts.len() >= self.limits.max_attempts {
-            self.evict_one(out);
+            return KnockResult::TableFull;
         }
         self.set_attempt(key, 1, now, now, step_timeout, sequence_timeout);
         KnockResult::Advanced { step: 1, of }
@@ -532,17 +533,6 @@ impl Gate {
         let attempt = self.attempts.remove(&key)?;
         self.attempt_deadlines.remove(&(attempt.deadline, key));
         Some(attempt)
-    }
-
-    fn evict_one(&mut self, out: &mut Vec<Event>) {
-        if let Some((_, key)) = self.attempt_deadlines.pop_first() {
-            self.attempts.remove(&key);
-            out.push(Event::AttemptExpired {
-                service: self.services[key.0].name.clone(),
-                source: key.1,
-                cause: ExpiryCause::Evicted,
-            });
-        }
     }
 
     fn grant(&mut self, idx: usize, source: IpAddr, method: Method, expires_at: Instant, out: &mut Vec<Event>) {
@@ -961,7 +951,7 @@ mod tests {
     }
 
     #[test]
-    fn attempts_are_bounded_and_the_nearest_deadline_is_evicted() {
+    fn attempts_are_bounded_and_new_ones_are_refused_when_full() {
         let mut gate = Gate::new(vec![rule("echo", &[1, 3, 2], &[])], GateLimits { max_attempts: 2 });
         let clock = ManualClock::new();
         let mut out = Vec::new();
@@ -977,11 +967,28 @@ mod tests {
             clock.advance(MS(1));
         }
         assert_eq!(gate.attempts_in_progress(), 2);
-        assert!(out.contains(&Event::AttemptExpired {
+        assert!(
+            !out.iter().any(|e| matches!(e, Event::AttemptExpired { .. })),
+            "no attempt in progress is evicted"
+        );
+        assert!(out.contains(&Event::Knock {
             service: "echo".into(),
-            source: src(1),
-            cause: ExpiryCause::Evicted,
+            source: src(3),
+            step: udp(1),
+            result: KnockResult::TableFull,
         }));
+        // The first two go on to complete.
+        for step in [3, 2] {
+            gate.knock(
+                super::Knock {
+                    source: src(1),
+                    step: udp(step),
+                },
+                clock.now(),
+                &mut out,
+            );
+        }
+        assert!(out.iter().any(|e| matches!(e, Event::Granted(g) if g.source == src(1))));
     }
 
     #[test]

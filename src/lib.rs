@@ -32,6 +32,7 @@
 //! - [`filter`]: classic BPF socket filters that admit a set of sources; pure.
 //! - [`server`]: binds every socket ([`server::handover`]: the plan of what a
 //!   reload keeps, binds and closes), runs, reloads and drains.
+//! - [`door`]: the listening switch of a `closed` TCP service.
 //! - [`drain`]: the lifecycle: stop, cut, task tracker, in-flight count, signals.
 //! - [`net`]: socket set-up and the one accept loop every listener runs.
 //! - [`reload`]: SIGHUP and config-directory changes into validated reloads.
@@ -57,6 +58,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod door;
 pub mod drain;
 pub mod driver;
 pub mod filter;

@@ -140,6 +140,17 @@ pub fn udp_session_closed(service: &str, reason: &'static str) {
     metrics::gauge!(UDP_SESSIONS_ACTIVE, "service" => service.to_owned()).decrement(1.0);
 }
 
+pub const UNAUTHORIZED_MODE: &str = "portcullis_unauthorized_mode";
+
+/// The unauthorised mode in effect for a TCP service (1 for it, 0 for the
+/// others): `dark` runs as `closed` where the kernel refuses its filter.
+pub fn unauthorized_mode(service: &str, effective: crate::config::Unauthorized) {
+    for mode in crate::config::Unauthorized::ALL {
+        let value = if mode == effective { 1.0 } else { 0.0 };
+        metrics::gauge!(UNAUTHORIZED_MODE, "service" => service.to_owned(), "mode" => mode.as_str()).set(value);
+    }
+}
+
 pub const UDP_KERNEL_FILTER: &str = "portcullis_udp_kernel_filter";
 pub const UDP_KERNEL_FILTER_FALLBACKS_TOTAL: &str = "portcullis_udp_kernel_filter_fallbacks_total";
 
@@ -409,6 +420,10 @@ fn describe() {
         "Knock and SPA packets ignored by the per-source guard, by listener and reason."
     );
     describe_counter!(LOCKOUTS_TOTAL, "Sources locked out after repeated bad packets.");
+    describe_gauge!(
+        UNAUTHORIZED_MODE,
+        "1 for the unauthorised mode in effect for a TCP service (dark falls back to closed without CAP_NET_ADMIN), 0 for the others."
+    );
 }
 
 /// Sets every series whose labels the config determines to zero.

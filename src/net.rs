@@ -82,6 +82,45 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Binds a guarded TCP socket without listening: the port is taken, and
+/// answers a SYN with a reset until [`listen`] is called on it. Bound with
+/// `SO_REUSEADDR` (a restart is not blocked by connections in TIME_WAIT),
+/// which is then cleared, so no other socket can bind the port while this
+/// one does not listen (Linux lets two non-listening sockets that both set
+/// it share a port).
+///
+/// The port is always bound explicitly, even for port 0 (a probe socket
+/// picks it first): Linux keeps only an explicitly bound port when a
+/// `closed` service stops listening, and gives an automatic one back.
+pub fn bind_tcp_unlistened(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let reusable = || -> io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        Ok(socket)
+    };
+    let socket = reusable()?;
+    let _ = socket.set_nodelay(true);
+    socket.set_nonblocking(true)?;
+    if addr.port() == 0 {
+        // Two sockets that set SO_REUSEADDR and do not listen may share a
+        // port: the probe holds it until the real socket has it too.
+        let probe = reusable()?;
+        probe.bind(&addr.into())?;
+        let picked = probe.local_addr()?.as_socket().ok_or(io::ErrorKind::InvalidData)?;
+        socket.bind(&picked.into())?;
+    } else {
+        socket.bind(&addr.into())?;
+    }
+    socket.set_reuse_address(false)?;
+    Ok(socket.into())
+}
+
+/// Starts listening on a socket bound by [`bind_tcp_unlistened`] (again
+/// after it stopped; listening twice only sets the backlog).
+pub fn listen(socket: &SockRef<'_>) -> io::Result<()> {
+    socket.listen(BACKLOG)
+}
+
 /// Binds a plain UDP socket.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;

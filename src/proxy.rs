@@ -7,6 +7,7 @@
 //! move is [`relay`]'s business; the pipes it splices through come from
 //! [`pipes`].
 
+pub mod dark;
 pub mod pipes;
 pub mod relay;
 
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::{Gateway, Service, Unauthorized};
+use crate::door::Door;
 use crate::drain::Lifecycle;
 use crate::metrics::{Decision, ListenerKind, ServiceMetrics};
 use crate::net;
@@ -57,22 +59,74 @@ impl Shared {
 
 /// Accepts guarded connections for `service` until `stop` (a child of the
 /// lifecycle's stop, so a reload can stop one service); hands the listener
-/// back so a reload can keep the socket open. Connections accepted run on
-/// in the lifecycle's tracker whatever happens to this loop.
+/// back (if it still has it) so a reload can keep the socket open. Connections accepted run on
+/// in the lifecycle's tracker whatever happens to this loop. With a `door`
+/// (`closed` mode) it accepts only while the door is open.
 pub async fn serve(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     service: Arc<Service>,
     shared: Arc<Shared>,
     stop: CancellationToken,
-) -> TcpListener {
+    door: Option<Arc<Door>>,
+) -> Option<std::net::TcpListener> {
     let meters = Arc::new(ServiceMetrics::new(&service.name));
-    // Waiting for a permit before accepting leaves excess connections in
-    // the kernel's backlog instead of in our memory.
+    // A socket that does not listen reports a hang-up, and tokio keeps a
+    // hang-up for the life of a registration: accepting through one made
+    // while it did not listen would spin. So the socket is registered only
+    // while it listens: for the whole run (the mode listens from the
+    // start), or afresh for each spell a closed service's door is open.
+    let Some(door) = door else {
+        let listening = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(service = %service.name, error = %e, "cannot accept: the next config binds the port anew");
+                return None;
+            }
+        };
+        accept_all(&listening, &service, &shared, &meters, &stop).await;
+        return listening.into_std().ok();
+    };
+    let closed = listener;
+    let mut open = door.watch();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = open.wait_for(|open| *open) => if changed.is_err() { break },
+        }
+        let spell = closed.try_clone().and_then(TcpListener::from_std);
+        match spell {
+            Ok(listening) => {
+                tokio::select! {
+                    _ = accept_all(&listening, &service, &shared, &meters, &stop) => break,
+                    changed = open.wait_for(|open| !*open) => if changed.is_err() { break },
+                }
+            }
+            Err(e) => {
+                tracing::error!(service = %service.name, error = %e, "closed service: cannot accept");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    changed = open.wait_for(|open| !*open) => if changed.is_err() { break },
+                }
+            }
+        }
+    }
+    Some(closed)
+}
+
+/// Accepts until `stop`. Waiting for a permit before accepting leaves
+/// excess connections in the kernel's backlog instead of in our memory.
+async fn accept_all(
+    listener: &TcpListener,
+    service: &Arc<Service>,
+    shared: &Arc<Shared>,
+    meters: &Arc<ServiceMetrics>,
+    stop: &CancellationToken,
+) {
     net::accept_loop(
-        &listener,
+        listener,
         ListenerKind::Guarded,
         Some(&shared.connections),
-        &stop,
+        stop,
         |stream, peer, permit| {
             let Some(permit) = permit else { return };
             let task = (service.clone(), shared.clone(), meters.clone());
@@ -83,7 +137,6 @@ pub async fn serve(
         },
     )
     .await;
-    listener
 }
 
 async fn handle(
@@ -101,7 +154,10 @@ async fn handle(
         return splice(stream, source, service, shared, meters, permit).await;
     }
     match service.unauthorized {
-        Unauthorized::Refuse => {
+        // Listening at all means a grant of the service is active (closed)
+        // or the kernel filter let a granted source through (dark) that
+        // has just lost its grant: refused either way.
+        Unauthorized::Closed | Unauthorized::Dark | Unauthorized::Refuse => {
             meters.connection(Decision::Refused);
             tracing::debug!(service = %service.name, %source, "connection refused: no grant");
             net::reset(stream);

@@ -149,7 +149,7 @@ impl Bound {
             clock,
             failures: failures_tx,
         });
-        runtime.start(sockets)?;
+        runtime.start(sockets).await?;
         readiness.set_ready();
         tracing::info!("ready");
 

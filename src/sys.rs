@@ -104,6 +104,10 @@ mod portable {
         false
     }
 
+    pub(crate) fn unlisten(_fd: BorrowedFd<'_>) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "closed mode needs Linux"))
+    }
+
     pub(crate) fn trim_heap() -> bool {
         false
     }
@@ -218,6 +222,24 @@ mod linux {
     /// Hands the allocator's free memory back to the kernel (glibc keeps
     /// what a burst of connections freed, in every arena, until asked).
     /// Returns whether any was released; a no-op elsewhere than glibc.
+    /// Makes a listening TCP socket stop listening and keeps its bound
+    /// port: `connect(2)` with `AF_UNSPEC` disconnects it (connections
+    /// waiting in the backlog are reset).
+    pub(crate) fn unlisten(fd: BorrowedFd<'_>) -> io::Result<()> {
+        let addr = libc::sockaddr {
+            sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+            sa_data: [0; 14],
+        };
+        let len = std::mem::size_of::<libc::sockaddr>() as libc::socklen_t;
+        // SAFETY: `fd` is a live descriptor for the call's duration; the
+        // address is a valid `sockaddr` of the length given.
+        let r = unsafe { libc::connect(fd.as_raw_fd(), &addr, len) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     pub(crate) fn trim_heap() -> bool {
         #[cfg(target_env = "gnu")]
         {

@@ -52,6 +52,11 @@ impl Endpoint {
 /// A bound socket.
 #[derive(Debug)]
 pub enum Socket {
+    /// A guarded TCP service's socket: bound, registered with the runtime
+    /// only by the service task (which decides when it listens: see
+    /// `door`), so it is kept as a std socket between tasks.
+    Guarded(std::net::TcpListener),
+    /// A TCP knock step's listener.
     Tcp(TcpListener),
     Udp(Arc<UdpSocket>),
 }
@@ -59,6 +64,7 @@ pub enum Socket {
 impl Socket {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
+            Socket::Guarded(l) => l.local_addr(),
             Socket::Tcp(l) => l.local_addr(),
             Socket::Udp(s) => s.local_addr(),
         }
@@ -138,7 +144,7 @@ fn bind(endpoint: &Endpoint) -> std::io::Result<Socket> {
             proto: Proto::Tcp,
             listen,
             ..
-        } => Socket::Tcp(net::bind_tcp(*listen)?),
+        } => Socket::Guarded(net::bind_tcp_unlistened(*listen)?),
         Endpoint::Guarded {
             proto: Proto::Udp,
             listen,

@@ -16,10 +16,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::handover::{self, Endpoint, Socket};
 use crate::clock::Clock;
-use crate::config::{Config, Service};
+use crate::config::{Config, Service, Unauthorized};
+use crate::door::Door;
 use crate::driver::DriverHandle;
 use crate::gate::{GateLimits, ServiceRule};
 use crate::guard::SourceGuard;
+use crate::proxy::dark::{self, Dark};
 use crate::spa::desk::{unix_secs, SpaDesk};
 use crate::step::{Proto, Step};
 use crate::{metrics, proxy, sensor, udp};
@@ -85,6 +87,13 @@ pub(super) fn guarded_addrs(config: &Config, sockets: &HashMap<Endpoint, Socket>
             Some((s.name.clone(), addr))
         })
         .collect()
+}
+
+/// Makes a guarded listener listen (again, after a `closed` spell).
+fn listen(service: &str, listener: &std::net::TcpListener) {
+    if let Err(e) = crate::net::listen(&socket2::SockRef::from(listener)) {
+        tracing::error!(service, error = %e, "cannot listen");
+    }
 }
 
 /// What a reload changed, for its log line.
@@ -163,10 +172,11 @@ impl Runtime {
 
     /// Starts serving `sockets` (one per endpoint of the config), logging
     /// each listener.
-    pub(super) fn start(&mut self, mut sockets: HashMap<Endpoint, Socket>) -> anyhow::Result<()> {
+    pub(super) async fn start(&mut self, mut sockets: HashMap<Endpoint, Socket>) -> anyhow::Result<()> {
         self.running = sockets.keys().cloned().collect();
         let bound = guarded_addrs(self.config(), &sockets);
         let services: Vec<Service> = self.config().services.clone();
+        let mut doors = Vec::new();
         for service in services {
             let endpoint = handover::guarded(&service);
             let socket = sockets
@@ -174,8 +184,14 @@ impl Runtime {
                 .ok_or_else(|| anyhow::anyhow!("no socket was bound for service.{}", service.name))?;
             let addr = socket.local_addr()?;
             tracing::info!(kind = "guarded", service = %service.name, protocol = service.protocol.as_str(), %addr, upstream = %service.upstream, unauthorized = service.unauthorized.as_str(), "listening");
-            self.spawn_service(Arc::new(service), endpoint, socket);
+            self.spawn_service(Arc::new(service), endpoint, socket, &mut doors);
         }
+        // Before `ready`: a door of a service with grants opens now.
+        self.parts
+            .driver
+            .doors(doors)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let intake = sensor::Intake {
             driver: self.parts.driver.clone(),
             guard: self.parts.guard.clone(),
@@ -254,15 +270,25 @@ impl Runtime {
         self.tasks.push(Task { stop, handle });
     }
 
-    fn spawn_service(&mut self, service: Arc<Service>, endpoint: Endpoint, socket: Socket) {
+    fn spawn_service(&mut self, service: Arc<Service>, endpoint: Endpoint, socket: Socket, doors: &mut Vec<Arc<Door>>) {
         let what = format!("service {}", service.name);
         match socket {
-            Socket::Tcp(listener) => {
+            Socket::Guarded(listener) => {
+                let (mode, door, dark) = self.unauthorized_mode(&service, &listener);
+                metrics::unauthorized_mode(&service.name, mode);
+                doors.extend(door.clone());
                 let shared = self.parts.proxy.clone();
                 self.spawn(what, move |stop| async move {
-                    let listener = proxy::serve(listener, service, shared, stop).await;
-                    vec![(endpoint, Socket::Tcp(listener))]
+                    let keeper = dark.map(|d| tokio::spawn(d.keep(stop.clone())));
+                    let listener = proxy::serve(listener, service, shared, stop, door).await;
+                    if let Some(keeper) = keeper {
+                        let _ = keeper.await;
+                    }
+                    listener.map(|l| (endpoint, Socket::Guarded(l))).into_iter().collect()
                 });
+            }
+            Socket::Tcp(_) => {
+                tracing::error!(service = %service.name, "a knock listener was handed to a guarded service");
             }
             Socket::Udp(socket) => {
                 let epoch = self.parts.clock.now();
@@ -276,6 +302,54 @@ impl Runtime {
                     let socket = udp::serve(socket, sessions, service, shared, stop).await;
                     vec![(endpoint, Socket::Udp(socket))]
                 });
+            }
+        }
+    }
+
+    /// Sets up a guarded TCP listener for its unauthorised mode and returns
+    /// the mode in effect: `closed` gets a door (not listening until a
+    /// grant); `dark` a kernel filter, or, where the kernel refuses one
+    /// (no CAP_NET_ADMIN), a door as `closed`; every other mode listens.
+    fn unauthorized_mode(
+        &self,
+        service: &Service,
+        listener: &std::net::TcpListener,
+    ) -> (Unauthorized, Option<Arc<Door>>, Option<Dark>) {
+        let name = &service.name;
+        let closed = || match Door::new(name.clone(), listener) {
+            Ok(door) => (Unauthorized::Closed, Some(door), None),
+            Err(e) => {
+                tracing::error!(service = %name, error = %e, "closed mode unavailable: refusing in userspace");
+                listen(name, listener);
+                (Unauthorized::Refuse, None, None)
+            }
+        };
+        match service.unauthorized {
+            Unauthorized::Closed => {
+                dark::detach(listener);
+                closed()
+            }
+            Unauthorized::Dark => {
+                let store = self.parts.proxy.store.clone();
+                match Dark::attach(name.clone(), listener, store, self.parts.clock.clone()) {
+                    Ok(keeper) => {
+                        listen(name, listener);
+                        (Unauthorized::Dark, None, Some(keeper))
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            service = %name,
+                            error = %e,
+                            "dark mode needs CAP_NET_ADMIN to filter a TCP listener (Linux 5d39580f68e6): running as closed"
+                        );
+                        closed()
+                    }
+                }
+            }
+            mode => {
+                dark::detach(listener);
+                listen(name, listener);
+                (mode, None, None)
             }
         }
     }
@@ -319,7 +393,7 @@ impl Runtime {
             .collect();
         metrics::zero_services(&added);
         self.parts.config = new;
-        self.start(sockets)?;
+        self.start(sockets).await?;
         Ok(summary)
     }
 
