@@ -25,6 +25,7 @@
 //! - [`filter`]: classic BPF socket filters that admit a set of sources; pure.
 //! - [`reload`]: SIGHUP and config-directory changes into validated reloads.
 //! - [`server`]: binds every socket, drives the gate, shuts down gracefully.
+//! - [`notify`]: tells a service manager (systemd `Type=notify`) when it is ready, reloading, stopping.
 //! - [`config`]: file and environment into validated runtime types.
 //! - [`client`]: the `knock` command.
 //! - [`clock`]: the only place that reads the clock.
@@ -46,6 +47,7 @@ pub mod guard;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod proxy;
 pub mod reload;
 pub mod secret;

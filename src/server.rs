@@ -281,11 +281,12 @@ impl Bound {
         runtime.start(sockets)?;
         readiness.set_ready();
         tracing::info!("ready");
+        crate::notify::ready();
 
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(new) = reloads.recv() => match runtime.reload(new).await {
+                Some(new) = reloads.recv() => match crate::notify::reloading(runtime.reload(new)).await {
                     Ok(summary) => {
                         metrics::config_reload(ReloadResult::Success);
                         tracing::info!(
@@ -304,6 +305,7 @@ impl Bound {
         }
 
         readiness.set_draining();
+        crate::notify::stopping();
         let grace = shared.gateway.shutdown_grace;
         tracing::info!("shutting down");
         shared.stop.cancel();
