@@ -10,17 +10,17 @@
 //! under `chroot` alone, and the test prints why.
 
 mod common;
+mod deploy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use deploy::UID;
 
 const CONTAINERFILE: &str = "deploy/container/Containerfile";
-const ROOTFS_SH: &str = "deploy/container/rootfs.sh";
 const SHIPPED_CONFIG: &str = "deploy/container/proxy.toml";
-const UID: u32 = 65532;
 const IMAGE: &str = "localhost/portcullis:test";
 
 /// The Containerfile's runtime stage, reading the rootfs from the build
@@ -53,13 +53,10 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     }
 }
 
-/// A stripped copy of the built binary laid out as the image's rootfs,
-/// with the shipped config where the Containerfile puts it.
+/// The image's filesystem with the shipped config where the Containerfile
+/// puts it, and the runtime stage beside it.
 fn lay_out_rootfs(work: &Path) -> PathBuf {
-    let stripped = work.join("portcullis");
-    run(Command::new("strip").arg("-o").arg(&stripped).arg(BIN)).expect("strip (binutils)");
-    let rootfs = work.join("ctx/rootfs");
-    run(Command::new("sh").arg(repo_path(ROOTFS_SH)).arg(&stripped).arg(&rootfs)).expect("rootfs.sh");
+    let rootfs = deploy::image_rootfs(work);
     std::fs::copy(repo_path(SHIPPED_CONFIG), rootfs.join("etc/portcullis/proxy.toml")).unwrap();
     std::fs::write(work.join("ctx/Containerfile"), runtime_stage()).unwrap();
     rootfs
@@ -245,21 +242,11 @@ fn serve_env(admin_port: u16) -> Vec<(String, String)> {
     ]
 }
 
-/// `rootfs` bind-mounted read-only in a mount namespace of its own, config
-/// read-only and state writable, then the binary under `chroot` as the
-/// image's user with no-new-privileges.
+/// `rootfs` read-only, the state volume writable, the binary under
+/// `chroot` as the image's user with no-new-privileges.
 fn chroot_command(rootfs: &Path, state: &Path, args: &str) -> Command {
-    let r = rootfs.display();
-    let script = format!(
-        "set -e; mount --bind {r} {r}; mount -o remount,bind,ro {r}; \
-         mount --bind {s} {r}/var/lib/portcullis; \
-         cd {r}/var/lib/portcullis; \
-         exec setpriv --no-new-privs chroot --userspec={UID}:{UID} --groups={UID} {r} /usr/local/bin/portcullis {args}",
-        s = state.display()
-    );
-    let mut c = Command::new("unshare");
-    c.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
-    c
+    let args: Vec<&str> = args.split(' ').collect();
+    deploy::chroot_command(&[], rootfs, &[(state, "/var/lib/portcullis")], &args)
 }
 
 fn chroot_run(rootfs: &Path, work: &Path, why: &str) {

@@ -57,3 +57,64 @@ pub fn check(path: &Path) -> Result<String, String> {
         Err(format!("{BIN} check {}: exit {code}\n{out}{err}", path.display()))
     }
 }
+
+/// The container image's filesystem under `work/ctx/rootfs`: a stripped
+/// copy of the built binary laid out by `deploy/container/rootfs.sh`, the
+/// script the Containerfile's build stage runs.
+pub fn image_rootfs(work: &Path) -> PathBuf {
+    let stripped = work.join("portcullis");
+    let out = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(BIN)
+        .output()
+        .expect("strip (binutils)");
+    assert!(out.status.success(), "strip: {}", String::from_utf8_lossy(&out.stderr));
+    let rootfs = work.join("ctx/rootfs");
+    let out = std::process::Command::new("sh")
+        .arg(super::common::repo_path("deploy/container/rootfs.sh"))
+        .arg(&stripped)
+        .arg(&rootfs)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "rootfs.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rootfs
+}
+
+/// A command that runs the image's binary as uid/gid 65532 with
+/// no-new-privileges, chrooted into `rootfs` mounted read-only in a mount
+/// namespace of its own, with each (host dir, path in the image) of
+/// `mounts` bound over it (read-only unless the path is the state dir).
+/// `prefix` runs first (e.g. `ip netns exec NAME`).
+pub fn chroot_command(
+    prefix: &[&str],
+    rootfs: &Path,
+    mounts: &[(&Path, &str)],
+    args: &[&str],
+) -> std::process::Command {
+    let r = rootfs.display();
+    let mut script = format!("set -e; mount --bind {r} {r}; mount -o remount,bind,ro {r}; ");
+    for (host, inside) in mounts {
+        script += &format!("mount --bind {} {r}{inside}; ", host.display());
+        if *inside != "/var/lib/portcullis" {
+            script += &format!("mount -o remount,bind,ro {r}{inside}; ");
+        }
+    }
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    script += &format!(
+        "cd {r}/var/lib/portcullis; exec setpriv --no-new-privs chroot --userspec={UID}:{UID} --groups={UID} {r} /usr/local/bin/portcullis {}",
+        quoted.join(" ")
+    );
+    let mut all: Vec<&str> = prefix.to_vec();
+    all.extend(["unshare", "--mount", "--propagation", "private", "sh", "-c"]);
+    let mut c = std::process::Command::new(all[0]);
+    c.args(&all[1..]).arg(script);
+    c
+}
+
+/// The image's user.
+pub const UID: u32 = 65532;
