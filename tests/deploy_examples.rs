@@ -1,6 +1,7 @@
-//! Every example config in `deploy/examples/` is a fixture: laid out with
-//! the secrets it names, it passes `portcullis check`, and each one that
-//! guards a port below 1024 says how to bind it.
+//! Every config shipped under `deploy/` is a fixture: the examples in
+//! `deploy/examples/`, the container image's and the Kubernetes sidecar's.
+//! Laid out with the secrets it names, each passes `portcullis check`, and
+//! each one that guards a port below 1024 says how to bind it.
 
 mod common;
 mod deploy;
@@ -14,6 +15,8 @@ fn examples() -> Vec<std::path::PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     files.sort();
+    files.push(repo_path("deploy/container/proxy.toml"));
+    files.push(repo_path("deploy/kubernetes/sidecar/proxy.toml"));
     files
 }
 
