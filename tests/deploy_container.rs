@@ -158,6 +158,20 @@ fn gateway_pids(root: i32) -> Vec<i32> {
     out
 }
 
+/// A runner (buildah, or the chroot) that is killed with its gateway if
+/// the test fails before stopping it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for pid in gateway_pids(self.0.id() as i32) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `path` opened for appending, so stdout and stderr interleave whole.
 fn log_file(path: &Path) -> std::fs::File {
     std::fs::OpenOptions::new()
@@ -188,7 +202,8 @@ fn wait_healthz(child: &mut Child, port: u16, log: &Path) {
 
 /// Asserts every gateway process under `child` runs as the image's user
 /// without capabilities, then stops it with SIGTERM and waits.
-fn assert_unprivileged_then_stop(mut child: Child, log: &Path, read_only_root: bool) {
+fn assert_unprivileged_then_stop(mut running: Running, log: &Path, read_only_root: bool) {
+    let child = &mut running.0;
     let pids = gateway_pids(child.id() as i32);
     assert!(!pids.is_empty(), "no gateway process under the runner");
     for &pid in &pids {
@@ -269,8 +284,8 @@ fn chroot_run(rootfs: &Path, work: &Path, why: &str) {
         .stdin(Stdio::null())
         .stdout(log_file(&log))
         .stderr(log_file(&log));
-    let mut child = cmd.spawn().unwrap();
-    wait_healthz(&mut child, admin, &log);
+    let mut child = Running(cmd.spawn().unwrap());
+    wait_healthz(&mut child.0, admin, &log);
     assert_unprivileged_then_stop(child, &log, true);
 }
 
@@ -329,8 +344,8 @@ fn the_runtime_image_checks_and_serves_as_65532_without_capabilities() {
                 }
                 serve.args([&ctr, "--", "/usr/local/bin/portcullis", "serve"]);
                 serve.stdin(Stdio::null()).stdout(log_file(&log)).stderr(log_file(&log));
-                let mut child = serve.spawn().unwrap();
-                wait_healthz(&mut child, admin, &log);
+                let mut child = Running(serve.spawn().unwrap());
+                wait_healthz(&mut child.0, admin, &log);
                 assert_unprivileged_then_stop(child, &log, false);
             }
             Err(e) => eprintln!("buildah cannot run containers here ({e}); the chroot run below stands in"),

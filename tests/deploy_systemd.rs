@@ -111,6 +111,16 @@ fn the_unit_keeps_its_promises() {
     assert!(unit.contains("TimeoutStopSec=30s"));
 }
 
+/// The gateway under test, killed if an assertion fails first.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One datagram from the notify socket, or a panic naming `what`.
 fn next_state(socket: &UnixDatagram, what: &str) -> String {
     let mut buf = [0u8; 4096];
@@ -148,16 +158,18 @@ knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
     );
     let config_path = dir.path().join("proxy.toml");
     std::fs::write(&config_path, &config).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--log-format", "json", "serve", "-c"])
-        .arg(&config_path)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["--log-format", "json", "serve", "-c"])
+            .arg(&config_path)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
 
     assert_eq!(next_state(&socket, "READY=1"), "READY=1");
     // Nothing waits here: whatever READY=1 promised must already hold.
@@ -174,7 +186,7 @@ knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
     assert_eq!(next_state(&socket, "STOPPING=1"), "STOPPING=1");
     let deadline = std::time::Instant::now() + PATIENCE;
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(std::time::Instant::now() < deadline, "the gateway did not exit");
