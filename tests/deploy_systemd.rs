@@ -5,9 +5,12 @@
 //! around a SIGHUP reload, `STOPPING=1` on SIGTERM.
 //!
 //! No systemd runs here as PID 1, so the sandbox itself is not exercised;
-//! the notify protocol is, against a datagram socket the test reads.
+//! the notify protocol is, against a datagram socket the test reads, and
+//! the system call filter is held against every call the gateway makes
+//! under strace through a knock, TCP and UDP traffic, a reload and a drain.
 
 mod common;
+mod deploy;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -205,4 +208,197 @@ fn a_bad_notify_socket_only_warns() {
     );
     gw.wait_for(|l| msg(l) == "cannot notify the service manager");
     assert!(!echo_works("127.0.0.1", gw.addr("echo")), "refuse mode still refuses");
+}
+
+/// Every system call name in the groups systemd knows, group by group.
+fn syscall_groups() -> std::collections::HashMap<String, Vec<String>> {
+    let out = Command::new("systemd-analyze").arg("syscall-filter").output().unwrap();
+    let mut groups = std::collections::HashMap::new();
+    let mut current: Option<String> = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let word = line.split_whitespace().next().unwrap_or("");
+        if word.is_empty() || word.starts_with('#') {
+            continue;
+        }
+        if !line.starts_with(' ') {
+            current = word.starts_with('@').then(|| word.to_string());
+            if let Some(g) = &current {
+                groups.insert(g.clone(), Vec::new());
+            }
+        } else if let Some(g) = &current {
+            groups.get_mut(g).expect("inserted above").push(word.to_string());
+        }
+    }
+    groups
+}
+
+fn expand(
+    groups: &std::collections::HashMap<String, Vec<String>>,
+    item: &str,
+    out: &mut std::collections::BTreeSet<String>,
+) {
+    match groups.get(item) {
+        Some(members) => members.iter().for_each(|m| expand(groups, m, out)),
+        None if item.starts_with('@') => panic!("unknown system call group {item}"),
+        None => {
+            out.insert(item.to_string());
+        }
+    }
+}
+
+/// The calls the unit's SystemCallFilter= lines allow: the first allow
+/// list, minus every `~` deny list after it.
+fn unit_allows() -> std::collections::BTreeSet<String> {
+    let groups = syscall_groups();
+    let unit = std::fs::read_to_string(repo_path(UNIT)).unwrap();
+    let mut allowed = std::collections::BTreeSet::new();
+    let mut denied = std::collections::BTreeSet::new();
+    for value in unit.lines().filter_map(|l| l.strip_prefix("SystemCallFilter=")) {
+        match value.strip_prefix('~') {
+            Some(deny) => deny.split_whitespace().for_each(|i| expand(&groups, i, &mut denied)),
+            None => value.split_whitespace().for_each(|i| expand(&groups, i, &mut allowed)),
+        }
+    }
+    assert!(!allowed.is_empty(), "the unit has no SystemCallFilter allow list");
+    &allowed - &denied
+}
+
+#[test]
+fn every_system_call_the_gateway_makes_is_inside_the_units_filter() {
+    let allowed = unit_allows();
+    let work = tempfile::tempdir().unwrap();
+    // The trace lives outside the config directory, which the gateway
+    // watches.
+    let conf = work.path().join("etc");
+    std::fs::create_dir(&conf).unwrap();
+    let trace = work.path().join("trace");
+    let tcp_up = echo_server("127.0.0.1:0");
+    let udp_up = {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        });
+        addr
+    };
+    let p = free_ports(8);
+    let config = format!(
+        r#"
+[gateway]
+shutdown_grace = "2s"
+
+[admin]
+listen = "127.0.0.1:{}"
+
+[service.echo]
+listen = "127.0.0.1:0"
+upstream = "{tcp_up}"
+unauthorized = "refuse"
+knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
+
+[service.dgram]
+listen = "127.0.0.1:0"
+upstream = "{udp_up}"
+protocol = "udp"
+unauthorized = "refuse"
+knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
+"#,
+        p[0], p[1], p[3], p[2], p[4], p[6], p[5]
+    );
+    let config_path = conf.join("proxy.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(BIN)
+        .args(["--log-format", "json", "serve", "-c"])
+        .arg(&config_path)
+        .env("RUST_LOG", "portcullis=debug");
+    let gw = deploy::Logged::spawn(cmd);
+    gw.wait_msg(1, "ready");
+    let addr_of = |service: &str| -> std::net::SocketAddr {
+        let line = gw.wait_nth(1, service, |v| msg(v) == "listening" && v["service"] == service);
+        line["addr"].as_str().unwrap().parse().unwrap()
+    };
+    let (tcp, udp) = (addr_of("echo"), addr_of("dgram"));
+
+    let steps = |a: u16, b: u16, c: u16| [a, b, c].map(|x| format!("{x}/udp"));
+    let tcp_steps = steps(p[1], p[3], p[2]);
+    portcullis_knock(&["127.0.0.1", &tcp_steps[0], &tcp_steps[1], &tcp_steps[2]]);
+    gw.wait_nth(1, "tcp grant", |v| msg(v) == "grant" && v["service"] == "echo");
+    // Small and bulk transfers, so both the buffered and the splice paths run.
+    let mut s = connect_from("127.0.0.1", tcp).unwrap();
+    echo_once(&mut s, b"hello").unwrap();
+    echo_once(&mut s, &vec![7u8; 4 << 20]).unwrap();
+    drop(s);
+    let udp_steps = steps(p[4], p[6], p[5]);
+    portcullis_knock(&["127.0.0.1", &udp_steps[0], &udp_steps[1], &udp_steps[2]]);
+    gw.wait_nth(1, "udp grant", |v| msg(v) == "grant" && v["service"] == "dgram");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut buf = [0u8; 64];
+    // The kernel filter follows the grant a moment later: resend until
+    // the reply comes.
+    loop {
+        client.send_to(b"ping", udp).unwrap();
+        if let Ok((n, _)) = client.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"ping");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no UDP reply:\n{}", gw.text());
+    }
+    assert_eq!(curl(&[], &format!("http://127.0.0.1:{}/metrics", p[0])).status, 200);
+    let gateway_pid = gateway_under(gw.child.id());
+    nix::sys::signal::kill(gateway_pid, Signal::SIGHUP).unwrap();
+    gw.wait_msg(1, "config reloaded");
+    nix::sys::signal::kill(gateway_pid, Signal::SIGTERM).unwrap();
+    gw.wait_msg(1, "stopped");
+    let mut gw = gw;
+    let status = gw.child.wait().unwrap();
+    assert!(status.success(), "strace or the gateway failed: {status}");
+
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        // "PID name(args..." or "PID <... name resumed>..."
+        let rest = line.split_once(' ').map_or("", |(_, r)| r.trim_start());
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() && rest[name.len()..].starts_with('(') {
+            used.insert(name);
+        }
+    }
+    assert!(
+        used.contains("accept4") && used.contains("splice"),
+        "the trace misses the data path: {used:?}"
+    );
+    // execve is strace starting the binary; it is allowed anyway.
+    let outside: Vec<_> = used.iter().filter(|c| !allowed.contains(*c)).collect();
+    eprintln!(
+        "{} distinct system calls, all inside the filter: {}",
+        used.len(),
+        outside.is_empty()
+    );
+    assert!(
+        outside.is_empty(),
+        "system calls outside the unit's SystemCallFilter (the service would get EPERM): {outside:?}"
+    );
+}
+
+/// The gateway: strace's child.
+fn gateway_under(strace: u32) -> nix::unistd::Pid {
+    let children = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children")).unwrap();
+    let pid: i32 = children
+        .split_whitespace()
+        .next()
+        .expect("strace has started the gateway")
+        .parse()
+        .unwrap();
+    nix::unistd::Pid::from_raw(pid)
 }

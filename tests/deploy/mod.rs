@@ -5,7 +5,13 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use serde_json::Value;
 
 use super::common::{run_bin, BIN};
 
@@ -118,3 +124,75 @@ pub fn chroot_command(
 
 /// The image's user.
 pub const UID: u32 = 65532;
+
+/// Lines read so far, and whether the stream has ended.
+type Lines = Arc<(Mutex<(Vec<String>, bool)>, Condvar)>;
+
+/// A child whose stderr lines are kept for waiting on.
+pub struct Logged {
+    pub child: Child,
+    lines: Lines,
+}
+
+impl Logged {
+    pub fn spawn(mut cmd: Command) -> Logged {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = child.stderr.take().expect("piped");
+        let lines: Lines = Arc::default();
+        let writer = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                writer.0.lock().unwrap().0.push(line);
+                writer.1.notify_all();
+            }
+            writer.0.lock().unwrap().1 = true;
+            writer.1.notify_all();
+        });
+        Logged { child, lines }
+    }
+
+    pub fn text(&self) -> String {
+        self.lines.0.lock().unwrap().0.join("\n")
+    }
+
+    /// Waits for the `n`th JSON line matching `pred`.
+    pub fn wait_nth(&self, n: usize, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + super::common::PATIENCE;
+        let mut guard = self.lines.0.lock().unwrap();
+        loop {
+            let hits: Vec<Value> = guard
+                .0
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| pred(v))
+                .collect();
+            if hits.len() >= n {
+                return hits[n - 1].clone();
+            }
+            let now = Instant::now();
+            if guard.1 || now >= deadline {
+                let text = guard.0.join("\n");
+                drop(guard);
+                panic!("{what}: not seen; log:\n{text}");
+            }
+            guard = self.lines.1.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn wait_msg(&self, n: usize, message: &str) -> Value {
+        self.wait_nth(n, message, |v| super::common::msg(v) == message)
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
