@@ -110,8 +110,32 @@ fn the_unit_keeps_its_promises() {
     assert!(unit.lines().any(|l| l.starts_with("RestrictAddressFamilies=")));
     let drop_in = std::fs::read_to_string(repo_path(DROP_IN)).unwrap();
     assert!(drop_in.contains("CapabilityBoundingSet=CAP_NET_BIND_SERVICE"));
-    // The drain must fit inside the stop timeout: proxy.toml's grace is 10s.
-    assert!(unit.contains("TimeoutStopSec=30s"));
+    // The drain must end before systemd's SIGKILL, for every shipped config.
+    let stop = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .map(|v| humantime::parse_duration(v).unwrap())
+        .expect("TimeoutStopSec");
+    let mut configs: Vec<PathBuf> = std::fs::read_dir(repo_path("deploy/examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    configs.push(repo_path("proxy.toml"));
+    for c in configs {
+        let raw: toml::Table = toml::from_str(&std::fs::read_to_string(&c).unwrap()).unwrap();
+        let grace = raw
+            .get("gateway")
+            .and_then(|g| g.get("shutdown_grace"))
+            .and_then(|g| g.as_str())
+            .map_or(std::time::Duration::from_secs(10), |g| {
+                humantime::parse_duration(g).unwrap()
+            });
+        assert!(
+            grace < stop,
+            "{}: shutdown_grace {grace:?} does not end before TimeoutStopSec {stop:?}",
+            c.display()
+        );
+    }
 }
 
 /// The gateway under test, killed if an assertion fails first.
