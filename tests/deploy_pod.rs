@@ -375,6 +375,18 @@ fn the_sidecar_pod_guards_postgres_reloads_live_and_drains_on_sigterm() {
     let term = Instant::now();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
     gateway.wait_msg(1, "shutting down");
+    // The readiness probe fails while draining, so the Service stops
+    // sending new clients; the query in flight goes on.
+    let (_, probe) = run(ns.exec(&ns.pod).args([
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://127.0.0.1:9464/readyz",
+    ]));
+    assert_eq!(probe.trim(), "503", "/readyz while draining");
     let out = in_flight.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
