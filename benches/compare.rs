@@ -16,6 +16,13 @@
 //! of every measurement, as a smoke test. Either mode exits non-zero only
 //! on errors or gross regressions, never on missing a target.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 #[path = "compare/load.rs"]
 mod load;
 #[path = "compare/procs.rs"]

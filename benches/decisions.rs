@@ -9,12 +9,19 @@
 //! one, so a flood of them is cheap to shed). `benches/README.md` has the
 //! latest numbers.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use portcullis::gate::{Gate, GateLimits, Grant, Knock, KnockRule, Method, ServiceRule};
+use portcullis::gate::{Gate, GateLimits, Grant, Input, Knock, KnockRule, Method, ServiceRule};
 use portcullis::secret::Secret;
 use portcullis::spa::fwknop::{self, FwknopKeys, PacketNonce};
 use portcullis::spa::native::{self, NativeKey};
@@ -81,11 +88,11 @@ fn knock_step(c: &mut Criterion) {
         b.iter(|| {
             i = i.wrapping_add(1);
             let step = [udp(7001), udp(7003), udp(7002)][(i % 3) as usize];
-            gate.knock(
-                Knock {
+            gate.handle(
+                Input::Knock(Knock {
                     source: source((i / 3) % 50_000),
                     step,
-                },
+                }),
                 now,
                 &mut events,
             );

@@ -28,7 +28,7 @@
 //! `client_ca`. Anything else gets 403.
 //!
 //! This module does not decide anything about grants: a revocation is an
-//! [`Input::Revoke`] sent to the gate like any other input.
+//! revocation handed to the gate driver, which answers once it is applied.
 
 mod api;
 pub mod tls;
@@ -45,16 +45,16 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::config::Admin;
-use crate::gate::Input;
-use crate::metrics;
-use crate::proxy::ACCEPT_BACKOFF;
+use crate::driver::DriverHandle;
+use crate::metrics::{self, ListenerKind};
+use crate::net;
 use crate::store::GrantStore;
 
 /// Admin connections served at once; more wait in the kernel's backlog.
@@ -74,6 +74,8 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     phase: Arc<AtomicU8>,
+    /// Set for good when a core task died: `/healthz` fails from then on.
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// See [`Readiness`].
@@ -115,6 +117,17 @@ impl Readiness {
         self.phase.store(Phase::Draining as u8, Ordering::SeqCst);
     }
 
+    /// A core task died: the process is about to exit, and `/healthz`
+    /// says so meanwhile.
+    pub fn set_failed(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// False once [`Readiness::set_failed`] was called.
+    pub fn is_healthy(&self) -> bool {
+        !self.failed.load(Ordering::SeqCst)
+    }
+
     pub fn phase(&self) -> Phase {
         match self.phase.load(Ordering::SeqCst) {
             0 => Phase::Starting,
@@ -129,8 +142,8 @@ impl Readiness {
 pub struct Context {
     pub store: Arc<dyn GrantStore>,
     pub clock: Arc<dyn Clock>,
-    /// The gate's input channel.
-    pub gate: mpsc::Sender<Input>,
+    /// The gate driver, which applies revocations.
+    pub driver: DriverHandle,
     pub readiness: Readiness,
 }
 
@@ -242,29 +255,18 @@ async fn serve(listener: Listener, context: Context, stop: CancellationToken) {
     let tracker = TaskTracker::new();
     tracker.spawn(upkeep(stop.clone()));
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
+    net::accept_loop(
+        &listener,
+        ListenerKind::Admin,
+        Some(&permits),
+        &stop,
+        |stream, peer, permit| {
+            if let Some(permit) = permit {
                 tracker.spawn(connection(stream, peer, shared.clone(), permit));
             }
-            Err(e) => {
-                metrics::accept_error("admin");
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
-    }
+        },
+    )
+    .await;
     drop(listener);
     tracker.close();
     if tokio::time::timeout(STOP_GRACE, tracker.wait()).await.is_err() {

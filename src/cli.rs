@@ -1,6 +1,6 @@
 //! Command-line interface.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,11 +9,25 @@ use clap::{Parser, Subcommand};
 use crate::logging::Format;
 use crate::step::StepSpec;
 
+/// The client's exit codes, shown under `--help` (README says the same).
+const EXIT_CODES: &str = "\
+Client exit codes (knock, spa, keygen, open, exec, connect, forward):
+  0    done
+  1    sending failed, a TCP knock step's handshake failed, or the service
+       could not be reached after opening
+  2    the command line is wrong
+  3    a profile, profile file or key file cannot be used
+  126  exec: the command may not be run (not executable)
+  127  exec: the command was not found
+  exec otherwise becomes its command: its status is the exit status.
+Every client error is one line on stderr: error: ...";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "portcullis",
     version,
-    about = "Hide TCP services behind port knocking, without a firewall or root"
+    about = "Hide TCP services behind port knocking, without a firewall or root",
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     /// Log format.
@@ -41,11 +55,28 @@ pub enum Command {
     /// Print the effective config (file, then PORTCULLIS__* environment).
     Config(ConfigArgs),
     /// Send a knock sequence.
+    #[command(after_help = EXIT_CODES)]
     Knock(KnockArgs),
     /// Send one Single Packet Authorization packet.
+    #[command(after_help = EXIT_CODES)]
     Spa(SpaArgs),
-    /// Print a new key file (native, fwknop or both).
+    /// Make a new key file (native, fwknop or both).
+    #[command(after_help = EXIT_CODES)]
     Keygen(KeygenArgs),
+    /// Open a profile's service: send its knock sequence or SPA packet.
+    #[command(after_help = EXIT_CODES)]
+    Open(OpenArgs),
+    /// Open a profile's service, then run a command; exit with its status.
+    #[command(after_help = EXIT_CODES)]
+    Exec(ExecArgs),
+    /// Open a profile's service, connect, and relay stdin/stdout
+    /// (ssh -o ProxyCommand='portcullis connect NAME %h %p').
+    #[command(after_help = EXIT_CODES)]
+    Connect(ConnectArgs),
+    /// Open a profile's service for each connection to a local listener,
+    /// and relay it.
+    #[command(after_help = EXIT_CODES)]
+    Forward(ForwardArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,15 +86,38 @@ pub struct ConfigArgs {
     pub config: PathBuf,
 }
 
+/// Where profiles come from.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProfileFile {
+    /// Profile file [default: $XDG_CONFIG_HOME/portcullis/client.toml, then
+    /// ~/.fwknoprc stanzas].
+    #[arg(long = "profiles", env = "PORTCULLIS_PROFILES", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+}
+
+impl ProfileFile {
+    pub fn sources(&self) -> crate::client::profile::Sources {
+        crate::client::profile::Sources {
+            file: self.file.clone(),
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct KnockArgs {
+    /// Knock with this profile's host and steps (HOST and STEPS, when
+    /// given, take their place).
+    #[arg(short = 'n', long = "name", value_name = "NAME")]
+    pub profile: Option<String>,
+    #[command(flatten)]
+    pub profiles: ProfileFile,
     /// Host to knock on.
-    pub host: String,
+    pub host: Option<String>,
     /// Steps: 7000/udp, 7000:udp, udp/7000, or a bare port (tcp unless -u).
-    #[arg(required = true, num_args = 1..)]
+    #[arg(num_args = 0..)]
     pub steps: Vec<String>,
-    /// Delay between steps, e.g. 100ms [default: none after a UDP step,
-    /// 10ms after a TCP step].
+    /// Pause between steps: milliseconds (as knockd's -d) or a duration
+    /// such as 100ms [default: none needed; the client keeps the order].
     #[arg(short, long, value_parser = parse_delay)]
     pub delay: Option<Duration>,
     /// Bare ports are UDP (as the stock knock client's -u).
@@ -95,29 +149,42 @@ impl KnockArgs {
 }
 
 fn parse_delay(s: &str) -> Result<Duration, String> {
+    crate::client::profile::parse_delay(s)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s)
 }
 
 #[derive(Debug, clap::Args)]
 pub struct SpaArgs {
+    /// Take the gateway, port, access, key and allow-IP from this profile
+    /// (flags given here take their place).
+    #[arg(short = 'n', long = "name", value_name = "NAME")]
+    pub profile: Option<String>,
+    #[command(flatten)]
+    pub profiles: ProfileFile,
     /// Gateway to send to.
     #[arg(short = 'D', long = "destination")]
-    pub host: String,
-    /// SPA port of the gateway.
-    #[arg(short, long, default_value_t = crate::spa::fwknop::DEFAULT_PORT)]
-    pub port: u16,
-    /// What to open, as PROTO/PORT (e.g. tcp/5432); repeat for several.
-    #[arg(short = 'A', long = "access", required = true)]
+    pub host: Option<String>,
+    /// SPA port of the gateway [default: 62201].
+    #[arg(short, long)]
+    pub port: Option<u16>,
+    /// What to open, as PROTO/PORT (e.g. tcp/5432); repeat, or list them
+    /// comma-separated as fwknop does (tcp/22,udp/53).
+    #[arg(short = 'A', long = "access")]
     pub access: Vec<String>,
-    /// Address to grant instead of the packet's source (behind NAT).
+    /// Address to grant instead of the packet's source (behind NAT):
+    /// an address, "source" or "resolve" (the address this host uses
+    /// towards the gateway).
     #[arg(short = 'a', long = "allow-ip")]
-    pub allow_ip: Option<IpAddr>,
-    /// User name carried in fwknop packets (native packets are identified
-    /// by their key).
-    #[arg(short, long, env = "USER", default_value = "portcullis")]
-    pub user: String,
-    /// Key file from `portcullis keygen` or `fwknop --key-gen`.
-    #[arg(long, required_unless_present = "key_env")]
+    pub allow_ip: Option<String>,
+    /// User name carried in fwknop packets [default: $USER] (native
+    /// packets are identified by their key).
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Key file from `portcullis keygen` or `fwknop --key-gen`; - reads stdin.
+    #[arg(long)]
     pub key_file: Option<PathBuf>,
     /// Environment variable holding the key file's text.
     #[arg(long, conflicts_with = "key_file")]
@@ -126,7 +193,7 @@ pub struct SpaArgs {
     #[arg(long)]
     pub fwknop: bool,
     /// Ask for the grant to last this long (the gateway caps it).
-    #[arg(long, value_parser = parse_delay)]
+    #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Also write the exact bytes sent to this file.
     #[arg(long)]
@@ -134,6 +201,12 @@ pub struct SpaArgs {
     /// Local address to send from.
     #[arg(short, long)]
     pub bind: Option<IpAddr>,
+    /// Print what is sent: user, access, allow-IP, timestamp (never keys).
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Build and print the packet without sending it.
+    #[arg(short = 'T', long = "test")]
+    pub test: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -141,4 +214,65 @@ pub struct KeygenArgs {
     /// native, fwknop (the two lines `fwknop --key-gen` prints) or both.
     #[arg(long, default_value = "native")]
     pub kind: crate::spa::keyfile::KeyKind,
+    /// Write the key file here (created with mode 0600) instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Overwrite FILE if it exists.
+    #[arg(long, requires = "output")]
+    pub force: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct OpenArgs {
+    /// Profile name.
+    pub name: String,
+    #[command(flatten)]
+    pub profiles: ProfileFile,
+    /// Print what is sent.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    /// Profile name.
+    pub name: String,
+    #[command(flatten)]
+    pub profiles: ProfileFile,
+    /// Print what is sent.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// The command to run once the service is open.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConnectArgs {
+    /// Profile name.
+    pub name: String,
+    /// Host to connect to [default: the profile's connect].
+    #[arg(requires = "port")]
+    pub host: Option<String>,
+    /// Port to connect to.
+    pub port: Option<u16>,
+    #[command(flatten)]
+    pub profiles: ProfileFile,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ForwardArgs {
+    /// Profile name.
+    pub name: String,
+    /// Local address to listen on (port 0 picks one; the address is printed).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Where to relay to [default: the profile's connect].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub to: Option<String>,
+    #[command(flatten)]
+    pub profiles: ProfileFile,
+    /// Print what is sent at each open.
+    #[arg(short, long)]
+    pub verbose: bool,
 }

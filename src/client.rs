@@ -1,165 +1,88 @@
-//! The client commands: `knock` sends a knock sequence, `spa` one Single
-//! Packet Authorization packet.
+//! The client half: `knock` sends a knock sequence, `spa` one Single
+//! Packet Authorization packet, `open` either of them from a profile, and
+//! `exec`, `connect` and `forward` open and then reach the service.
 //!
-//! UDP steps send one datagram each. TCP steps complete the handshake and
-//! then reset the connection: a listener only sees a knock once the
-//! handshake completes, which over a real network takes a round trip that
-//! clients closing right after `connect()` never wait for.
+//! - [`knock`](mod@knock): knock sequences, kept in order at the gateway ([`order`]).
+//! - [`spa`]: building, describing and sending SPA packets.
+//! - [`profile`]: named profiles from `client.toml`, then [`fwknoprc`] stanzas.
+//! - [`session`]: open a profile, then run a command, relay stdio, or
+//!   forward a local listener.
+//!
+//! Every failure is a [`Failure`] with one [`Exit`] code, printed by the
+//! binary as one `error: ...` line.
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::fmt;
 
-use anyhow::{bail, Context as _};
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpSocket, UdpSocket};
+pub mod command;
+pub mod fwknoprc;
+pub mod knock;
+pub mod order;
+pub mod profile;
+pub mod session;
+pub mod spa;
 
-use crate::net;
-use crate::spa::keyfile::KeyFile;
-use crate::spa::{fwknop, native, Fields};
-use crate::step::{Proto, StepSpec};
+pub use knock::{knock, KnockPlan};
+pub use spa::{build_spa, send_spa, SpaPlan};
 
-/// Pause after a TCP step unless `-d` says otherwise. The gateway learns
-/// of a TCP knock when it accepts the connection, and accepts on several
-/// listeners are not ordered the way UDP datagrams are (by kernel receive
-/// timestamps); a short gap keeps back-to-back TCP steps in order.
-pub const TCP_STEP_GAP: Duration = Duration::from_millis(10);
-
-/// How long a TCP knock waits for the handshake.
-pub const TCP_KNOCK_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// A knock sequence to send.
-#[derive(Debug, Clone)]
-pub struct KnockPlan {
-    pub host: String,
-    pub steps: Vec<StepSpec>,
-    /// Pause between steps; `None` means [`TCP_STEP_GAP`] after a TCP
-    /// step and none after a UDP step.
-    pub delay: Option<Duration>,
-    /// Local address to send from.
-    pub bind: Option<IpAddr>,
+/// The client's exit codes, one set for every command (also in README and
+/// `--help`). `exec` exits with its command's own status instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 1: sending failed, a TCP knock step's handshake failed, or the
+    /// service could not be reached after opening.
+    Failed = 1,
+    /// 2: the command line is wrong (bad flag, step, access or address).
+    Usage = 2,
+    /// 3: a profile, profile file or key file cannot be used.
+    Profile = 3,
+    /// 126: `exec` found its command but may not run it.
+    NotExecutable = 126,
+    /// 127: `exec` could not find its command.
+    NoCommand = 127,
 }
 
-/// Sends every step in order. A TCP step whose handshake fails is reported
-/// and the sequence goes on (the port may be watched without a listener).
-pub async fn knock(plan: &KnockPlan) -> anyhow::Result<Vec<SocketAddr>> {
-    let host = resolve(&plan.host, plan.bind).await?;
-    let mut sent = Vec::with_capacity(plan.steps.len());
-    for (i, step) in plan.steps.iter().enumerate() {
-        if i > 0 {
-            let gap = plan.delay.unwrap_or(match plan.steps[i - 1].proto {
-                Proto::Tcp => TCP_STEP_GAP,
-                Proto::Udp => Duration::ZERO,
-            });
-            if !gap.is_zero() {
-                tokio::time::sleep(gap).await;
-            }
-        }
-        let target = SocketAddr::new(step.ip.unwrap_or(host), step.port);
-        match step.proto {
-            Proto::Udp => send_udp(target, plan.bind)
-                .await
-                .with_context(|| format!("udp knock to {target}"))?,
-            Proto::Tcp => {
-                if let Err(e) = knock_tcp(target, plan.bind).await {
-                    tracing::warn!(%target, error = %e, "tcp knock did not complete its handshake");
-                }
-            }
-        }
-        sent.push(target);
-    }
-    Ok(sent)
-}
-
-async fn resolve(host: &str, bind: Option<IpAddr>) -> anyhow::Result<IpAddr> {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(ip);
-    }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
-        .await
-        .with_context(|| format!("cannot resolve {host}"))?
-        .collect();
-    let wanted = |a: &&SocketAddr| bind.is_none_or(|b| b.is_ipv4() == a.is_ipv4());
-    match addrs.iter().find(wanted) {
-        Some(a) => Ok(a.ip()),
-        None => bail!("{host} has no address of the family of the bind address"),
+impl Exit {
+    pub fn code(self) -> u8 {
+        self as u8
     }
 }
 
-fn local(target: SocketAddr, bind: Option<IpAddr>) -> SocketAddr {
-    match bind {
-        Some(ip) => SocketAddr::new(ip, 0),
-        None if target.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], 0)),
-        None => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
-    }
-}
-
-async fn send_udp(target: SocketAddr, bind: Option<IpAddr>) -> anyhow::Result<()> {
-    let socket = UdpSocket::bind(local(target, bind)).await?;
-    socket.send_to(&[0u8], target).await?;
-    Ok(())
-}
-
-async fn knock_tcp(target: SocketAddr, bind: Option<IpAddr>) -> anyhow::Result<()> {
-    let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
-    if bind.is_some() {
-        socket.bind(&local(target, bind).into())?;
-    }
-    let socket = TcpSocket::from_std_stream(socket.into());
-    let stream = tokio::time::timeout(TCP_KNOCK_TIMEOUT, socket.connect(target))
-        .await
-        .context("timed out")??;
-    net::reset(stream);
-    Ok(())
-}
-
-/// One SPA packet to send.
+/// A client failure: what to print and how to exit.
 #[derive(Debug)]
-pub struct SpaPlan {
-    pub host: String,
-    pub port: u16,
-    pub fields: Fields,
-    pub keys: KeyFile,
-    /// Send the fwknop format, with this user name.
-    pub fwknop_user: Option<String>,
-    pub bind: Option<IpAddr>,
+pub struct Failure {
+    pub exit: Exit,
+    pub error: anyhow::Error,
 }
 
-/// Builds the packet `plan` describes (timestamped `now_unix`).
-pub fn build_spa(plan: &SpaPlan) -> anyhow::Result<Vec<u8>> {
-    let mut rng = rand::rng();
-    match &plan.fwknop_user {
-        Some(user) => {
-            let keys = plan
-                .keys
-                .fwknop
-                .as_ref()
-                .context("the key file has no fwknop keys (KEY_BASE64 and HMAC_KEY_BASE64)")?;
-            if keys.hmac().is_none() {
-                bail!("the key file has no HMAC_KEY_BASE64: the gateway refuses packets without HMAC");
-            }
-            Ok(fwknop::encode_random(user, &plan.fields, keys, &mut rng)?.into_bytes())
+impl Failure {
+    pub fn new(exit: Exit, error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            exit,
+            error: error.into(),
         }
-        None => {
-            let key = plan
-                .keys
-                .native
-                .as_ref()
-                .context("the key file has no native key (PORTCULLIS_KEY_BASE64); use --fwknop for fwknop keys")?;
-            Ok(native::encode_random(key, &plan.fields, &mut rng)?)
-        }
+    }
+
+    pub fn usage(error: impl Into<anyhow::Error>) -> Self {
+        Self::new(Exit::Usage, error)
+    }
+
+    pub fn profile(error: impl Into<anyhow::Error>) -> Self {
+        Self::new(Exit::Profile, error)
+    }
+
+    pub fn failed(error: impl Into<anyhow::Error>) -> Self {
+        Self::new(Exit::Failed, error)
     }
 }
 
-/// Sends `packet` to the plan's gateway; returns where it went.
-pub async fn send_spa(plan: &SpaPlan, packet: &[u8]) -> anyhow::Result<SocketAddr> {
-    let host = resolve(&plan.host, plan.bind).await?;
-    let target = SocketAddr::new(host, plan.port);
-    let socket = UdpSocket::bind(local(target, plan.bind)).await?;
-    socket
-        .send_to(packet, target)
-        .await
-        .with_context(|| format!("sending to {target}"))?;
-    Ok(target)
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // One line: anyhow's alternate form joins the causes with ": ".
+        let text = format!("{:#}", self.error);
+        f.write_str(&text.replace('\n', " "))
+    }
 }
+
+/// Result of a client command: the exit code on success (0, or the
+/// status `exec` passes on).
+pub type Outcome = Result<u8, Failure>;

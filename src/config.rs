@@ -7,21 +7,23 @@
 //! one service), then command-line flags.
 
 mod admin;
+mod knock;
+pub mod pem;
 pub mod raw;
 mod spa;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::gate::KnockRule;
-use crate::step::{Proto, Step, StepSpec};
+use crate::step::Proto;
 pub use admin::{Admin, AdminTls, DEFAULT_ADMIN_LISTEN};
-use raw::{RawConfig, RawCount, RawGateway, RawKnock, RawService, RawStep};
-pub use spa::{Limits, Spa, User, DEFAULT_SPA_LISTEN};
+use raw::{RawConfig, RawCount, RawGateway, RawService};
+pub use spa::{Limits, ServiceSpa, Spa, User, DEFAULT_SPA_LISTEN, MAX_SPA_AGE};
 
 /// Prefix of environment overrides; sections and keys are joined by `__`.
 pub const ENV_PREFIX: &str = "PORTCULLIS";
@@ -105,6 +107,7 @@ pub struct Service {
     pub knock: Option<KnockRule>,
     /// Users whose SPA packets may open this service.
     pub spa_users: Vec<Arc<str>>,
+    pub spa: ServiceSpa,
     /// Session settings; used by UDP services only.
     pub udp: UdpSessions,
 }
@@ -266,6 +269,10 @@ pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> 
     }
 }
 
+/// The longest duration any setting takes: longer ones are typos or jokes,
+/// and would overflow the gate's clock arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600); // humantime's "1year"
+
 /// Parses a human duration such as `30s`, `500ms` or `1m 30s`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
@@ -288,10 +295,23 @@ impl Validator {
     }
 
     fn duration(&mut self, path: &str, value: Option<&String>, default: Duration) -> Duration {
+        self.duration_at_most(path, value, default, MAX_DURATION)
+    }
+
+    /// A duration longer than zero and at most `max` (named in the error
+    /// the way it was configured, e.g. "1year").
+    fn duration_at_most(&mut self, path: &str, value: Option<&String>, default: Duration, max: Duration) -> Duration {
         let Some(text) = value else { return default };
         match parse_duration(text) {
             Ok(d) if d.is_zero() => {
                 self.problem(path, "must be longer than zero");
+                default
+            }
+            Ok(d) if d > max => {
+                self.problem(
+                    path,
+                    format!("{text:?} is too long: at most {}", humantime::format_duration(max)),
+                );
                 default
             }
             Ok(d) => d,
@@ -444,6 +464,7 @@ impl Validator {
                 None
             }
         };
+        let spa = self.service_spa(&base, raw, open_for);
         if self.problems.len() > before {
             return None;
         }
@@ -456,6 +477,7 @@ impl Validator {
             open_for,
             knock,
             spa_users: raw.spa_users.iter().map(|u| Arc::from(u.trim())).collect(),
+            spa: spa?,
             udp,
         })
     }
@@ -495,183 +517,6 @@ impl Validator {
             ),
         }
     }
-
-    fn steps(&mut self, path: &str, raw: &[RawStep], ip: IpAddr) -> Option<Vec<Step>> {
-        let mut ok = true;
-        let mut steps = Vec::new();
-        for (i, r) in raw.iter().enumerate() {
-            let parsed = match r {
-                RawStep::Port(p) => u16::try_from(*p)
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .map(|port| StepSpec {
-                        proto: Proto::Tcp,
-                        ip: None,
-                        port,
-                    })
-                    .ok_or_else(|| format!("{p} is not a port (1-65535)")),
-                RawStep::Text(t) => t.parse::<StepSpec>().map_err(|e| e.to_string()),
-            };
-            match parsed {
-                Ok(spec) => steps.push(spec.at(ip)),
-                Err(e) => {
-                    self.problem(format!("{path}[{i}]"), e);
-                    ok = false;
-                }
-            }
-        }
-        ok.then_some(steps)
-    }
-
-    fn knock(&mut self, path: &str, raw: &RawKnock, ip: IpAddr) -> Option<KnockRule> {
-        let before = self.problems.len();
-        let sequence = self.steps(&format!("{path}.sequence"), &raw.sequence, ip);
-        let trap = self.steps(&format!("{path}.trap_ports"), &raw.trap_ports, ip);
-        let step_timeout = self.duration(
-            &format!("{path}.step_timeout"),
-            raw.step_timeout.as_ref(),
-            Duration::from_secs(5),
-        );
-        let sequence_timeout = self.duration(
-            &format!("{path}.sequence_timeout"),
-            raw.sequence_timeout.as_ref(),
-            Duration::from_secs(15),
-        );
-        if let Some(seq) = &sequence {
-            self.sequence_rules(&format!("{path}.sequence"), seq);
-            if let Some(trap) = &trap {
-                for (i, t) in trap.iter().enumerate() {
-                    if seq.contains(t) {
-                        self.problem(
-                            format!("{path}.trap_ports[{i}]"),
-                            format!("{t} is also a step of the sequence: a trap port must be another port"),
-                        );
-                    }
-                }
-            }
-        }
-        if self.problems.len() > before {
-            return None;
-        }
-        Some(KnockRule {
-            sequence: sequence?,
-            trap: trap?,
-            step_timeout,
-            sequence_timeout,
-        })
-    }
-
-    fn sequence_rules(&mut self, path: &str, seq: &[Step]) {
-        if seq.len() < 3 {
-            self.problem(
-                path,
-                format!("{} step(s) are too easy to guess: use at least 3, in an order that is neither ascending nor descending", seq.len()),
-            );
-            return;
-        }
-        for (i, pair) in seq.windows(2).enumerate() {
-            if pair[0] == pair[1] {
-                self.problem(
-                    format!("{path}[{}]", i + 1),
-                    format!("{} repeats the step before it: a repeat is tolerated as a retransmission, so it adds nothing; use another port", pair[1]),
-                );
-            }
-        }
-        let ports: Vec<u16> = seq.iter().map(|s| s.addr.port()).collect();
-        let ascending = ports.windows(2).all(|w| w[0] <= w[1]);
-        let descending = ports.windows(2).all(|w| w[0] >= w[1]);
-        if ascending || descending {
-            let list = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
-            let mut suggestion = ports.clone();
-            suggestion.sort_unstable();
-            suggestion.swap(1, 2);
-            let suggestion = suggestion.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
-            self.problem(
-                path,
-                format!(
-                    "ports {} ({list}): a sequential port scan walks them in order and opens the service; reorder them, e.g. {suggestion}",
-                    if ascending { "ascend" } else { "descend" }
-                ),
-            );
-        }
-    }
-
-    /// A listener of the gateway's own at `key` (admin, SPA) must not take
-    /// a guarded listener's or a knock step's address.
-    fn own_endpoint(&mut self, key: &str, ours: Step, services: &[Service]) {
-        for s in services {
-            let guarded = Step {
-                proto: s.protocol,
-                addr: s.listen,
-            };
-            let steps = s
-                .knock
-                .iter()
-                .flat_map(|k| k.sequence.iter().chain(&k.trap))
-                .map(|st| (*st, format!("service.{}.knock", s.name)));
-            for (other, path) in std::iter::once((guarded, format!("service.{}.listen", s.name))).chain(steps) {
-                if collides(&ours, &other) {
-                    self.problem(key, format!("{} is also used by {path}", ours.addr));
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Guarded listeners and knock endpoints must not collide.
-    fn endpoints(&mut self, services: &[Service]) {
-        let mut taken: Vec<(Step, String, bool)> = Vec::new();
-        for s in services {
-            let guarded = Step {
-                proto: s.protocol,
-                addr: s.listen,
-            };
-            let path = format!("service.{}.listen", s.name);
-            for (other, other_path, _) in &taken {
-                if collides(&guarded, other) {
-                    self.problem(&path, format!("{} is also used by {other_path}", s.listen));
-                }
-            }
-            taken.push((guarded, path, false));
-        }
-        for s in services {
-            let Some(k) = &s.knock else { continue };
-            let steps = k
-                .sequence
-                .iter()
-                .map(|st| (st, "sequence"))
-                .chain(k.trap.iter().map(|st| (st, "trap_ports")));
-            for (step, list) in steps {
-                let path = format!("service.{}.knock.{list}", s.name);
-                let mut clash = None;
-                for (other, other_path, is_knock) in &taken {
-                    // Knock endpoints may be shared between services; a
-                    // guarded listener or an overlapping address may not.
-                    if collides(step, other) && !(*is_knock && step == other) {
-                        clash = Some(other_path.clone());
-                    }
-                }
-                match clash {
-                    Some(other) => self.problem(&path, format!("{step} is also used by {other}")),
-                    None => taken.push((*step, path, true)),
-                }
-            }
-        }
-    }
-}
-
-fn collides(a: &Step, b: &Step) -> bool {
-    // Port 0 asks the kernel for a free port, which never collides.
-    a.proto == b.proto
-        && a.addr.port() != 0
-        && a.addr.port() == b.addr.port()
-        && (a.addr.ip() == b.addr.ip() || covers(a.addr.ip(), b.addr.ip()) || covers(b.addr.ip(), a.addr.ip()))
-}
-
-/// Whether a wildcard bind on `wild` takes the port for `other` too: an
-/// IPv4 wildcard covers IPv4 addresses, a dual-stack IPv6 one covers all.
-fn covers(wild: IpAddr, other: IpAddr) -> bool {
-    wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
 }
 
 fn check_upstream(text: &str) -> Result<(), String> {
@@ -705,7 +550,9 @@ pub fn base_dir(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::step::Step;
     use std::io::Write;
+    use std::net::IpAddr;
 
     const ECHO: &str = r#"
 [service.echo]
@@ -767,6 +614,42 @@ knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"], step_timeout = "5s
         );
         assert_eq!(c.services[0].upstream.as_ref(), "127.0.0.1:15001");
         assert_eq!(c.gateway.max_connections, 7);
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_with_their_key_path() {
+        let err = load_str(
+            r#"
+[gateway]
+blackhole_hold = "2years"
+[spa]
+listen = "127.0.0.1:0"
+max_age = "25h"
+[service.a]
+listen = "127.0.0.1:1"
+upstream = "127.0.0.1:2"
+open_for = "400000000000y"
+knock = { sequence = ["9000/udp", "7000/udp", "8000/udp"], step_timeout = "366days" }
+"#,
+            &[],
+        )
+        .unwrap_err();
+        let got = paths(err.clone());
+        for want in [
+            "gateway.blackhole_hold",
+            "spa.max_age",
+            "service.a.open_for",
+            "service.a.knock.step_timeout",
+        ] {
+            assert!(got.iter().any(|p| p == want), "{want} missing from {err}");
+        }
+        assert!(err.to_string().contains("too long: at most 1year"), "{err}");
+        // The longest allowed value passes.
+        let ok = load_str(
+            "[service.a]\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\nopen_for = \"365days\"\nknock = { sequence = [\"9000/udp\", \"7000/udp\", \"8000/udp\"] }\n",
+            &[],
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
     }
 
     #[test]

@@ -7,8 +7,12 @@
 //! [`Gate::handle_timeout`]. Timeouts are therefore enforced by the gate's
 //! own deadlines, not by the arrival of the next packet.
 //!
-//! The gate does not own sockets, the grant store or logging: the driver in
-//! `server` feeds it and acts on its events.
+//! Its front door is [`Gate::handle`], [`Gate::handle_timeout`] and
+//! [`Gate::next_deadline`]; the rest is private. Instants are added with
+//! saturating arithmetic ([`later`]), so no configured duration can panic it.
+//!
+//! The gate does not own sockets, the grant store or logging: the driver
+//! (`crate::driver`) feeds it and acts on its events.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -16,6 +20,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::clock::later;
 use crate::step::Step;
 
 /// The knock rule of one service.
@@ -48,6 +53,9 @@ pub enum Method {
 }
 
 impl Method {
+    /// The label of every kind of method.
+    pub const LABELS: [&'static str; 2] = ["knock", "spa"];
+
     /// Stable label for logs and metrics.
     pub fn as_label(&self) -> &'static str {
         match self {
@@ -96,7 +104,7 @@ pub enum Input {
         service: Arc<str>,
         source: IpAddr,
     },
-    /// A reloaded config: new rules and limits (see [`Gate::reconfigure`]).
+    /// A reloaded config: new rules and limits (grants of services that remain are kept).
     Reconfigure {
         services: Vec<ServiceRule>,
         limits: GateLimits,
@@ -117,6 +125,15 @@ pub enum KnockResult {
 }
 
 impl KnockResult {
+    /// One of each kind of result (labels depend on the kind alone).
+    pub const ALL: [KnockResult; 5] = [
+        KnockResult::Advanced { step: 1, of: 1 },
+        KnockResult::Repeated { step: 1 },
+        KnockResult::Reset(ResetCause::WrongStep),
+        KnockResult::Reset(ResetCause::Trap),
+        KnockResult::Ignored,
+    ];
+
     /// Stable label for logs and metrics.
     pub fn as_label(&self) -> &'static str {
         match self {
@@ -148,6 +165,13 @@ pub enum ExpiryCause {
 }
 
 impl ExpiryCause {
+    pub const ALL: [ExpiryCause; 4] = [
+        ExpiryCause::StepTimeout,
+        ExpiryCause::SequenceTimeout,
+        ExpiryCause::Evicted,
+        ExpiryCause::Reconfigured,
+    ];
+
     pub fn as_label(self) -> &'static str {
         match self {
             ExpiryCause::StepTimeout => "step_timeout",
@@ -243,7 +267,7 @@ impl Gate {
     /// still exist (their windows unchanged), and attempts in progress on
     /// services whose knock rule is unchanged. Grants of removed services
     /// are revoked (emitted as [`Event::Revoked`]); other attempts end.
-    pub fn reconfigure(&mut self, services: Vec<ServiceRule>, limits: GateLimits, out: &mut Vec<Event>) {
+    fn reconfigure(&mut self, services: Vec<ServiceRule>, limits: GateLimits, out: &mut Vec<Event>) {
         let (by_name, by_step) = Self::index(&services);
         let new_idx = |old: usize| by_name.get(&self.services[old].name).copied();
         let mut grants = HashMap::new();
@@ -309,13 +333,9 @@ impl Gate {
         (by_name, by_step)
     }
 
-    /// Every endpoint some service knocks or traps on.
-    pub fn steps(&self) -> impl Iterator<Item = &Step> {
-        self.by_step.keys()
-    }
-
     /// Number of knock attempts in progress.
-    pub fn attempts_in_progress(&self) -> usize {
+    #[cfg(test)]
+    fn attempts_in_progress(&self) -> usize {
         self.attempts.len()
     }
 
@@ -381,7 +401,7 @@ impl Gate {
     }
 
     /// Feeds one knock; appends what it caused to `out`.
-    pub fn knock(&mut self, knock: Knock, now: Instant, out: &mut Vec<Event>) {
+    fn knock(&mut self, knock: Knock, now: Instant, out: &mut Vec<Event>) {
         self.handle_timeout(now, out);
         let Some(targets) = self.by_step.get(&knock.step) else {
             return;
@@ -404,7 +424,7 @@ impl Gate {
                 if step == of {
                     self.remove_attempt((idx, knock.source));
                     let open_for = self.services[idx].open_for;
-                    self.grant(idx, knock.source, Method::Knock, now + open_for, out);
+                    self.grant(idx, knock.source, Method::Knock, later(now, open_for), out);
                 }
             }
         }
@@ -412,7 +432,7 @@ impl Gate {
 
     /// Grants `service` to `source` for `duration` (for SPA, or an operator).
     /// Returns false when the service is unknown.
-    pub fn authorize(
+    fn authorize(
         &mut self,
         service: &str,
         source: IpAddr,
@@ -425,12 +445,12 @@ impl Gate {
         let Some(&idx) = self.by_name.get(service) else {
             return false;
         };
-        self.grant(idx, source, method, now + duration, out);
+        self.grant(idx, source, method, later(now, duration), out);
         true
     }
 
     /// Ends a grant early. Returns the grant that was revoked.
-    pub fn revoke(&mut self, service: &str, source: IpAddr) -> Option<Grant> {
+    fn revoke(&mut self, service: &str, source: IpAddr) -> Option<Grant> {
         let idx = *self.by_name.get(service)?;
         let grant = self.grants.remove(&(idx, source))?;
         self.grant_deadlines.remove(&(grant.expires_at, (idx, source)));
@@ -487,8 +507,8 @@ impl Gate {
         step_timeout: Duration,
         sequence_timeout: Duration,
     ) {
-        let step_end = now + step_timeout;
-        let sequence_end = started + sequence_timeout;
+        let step_end = later(now, step_timeout);
+        let sequence_end = later(started, sequence_timeout);
         let (deadline, cause) = if sequence_end <= step_end {
             (sequence_end, ExpiryCause::SequenceTimeout)
         } else {

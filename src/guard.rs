@@ -48,6 +48,15 @@ pub struct SourceGuard {
     limits: Limits,
 }
 
+/// What kind of bad packet a strike counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrikeKind {
+    /// A knock that moved no service forward.
+    Knock,
+    /// An SPA packet that was refused.
+    Spa,
+}
+
 /// What [`SourceGuard::strike`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StrikeOutcome {
@@ -112,13 +121,27 @@ impl SourceGuard {
         }
         s.count += 1;
         if s.count >= self.limits.lockout_after && s.locked_until.is_none_or(|u| u <= now) {
-            s.locked_until = Some(now + window);
+            s.locked_until = Some(crate::clock::later(now, window));
             // A new run of strikes starts when the lockout ends.
-            s.since = now + window;
+            s.since = crate::clock::later(now, window);
             s.count = 0;
             return StrikeOutcome::LockedOut;
         }
         StrikeOutcome::Counted
+    }
+
+    /// The one strike path: counts a bad packet of `kind` from `source`,
+    /// and counts and logs the lockout it may cause.
+    pub fn strike_and_report(&self, source: IpAddr, now: Instant, kind: StrikeKind) -> StrikeOutcome {
+        let outcome = self.strike(source, now);
+        if outcome == StrikeOutcome::LockedOut {
+            crate::metrics::lockout();
+            match kind {
+                StrikeKind::Knock => tracing::warn!(%source, "source locked out after repeated wrong knocks"),
+                StrikeKind::Spa => tracing::warn!(%source, "source locked out after repeated bad spa packets"),
+            }
+        }
+        outcome
     }
 }
 

@@ -1,37 +1,54 @@
 //! portcullis: a userspace TCP/UDP gateway that hides services behind port
-//! knocking, with no firewall changes and no privileges.
+//! knocking and Single Packet Authorization, with no firewall changes and
+//! no privileges.
 //!
-//! The modules follow the data flow:
+//! The modules follow the data flow, always downward:
 //!
 //! ```text
-//!  knock ports ──► sensor ──Knock──► gate (sans-IO) ──Grant──► store
-//!                                                              │
-//!  guarded port ──accept──► proxy ── store.allows(service, source)?
+//!  knock ports ─┐
+//!  SPA port ────┴─► sensor ──inputs──► driver ──► gate (sans-IO)
+//!                                        │  ▲        │ events
+//!                       replication seam ┘  └────────┘
+//!                                        ▼
+//!                                      store (grants, SPA replay cache)
+//!                                        ▲
+//!  guarded port ──accept──► proxy / udp ── store.allows(service, source)?
 //!                             │ yes: connect upstream, splice both ways
 //!                             │ no:  refuse / blackhole / allow (audit)
 //! ```
 //!
-//! - [`step`]: knock steps and protocols, parsed from every common spelling.
+//! - [`sensor`]: knock and SPA listeners; they own sockets and nothing else.
+//! - [`driver`]: the only code that talks to the gate; applies its events to
+//!   the store, audit log, metrics and lockouts; the replication seam.
 //! - [`gate`]: knock progress, grants and expiries; pure logic, time passed in.
 //! - [`store`]: where grants live for the connection path ([`store::GrantStore`]).
-//! - [`sensor`]: knock and SPA listeners; they own sockets and nothing else.
 //! - [`guard`]: per-source rate limits and lockouts in front of the sensors.
-//! - [`spa`]: SPA packet codecs (native and fwknop) and key files; pure, time passed in.
+//! - [`spa`]: SPA packet codecs (native and fwknop) and key files, pure and
+//!   config-free; [`spa::desk`] is the policy that decides on a packet.
 //! - [`proxy`]: guarded TCP listeners, the unauthorised modes, and the splice.
 //!   Its data path ([`proxy::relay`]) copies small flows through lazy
 //!   buffers and splices bulk ones through pooled pipes ([`proxy::pipes`]).
-//! - `sys`: the only `unsafe` code: `splice(2)` and pipe system calls.
 //! - [`udp`]: guarded UDP services, their per-client session table and kernel filter.
 //! - [`filter`]: classic BPF socket filters that admit a set of sources; pure.
+//! - [`server`]: binds every socket ([`server::handover`]: the plan of what a
+//!   reload keeps, binds and closes), runs, reloads and drains.
+//! - [`drain`]: the lifecycle: stop, cut, task tracker, in-flight count, signals.
+//! - [`net`]: socket set-up and the one accept loop every listener runs.
 //! - [`reload`]: SIGHUP and config-directory changes into validated reloads.
-//! - [`server`]: binds every socket, drives the gate, shuts down gracefully.
 //! - [`notify`]: tells a service manager (systemd `Type=notify`) when it is ready, reloading, stopping.
 //! - [`config`]: file and environment into validated runtime types.
-//! - [`client`]: the `knock` command.
+//! - [`admin`]: `/metrics`, health probes and the grants API, on a thread of its own.
+//! - [`metrics`]: every metric name, the Prometheus recorder and process metrics.
+//! - [`client`]: the client commands (knock, spa, keygen, profiles, open, exec, connect, forward).
 //! - [`clock`]: the only place that reads the clock.
 //! - [`secret`]: key bytes that are redacted and zeroized; constant-time MAC comparison.
-//! - [`metrics`]: every metric name, the Prometheus recorder and process metrics.
-//! - [`admin`]: `/metrics`, health probes and the grants API, on a thread of its own.
+//! - [`step`]: knock steps and protocols, parsed from every common spelling.
+//! - `sys`: the only `unsafe` code: `splice(2)`, pipes and batched UDP calls.
+//!
+//! Layers, lowest first: `clock`, `step`, `secret`, `filter`, `sys`, the SPA
+//! codecs, `gate`, `store` → `config` → `guard`, `metrics`, `drain`, `net` →
+//! `spa::desk`, `driver`, `sensor`, `proxy`, `udp`, `admin` → `server`.
+//! Imports only run down this list.
 
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
@@ -41,6 +58,8 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod drain;
+pub mod driver;
 pub mod filter;
 pub mod gate;
 pub mod guard;

@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::Parser;
 use portcullis::cli::{Cli, Command};
 use portcullis::{client, config, logging, metrics, reload, server};
@@ -13,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 const EXIT_BAD_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     logging::init(cli.log_format, &cli.log_level);
     match cli.command {
         Command::Check(args) => match config::from_file(&args.config) {
@@ -58,7 +60,7 @@ fn main() -> ExitCode {
                 let shutdown = CancellationToken::new();
                 let trigger = shutdown.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = server::shutdown_signal().await {
+                    if let Err(e) = portcullis::drain::shutdown_signal().await {
                         tracing::error!("{e:#}");
                     }
                     trigger.cancel();
@@ -68,51 +70,59 @@ fn main() -> ExitCode {
                 bound.run(shutdown, reload_rx).await
             })
         }
-        Command::Keygen(args) => {
-            let keys = portcullis::spa::keyfile::generate(args.kind, &mut rand::rng());
-            print!("{}", &*portcullis::spa::keyfile::render(&keys));
-            ExitCode::SUCCESS
+        Command::Keygen(args) => client_exit(client::command::keygen(args)),
+        Command::Spa(args) => run_client(client::command::spa(args)),
+        Command::Knock(args) => run_client(client::command::knock(args)),
+        Command::Open(args) => run_client(client::command::open(args)),
+        Command::Exec(args) => run_client(client::command::exec(args)),
+        Command::Connect(args) => run_client(client::command::connect(args)),
+        Command::Forward(args) => run_client(client::command::forward(args)),
+    }
+}
+
+/// Runs a client command: its failures are one `error: ...` line on
+/// stderr and one of the documented exit codes, not log lines.
+fn run_client(fut: impl std::future::Future<Output = client::Outcome>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(client::Exit::Failed.code());
         }
-        Command::Spa(args) => match spa_plan(&args) {
-            Ok(plan) => run(async move {
-                let packet = client::build_spa(&plan)?;
-                if let Some(path) = &args.save_packet {
-                    std::fs::write(path, &packet).with_context(|| format!("cannot write {}", path.display()))?;
-                }
-                client::send_spa(&plan, &packet).await?;
-                Ok(())
-            }),
-            Err(e) => {
-                eprintln!("{e:#}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Knock(args) => {
-            let steps = match args.parse_steps() {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let plan = client::KnockPlan {
-                host: args.host.clone(),
-                steps,
-                delay: args.delay,
-                bind: args.bind,
-            };
-            let verbose = args.verbose;
-            run(async move {
-                let sent = client::knock(&plan).await?;
-                if verbose {
-                    for (target, step) in sent.iter().zip(&plan.steps) {
-                        println!("knocked {target}/{}", step.proto);
-                    }
-                }
-                Ok(())
-            })
+    };
+    client_exit(runtime.block_on(fut))
+}
+
+fn client_exit(outcome: client::Outcome) -> ExitCode {
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("error: {failure}");
+            ExitCode::from(failure.exit.code())
         }
     }
+}
+
+/// `--help` and `--version` print as clap prints them; a wrong command
+/// line is one `error: ...` line and exit 2, like every client error.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(client::Exit::Usage.code()));
+    }
+    // clap's message runs until its first blank line (usage and tips follow).
+    let text = e.to_string();
+    let message: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    eprintln!("{} (see --help)", message.join(" "));
+    ExitCode::from(client::Exit::Usage.code())
 }
 
 fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
@@ -130,32 +140,4 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn spa_plan(args: &portcullis::cli::SpaArgs) -> anyhow::Result<client::SpaPlan> {
-    let text = match (&args.key_file, &args.key_env) {
-        (Some(path), _) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
-        (None, Some(var)) => std::env::var(var).with_context(|| format!("environment variable {var} is not set"))?,
-        (None, None) => anyhow::bail!("give --key-file or --key-env"),
-    };
-    let keys = portcullis::spa::keyfile::parse(&text).context("key file")?;
-    let mut access = Vec::new();
-    for a in &args.access {
-        let spec: portcullis::step::StepSpec = a.parse().with_context(|| format!("-A {a}"))?;
-        access.push((spec.proto, spec.port));
-    }
-    let timestamp = portcullis::sensor::spa::unix_secs(&portcullis::clock::SystemClock);
-    Ok(client::SpaPlan {
-        host: args.host.clone(),
-        port: args.port,
-        fields: portcullis::spa::Fields {
-            timestamp,
-            access,
-            allow_ip: args.allow_ip,
-            duration: args.duration,
-        },
-        keys,
-        fwknop_user: args.fwknop.then(|| args.user.clone()),
-        bind: args.bind,
-    })
 }

@@ -13,7 +13,8 @@ use anyhow::Context as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::Config;
-use crate::gate::{ExpiryCause, KnockResult, Method, ResetCause};
+use crate::config::Service;
+use crate::gate::{ExpiryCause, KnockResult, Method};
 use crate::step::Proto;
 
 pub const KNOCKS_TOTAL: &str = "portcullis_knocks_total";
@@ -87,8 +88,8 @@ pub fn upstream_error(service: &str) {
     metrics::counter!(UPSTREAM_CONNECT_ERRORS_TOTAL, "service" => service.to_owned()).increment(1);
 }
 
-pub fn accept_error(listener: &'static str) {
-    metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => listener).increment(1);
+pub fn accept_error(listener: ListenerKind) {
+    metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => listener.as_label()).increment(1);
 }
 
 pub const UDP_DATAGRAMS_TOTAL: &str = "portcullis_udp_datagrams_total";
@@ -107,6 +108,8 @@ pub enum Direction {
 }
 
 impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Upstream, Direction::Downstream];
+
     pub fn as_label(self) -> &'static str {
         match self {
             Direction::Upstream => "upstream",
@@ -151,6 +154,8 @@ pub enum FilterFallback {
 }
 
 impl FilterFallback {
+    pub const ALL: [FilterFallback; 2] = [FilterFallback::TooManySources, FilterFallback::AttachFailed];
+
     pub fn as_label(self) -> &'static str {
         match self {
             FilterFallback::TooManySources => "too_many_sources",
@@ -202,8 +207,25 @@ pub const UPSTREAM_CONNECT_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-/// Labels of [`ACCEPT_ERRORS_TOTAL`], one per kind of listener.
-pub const LISTENER_KINDS: [&str; 3] = ["guarded", "knock", "admin"];
+/// The kinds of TCP listener, the label of [`ACCEPT_ERRORS_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    Guarded,
+    Knock,
+    Admin,
+}
+
+impl ListenerKind {
+    pub const ALL: [ListenerKind; 3] = [ListenerKind::Guarded, ListenerKind::Knock, ListenerKind::Admin];
+
+    pub fn as_label(self) -> &'static str {
+        match self {
+            ListenerKind::Guarded => "guarded",
+            ListenerKind::Knock => "knock",
+            ListenerKind::Admin => "admin",
+        }
+    }
+}
 
 /// How a config reload ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +236,8 @@ pub enum ReloadResult {
 }
 
 impl ReloadResult {
+    pub const ALL: [ReloadResult; 2] = [ReloadResult::Success, ReloadResult::Failure];
+
     pub fn as_label(self) -> &'static str {
         match self {
             ReloadResult::Success => "success",
@@ -390,58 +414,62 @@ fn describe() {
 /// Sets every series whose labels the config determines to zero.
 fn zero(config: &Config) {
     metrics::counter!(KNOCKS_DROPPED_TOTAL).absolute(0);
-    for listener in LISTENER_KINDS {
-        metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => listener).absolute(0);
+    metrics::counter!(LOCKOUTS_TOTAL).absolute(0);
+    for listener in ListenerKind::ALL {
+        metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => listener.as_label()).absolute(0);
     }
-    for result in [ReloadResult::Success, ReloadResult::Failure] {
+    for result in ReloadResult::ALL {
         metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_label()).absolute(0);
     }
-    let results = [
-        KnockResult::Advanced { step: 1, of: 1 },
-        KnockResult::Repeated { step: 1 },
-        KnockResult::Reset(ResetCause::WrongStep),
-        KnockResult::Reset(ResetCause::Trap),
-        KnockResult::Ignored,
-    ];
-    let causes = [
-        ExpiryCause::StepTimeout,
-        ExpiryCause::SequenceTimeout,
-        ExpiryCause::Evicted,
-    ];
-    let methods = [Method::Knock, Method::Spa { user: "".into() }];
-    for service in &config.services {
+    zero_services(&config.services);
+}
+
+/// Sets every series of `services` to zero: at start, and for the services
+/// a reload adds (a service that already has series keeps its counts,
+/// since `absolute(0)` is only applied to counters that are new).
+pub fn zero_services(services: &[Service]) {
+    if PROMETHEUS.get().is_none() {
+        return;
+    }
+    for service in services {
         let s = || service.name.to_string();
+        let counter = |c: metrics::Counter| {
+            // Registering is what makes a series appear; adding 0 keeps
+            // any count an earlier run of this service left.
+            c.increment(0);
+        };
         if service.knock.is_some() {
-            for r in results {
-                metrics::counter!(KNOCKS_TOTAL, "service" => s(), "result" => r.as_label()).absolute(0);
+            for r in KnockResult::ALL {
+                counter(metrics::counter!(KNOCKS_TOTAL, "service" => s(), "result" => r.as_label()));
             }
-            for c in causes {
-                metrics::counter!(KNOCK_ATTEMPTS_EXPIRED_TOTAL, "service" => s(), "cause" => c.as_label()).absolute(0);
+            for c in ExpiryCause::ALL {
+                counter(metrics::counter!(KNOCK_ATTEMPTS_EXPIRED_TOTAL, "service" => s(), "cause" => c.as_label()));
             }
         }
-        for m in &methods {
-            metrics::counter!(GRANTS_TOTAL, "service" => s(), "method" => m.as_label()).absolute(0);
+        for m in Method::LABELS {
+            counter(metrics::counter!(GRANTS_TOTAL, "service" => s(), "method" => m));
         }
-        metrics::counter!(GRANTS_EXPIRED_TOTAL, "service" => s()).absolute(0);
-        metrics::gauge!(GRANTS_ACTIVE, "service" => s()).set(0.0);
-        metrics::counter!(UPSTREAM_CONNECT_ERRORS_TOTAL, "service" => s()).absolute(0);
+        counter(metrics::counter!(GRANTS_EXPIRED_TOTAL, "service" => s()));
+        metrics::gauge!(GRANTS_ACTIVE, "service" => s()).increment(0.0);
+        counter(metrics::counter!(UPSTREAM_CONNECT_ERRORS_TOTAL, "service" => s()));
         if service.protocol == Proto::Tcp {
             for d in Decision::ALL {
-                metrics::counter!(CONNECTIONS_TOTAL, "service" => s(), "decision" => d.as_label()).absolute(0);
+                counter(metrics::counter!(CONNECTIONS_TOTAL, "service" => s(), "decision" => d.as_label()));
             }
-            metrics::gauge!(CONNECTIONS_ACTIVE, "service" => s()).set(0.0);
-            for d in [Direction::Upstream, Direction::Downstream] {
-                metrics::counter!(PROXIED_BYTES_TOTAL, "service" => s(), "direction" => d.as_label()).absolute(0);
+            metrics::gauge!(CONNECTIONS_ACTIVE, "service" => s()).increment(0.0);
+            for d in Direction::ALL {
+                counter(metrics::counter!(PROXIED_BYTES_TOTAL, "service" => s(), "direction" => d.as_label()));
             }
             // Registering a histogram makes it render with empty buckets.
             let _ = metrics::histogram!(CONNECTION_DURATION_SECONDS, "service" => s());
             let _ = metrics::histogram!(UPSTREAM_CONNECT_DURATION_SECONDS, "service" => s());
         }
         if service.protocol == Proto::Udp {
-            metrics::gauge!(UDP_KERNEL_FILTER, "service" => s()).set(0.0);
-            for f in [FilterFallback::TooManySources, FilterFallback::AttachFailed] {
-                metrics::counter!(UDP_KERNEL_FILTER_FALLBACKS_TOTAL, "service" => s(), "reason" => f.as_label())
-                    .absolute(0);
+            metrics::gauge!(UDP_KERNEL_FILTER, "service" => s()).increment(0.0);
+            for f in FilterFallback::ALL {
+                counter(
+                    metrics::counter!(UDP_KERNEL_FILTER_FALLBACKS_TOTAL, "service" => s(), "reason" => f.as_label()),
+                );
             }
         }
     }
@@ -452,7 +480,7 @@ pub const SOURCE_REFUSALS_TOTAL: &str = "portcullis_source_refusals_total";
 pub const LOCKOUTS_TOTAL: &str = "portcullis_lockouts_total";
 
 /// `format` and `result` are fixed labels from `spa::Format` and
-/// `sensor::spa::Refusal` (or "accepted").
+/// `spa::desk::Refusal` (or "accepted").
 pub fn spa_packet(format: &'static str, result: &'static str) {
     metrics::counter!(SPA_PACKETS_TOTAL, "format" => format, "result" => result).increment(1);
 }

@@ -1,11 +1,69 @@
-//! Socket set-up shared by sensors and the proxy.
+//! Socket set-up shared by sensors, the proxy and the admin endpoint, and
+//! the one accept loop every TCP listener runs.
 
 use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{self, ListenerKind};
+
+/// Pause after a failed `accept()` (e.g. out of file descriptors), so the
+/// loop does not spin while the condition lasts.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Accept failures logged per second per listener at most; all are counted.
+const ACCEPT_WARN_RATE: NonZeroU32 = NonZeroU32::new(1).expect("1 is not zero");
+
+/// Accepts on `listener` until `stop`, handing each connection to
+/// `accepted` with its permit (when `permits` is given, one is taken before
+/// each accept, so connections past the cap wait in the kernel's backlog
+/// instead of in memory). `accepted` must not wait: it spawns. A failed
+/// accept is counted under `kind`, logged under a rate limit, and followed
+/// by [`ACCEPT_BACKOFF`]; the loop goes on. Returns when `stop` is
+/// cancelled or the semaphore is closed.
+pub async fn accept_loop(
+    listener: &TcpListener,
+    kind: ListenerKind,
+    permits: Option<&Arc<Semaphore>>,
+    stop: &CancellationToken,
+    mut accepted: impl FnMut(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>),
+) {
+    let warn_limit = governor::RateLimiter::direct(governor::Quota::per_second(ACCEPT_WARN_RATE));
+    loop {
+        let permit = match permits {
+            Some(permits) => tokio::select! {
+                _ = stop.cancelled() => return,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => Some(p),
+                    Err(_) => return,
+                },
+            },
+            None => None,
+        };
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match result {
+            Ok((stream, peer)) => accepted(stream, peer, permit),
+            Err(e) => {
+                metrics::accept_error(kind);
+                if warn_limit.check().is_ok() {
+                    let addr = listener.local_addr().ok();
+                    tracing::warn!(listener = kind.as_label(), addr = ?addr, error = %e, "accept failed");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
 
 /// Listen backlog for guarded and knock listeners.
 const BACKLOG: i32 = 1024;
@@ -68,6 +126,37 @@ pub fn reset(stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_accept_loop_hands_on_connections_with_permits_and_stops() {
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let permits = Arc::new(Semaphore::new(1));
+        let stop = CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = {
+            let (permits, stop) = (permits.clone(), stop.clone());
+            tokio::spawn(async move {
+                accept_loop(&listener, ListenerKind::Guarded, Some(&permits), &stop, |s, peer, p| {
+                    tx.send((s, peer, p)).unwrap();
+                })
+                .await;
+            })
+        };
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let (_s, _, permit) = rx.recv().await.unwrap();
+        assert!(permit.is_some());
+        assert_eq!(permits.available_permits(), 0, "the connection holds the only permit");
+        // A second connection waits in the backlog until the permit is back.
+        let _b = TcpStream::connect(addr).await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(rx.try_recv().is_err());
+        drop(permit);
+        let (_s, _, permit) = rx.recv().await.unwrap();
+        assert!(permit.is_some());
+        stop.cancel();
+        task.await.unwrap();
+    }
 
     #[cfg(target_os = "linux")]
     #[tokio::test]

@@ -11,26 +11,20 @@ pub mod pipes;
 pub mod relay;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::config::{Gateway, Service, Unauthorized};
-use crate::metrics::{self, Decision, ServiceMetrics};
+use crate::drain::Lifecycle;
+use crate::metrics::{Decision, ListenerKind, ServiceMetrics};
 use crate::net;
 use crate::store::GrantStore;
 use pipes::Pipes;
 use relay::Meter;
-
-/// Pause after a failed `accept()` (e.g. out of file descriptors), so the
-/// loop does not spin while the condition lasts.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// What every guarded listener shares.
 #[derive(Debug)]
@@ -42,38 +36,29 @@ pub struct Shared {
     pub connections: Arc<Semaphore>,
     /// Permits for blackholed connections.
     pub blackholes: Arc<Semaphore>,
-    /// Proxied connections in flight.
-    pub active: AtomicUsize,
-    /// Stops accept loops and ends blackholes.
-    pub stop: CancellationToken,
-    /// Cuts proxied connections when the shutdown grace runs out.
-    pub cut: CancellationToken,
-    pub tracker: TaskTracker,
+    pub life: Lifecycle,
     /// Pipes for splicing bulk transfers.
     pub pipes: Pipes,
 }
 
 impl Shared {
-    pub fn new(store: Arc<dyn GrantStore>, clock: Arc<dyn Clock>, gateway: Gateway) -> Self {
+    pub fn new(store: Arc<dyn GrantStore>, clock: Arc<dyn Clock>, gateway: Gateway, life: Lifecycle) -> Self {
         Self {
             connections: Arc::new(Semaphore::new(gateway.max_connections)),
             blackholes: Arc::new(Semaphore::new(gateway.max_blackholed)),
             store,
             clock,
             gateway,
-            active: AtomicUsize::new(0),
-            stop: CancellationToken::new(),
-            cut: CancellationToken::new(),
-            tracker: TaskTracker::new(),
+            life,
             pipes: Pipes::for_process(),
         }
     }
 }
 
-/// Accepts guarded connections for `service` until `stop` (a child of
-/// `shared.stop`, so a reload can stop one service); hands the listener
+/// Accepts guarded connections for `service` until `stop` (a child of the
+/// lifecycle's stop, so a reload can stop one service); hands the listener
 /// back so a reload can keep the socket open. Connections accepted run on
-/// in `shared.tracker` whatever happens to this loop.
+/// in the lifecycle's tracker whatever happens to this loop.
 pub async fn serve(
     listener: TcpListener,
     service: Arc<Service>,
@@ -81,35 +66,24 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> TcpListener {
     let meters = Arc::new(ServiceMetrics::new(&service.name));
-    loop {
-        // Waiting for a permit before accepting leaves excess connections
-        // in the kernel's backlog instead of in our memory.
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return listener,
-            p = shared.connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return listener,
-            },
-        };
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return listener,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let task = (service.clone(), shared.clone(), meters.clone());
-                shared.tracker.spawn(async move {
-                    let (service, shared, meters) = task;
-                    handle(stream, peer, &service, &shared, &meters, permit).await
-                });
-            }
-            Err(e) => {
-                metrics::accept_error("guarded");
-                tracing::warn!(service = %service.name, error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
-    }
+    // Waiting for a permit before accepting leaves excess connections in
+    // the kernel's backlog instead of in our memory.
+    net::accept_loop(
+        &listener,
+        ListenerKind::Guarded,
+        Some(&shared.connections),
+        &stop,
+        |stream, peer, permit| {
+            let Some(permit) = permit else { return };
+            let task = (service.clone(), shared.clone(), meters.clone());
+            shared.life.tracker().spawn(async move {
+                let (service, shared, meters) = task;
+                handle(stream, peer, &service, &shared, &meters, permit).await
+            });
+        },
+    )
+    .await;
+    listener
 }
 
 async fn handle(
@@ -143,7 +117,7 @@ async fn handle(
             tracing::debug!(service = %service.name, %source, "connection blackholed: no grant");
             tokio::select! {
                 _ = tokio::time::sleep(shared.gateway.blackhole_hold) => {}
-                _ = shared.stop.cancelled() => {}
+                _ = shared.life.stop().cancelled() => {}
             }
             drop(stream);
         }
@@ -197,15 +171,15 @@ async fn splice(
     #[cfg(not(target_os = "linux"))]
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    shared.active.fetch_add(1, Ordering::Relaxed);
+    let in_flight = shared.life.in_flight();
     meters.active.increment(1.0);
     let up = Meter::new(meters.bytes_upstream.clone());
     let down = Meter::new(meters.bytes_downstream.clone());
     let result = tokio::select! {
         r = relay::relay(&client, &upstream, &shared.pipes, &up, &down) => Some(r),
-        _ = shared.cut.cancelled() => None,
+        _ = shared.life.cut().cancelled() => None,
     };
-    shared.active.fetch_sub(1, Ordering::Relaxed);
+    drop(in_flight);
     meters.active.decrement(1.0);
     let lasted = shared.clock.now().saturating_duration_since(started);
     meters.connection_duration.record(lasted.as_secs_f64());

@@ -27,11 +27,10 @@ const MAX_HASHED_LEN: u64 = 1 << 20;
 
 /// Sends each new valid config from `path` on `tx` until `stop`.
 pub async fn watch(path: PathBuf, tx: mpsc::Sender<Config>, stop: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
+    let mut hup = match crate::drain::hangups() {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP; reloads follow file changes only");
+            tracing::warn!(error = %format!("{e:#}"), "reloads follow file changes only");
             None
         }
     };

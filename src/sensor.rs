@@ -19,22 +19,22 @@ use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrLike, Soc
 use nix::sys::time::TimeSpec;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::gate::{Input, Knock};
+use crate::driver::DriverHandle;
+use crate::gate::Knock;
 use crate::guard::SourceGuard;
-use crate::metrics;
+use crate::metrics::{self, ListenerKind};
 use crate::net;
 use crate::step::Step;
 
 pub mod spa;
 
-/// Where knocks go: the gate's input, behind the per-source guard.
+/// Where knocks go: the gate driver, behind the per-source guard.
 #[derive(Debug, Clone)]
 pub struct Intake {
-    pub tx: mpsc::Sender<Input>,
+    pub driver: DriverHandle,
     pub guard: Arc<SourceGuard>,
     pub clock: Arc<dyn Clock>,
 }
@@ -48,7 +48,7 @@ impl Intake {
             tracing::debug!(source = %knock.source, step = %knock.step, reason = r.as_label(), "knock ignored");
             return;
         }
-        if self.tx.try_send(Input::Knock(knock)).is_err() {
+        if self.driver.knock(knock).is_err() {
             metrics::knock_dropped();
             tracing::debug!(source = %knock.source, step = %knock.step, "gate busy: knock dropped");
         }
@@ -63,10 +63,10 @@ const MAX_BATCH: usize = 1024;
 /// order. A full channel drops the knock (counted): the gate is never
 /// waited on.
 pub async fn run_udp(
-    sockets: Vec<(UdpSocket, Step)>,
+    sockets: Vec<(Arc<UdpSocket>, Step)>,
     intake: Intake,
     cancel: CancellationToken,
-) -> Vec<(UdpSocket, Step)> {
+) -> Vec<(Arc<UdpSocket>, Step)> {
     let mut batch: Vec<(TimeSpec, Knock)> = Vec::with_capacity(64);
     let mut buf = [0u8; 64];
     let mut cmsg = nix::cmsg_space!(TimeSpec);
@@ -109,30 +109,19 @@ pub async fn run_udp(
 /// Accepts on a TCP knock listener: each completed handshake is a knock,
 /// and the connection is reset at once without a byte sent.
 pub async fn run_tcp(listener: TcpListener, step: Step, intake: Intake, cancel: CancellationToken) -> TcpListener {
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return listener,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                net::reset(stream);
-                intake.forward(Knock {
-                    source: peer.ip().to_canonical(),
-                    step,
-                });
-            }
-            Err(e) => {
-                metrics::accept_error("knock");
-                tracing::debug!(step = %step, error = %e, "knock accept failed");
-                tokio::time::sleep(crate::proxy::ACCEPT_BACKOFF).await;
-            }
-        }
-    }
+    net::accept_loop(&listener, ListenerKind::Knock, None, &cancel, |stream, peer, _| {
+        net::reset(stream);
+        intake.forward(Knock {
+            source: peer.ip().to_canonical(),
+            step,
+        });
+    })
+    .await;
+    listener
 }
 
 /// Resolves when any socket is readable.
-async fn readable(sockets: &[(UdpSocket, Step)]) {
+async fn readable(sockets: &[(Arc<UdpSocket>, Step)]) {
     poll_fn(|cx| {
         let mut ready = false;
         for (socket, _) in sockets {

@@ -3,14 +3,15 @@
 //!
 //! Two wire formats share these types: our own [`native`] format
 //! (AES-256-GCM under a per-user key) and the stock client's
-//! [`fwknop`] format (AES-256-CBC + HMAC-SHA256). [`keyfile`] reads and
+//! [`fwknop`] format (AES-256 in fwknop's modes + an HMAC). [`keyfile`] reads and
 //! writes the key files both use.
 //!
-//! Everything here is pure: no sockets, no clock reads (the time arrives in a
-//! [`Window`]), no logging. Sockets belong to the sensors; the replay cache,
-//! users' permissions and what a request may open belong to the server and
-//! the gate, which act on the [`Request`] and on [`Request::digest`].
+//! The codecs are pure: no sockets, no clock reads (the time arrives in a
+//! [`Window`]), no logging, and nothing of the config. The policy on top of
+//! them (users' permissions, what a request may open, the replay cache)
+//! is the [`desk`]'s; sockets belong to the sensors.
 
+pub mod desk;
 pub mod fwknop;
 pub mod keyfile;
 pub mod native;
@@ -93,10 +94,22 @@ pub enum Reject {
     /// decrypt to a plausible message: usually a wrong encryption key.
     #[error("decryption failed: {0}")]
     Decrypt(&'static str),
-    /// Authentic, but asks for something we do not do (GPG, commands, NAT,
-    /// other digest types, a newer format version).
+    /// Authentic, but asks for something we do not do (icmp access, a
+    /// server_auth field, a newer format version).
     #[error("unsupported: {0}")]
     UnsupportedMode(&'static str),
+    /// Authentic, but a command message (fwknop `-C`): commands are never
+    /// run.
+    #[error("command message (fwknop -C): commands are never run")]
+    Command,
+    /// A GPG-encrypted fwknop packet (`fwknop -g`) that a user's HMAC key
+    /// vouches for: only Rijndael mode is supported.
+    #[error("GPG-encrypted packet (fwknop -g): only Rijndael keys are supported")]
+    Gpg,
+    /// Decrypted, but the inner message digest does not match the message
+    /// (under any digest type of its length).
+    #[error("inner message digest does not match")]
+    DigestMismatch,
     /// No configured key matches the packet's key id.
     #[error("no key matches the packet's key id")]
     UnknownUser,
@@ -116,6 +129,9 @@ impl Reject {
             Reject::BadMac => "bad_mac",
             Reject::Decrypt(_) => "decrypt",
             Reject::UnsupportedMode(_) => "unsupported_mode",
+            Reject::Command => "command",
+            Reject::Gpg => "gpg",
+            Reject::DigestMismatch => "digest_mismatch",
             Reject::UnknownUser => "unknown_user",
             Reject::Stale { .. } => "stale",
         }
@@ -145,6 +161,9 @@ pub struct Request {
     /// How long the sender asks the grant to last (fwknop client timeout,
     /// message type 3); the server caps it.
     pub duration: Option<Duration>,
+    /// fwknop NAT access (message types 2, 4, 5, 6): the internal
+    /// `host:port` the sender wants to reach. `None` for plain access.
+    pub nat: Option<NatAccess>,
     /// Replay-cache key: SHA-256 over a per-format label and the decoded,
     /// authenticated content. fwknop: the decrypted plaintext, so every
     /// base64 spelling of one ciphertext (fwknop's decoder ignores unused
@@ -152,6 +171,20 @@ pub struct Request {
     /// AEAD tag already pins byte for byte. Equal digests mean the same
     /// request was seen before.
     pub digest: [u8; 32],
+}
+
+/// A NAT access request (fwknop `-N host,port`, or `--nat-local`): the
+/// internal address the sender wants to reach through the gateway.
+/// Authenticated, but the sender's words: the server decides which
+/// service, if any, that names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatAccess {
+    /// An IPv4 address or a host name as sent, lowercased.
+    pub host: String,
+    pub port: u16,
+    /// `--nat-local`: the gateway host itself (`host` is whatever the
+    /// client called the gateway).
+    pub local: bool,
 }
 
 /// What a client asks for: the input of both encoders.
@@ -297,6 +330,9 @@ mod tests {
             Reject::BadMac,
             Reject::Decrypt("x"),
             Reject::UnsupportedMode("x"),
+            Reject::Command,
+            Reject::Gpg,
+            Reject::DigestMismatch,
             Reject::UnknownUser,
             Reject::Stale {
                 skew_secs: 1,
@@ -313,6 +349,9 @@ mod tests {
                 "bad_mac",
                 "decrypt",
                 "unsupported_mode",
+                "command",
+                "gpg",
+                "digest_mismatch",
                 "unknown_user",
                 "stale"
             ]

@@ -14,18 +14,18 @@
 #![allow(unsafe_code)]
 
 #[cfg(target_os = "linux")]
-pub use linux::*;
+pub(crate) use linux::*;
 #[cfg(not(target_os = "linux"))]
-pub use portable::*;
+pub(crate) use portable::*;
 
 /// Most datagrams one batched receive or send moves.
-pub const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 
 /// Room for one datagram of a batch: the largest UDP payload (65527 bytes
 /// over IPv6) fits, so nothing is ever truncated. The slots are allocated
 /// zeroed and untouched, so the kernel backs only the pages datagrams
 /// actually fill: small datagrams cost a page per slot, not 64 KiB.
-pub const SLOT: usize = 64 * 1024;
+pub(crate) const SLOT: usize = 64 * 1024;
 
 #[cfg(not(target_os = "linux"))]
 mod portable {
@@ -35,7 +35,7 @@ mod portable {
     use std::os::fd::BorrowedFd;
 
     /// A batch of one datagram (no `recvmmsg(2)` here).
-    pub struct RecvBatch {
+    pub(crate) struct RecvBatch {
         buf: Box<[u8]>,
         len: usize,
         from: Option<SocketAddr>,
@@ -43,7 +43,7 @@ mod portable {
     }
 
     impl RecvBatch {
-        pub fn new() -> Self {
+        pub(crate) fn new() -> Self {
             Self {
                 buf: vec![0u8; super::SLOT].into_boxed_slice(),
                 len: 0,
@@ -52,7 +52,7 @@ mod portable {
             }
         }
 
-        pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        pub(crate) fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
             self.count = 0;
             let sock = socket2::SockRef::from(&fd);
             // SAFETY: u8 and MaybeUninit<u8> have the same layout, and the
@@ -65,20 +65,20 @@ mod portable {
             Ok(1)
         }
 
-        pub fn len(&self) -> usize {
+        pub(crate) fn len(&self) -> usize {
             self.count
         }
 
-        pub fn payload(&self, _i: usize) -> &[u8] {
+        pub(crate) fn payload(&self, _i: usize) -> &[u8] {
             &self.buf[..self.len]
         }
 
-        pub fn source(&self, _i: usize) -> Option<SocketAddr> {
+        pub(crate) fn source(&self, _i: usize) -> Option<SocketAddr> {
             self.from
         }
     }
 
-    pub fn send_many<'a>(
+    pub(crate) fn send_many<'a>(
         fd: BorrowedFd<'_>,
         payloads: impl Iterator<Item = &'a [u8]>,
         to: Option<SocketAddr>,
@@ -100,11 +100,11 @@ mod portable {
         Ok(sent)
     }
 
-    pub fn gso_unsupported(_e: &io::Error) -> bool {
+    pub(crate) fn gso_unsupported(_e: &io::Error) -> bool {
         false
     }
 
-    pub fn trim_heap() -> bool {
+    pub(crate) fn trim_heap() -> bool {
         false
     }
 }
@@ -125,7 +125,7 @@ mod linux {
     }
 
     /// Both ends of a new pipe, non-blocking and close-on-exec: (read, write).
-    pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
         let mut fds: [libc::c_int; 2] = [-1, -1];
         // SAFETY: `fds` is a writable array of two c_ints, which is what
         // pipe2 writes to; the flags are valid for pipe2.
@@ -138,7 +138,7 @@ mod linux {
     /// Asks the kernel to make the pipe of `fd` hold `bytes`; returns what
     /// it holds now. Fails (EPERM) above `/proc/sys/fs/pipe-max-size` or
     /// when the user is over its pipe-page allowance.
-    pub fn set_pipe_size(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
+    pub(crate) fn set_pipe_size(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
         let want = libc::c_int::try_from(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: F_SETPIPE_SZ takes an int argument and touches no memory
         // of ours; `fd` is a live descriptor for the duration of the call.
@@ -147,7 +147,7 @@ mod linux {
     }
 
     /// How many bytes the pipe of `fd` holds at most.
-    pub fn pipe_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    pub(crate) fn pipe_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
         // SAFETY: F_GETPIPE_SZ takes no argument and touches no memory of
         // ours; `fd` is a live descriptor for the duration of the call.
         let got = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) })?;
@@ -157,7 +157,7 @@ mod linux {
     /// Bytes waiting to be read from `fd` (a pipe or a socket): for tests
     /// that check a pooled pipe is empty.
     #[cfg(test)]
-    pub fn pending(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    pub(crate) fn pending(fd: BorrowedFd<'_>) -> io::Result<usize> {
         let mut n: libc::c_int = 0;
         // SAFETY: FIONREAD writes one int through the pointer, which points
         // to `n`, alive and writable for the duration of the call.
@@ -169,7 +169,7 @@ mod linux {
     /// pipe, without copying them through userspace. Never blocks on the
     /// pipe (`SPLICE_F_NONBLOCK`); the socket side must be non-blocking
     /// itself. `Ok(0)` from a socket is its end of stream.
-    pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    pub(crate) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
         // SAFETY: null offsets mean "the file position", which is what
         // pipes and sockets require; splice reads no memory of ours, and
         // both descriptors are live for the duration of the call.
@@ -191,7 +191,7 @@ mod linux {
     }
 
     /// `read(2)` into `buf`: for emptying a pipe by hand.
-    pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`,
         // which is valid and exclusively borrowed for the call.
         let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -204,7 +204,7 @@ mod linux {
 
     /// `write(2)` from `buf`: for filling a pipe in tests.
     #[cfg(test)]
-    pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
         // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`,
         // which is valid for the duration of the call.
         let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
@@ -218,7 +218,7 @@ mod linux {
     /// Hands the allocator's free memory back to the kernel (glibc keeps
     /// what a burst of connections freed, in every arena, until asked).
     /// Returns whether any was released; a no-op elsewhere than glibc.
-    pub fn trim_heap() -> bool {
+    pub(crate) fn trim_heap() -> bool {
         #[cfg(target_env = "gnu")]
         {
             // SAFETY: malloc_trim takes a plain integer (the padding to keep
@@ -234,7 +234,7 @@ mod linux {
     /// Up to [`BATCH`](super::BATCH) received datagrams, with their
     /// senders, filled by one `recvmmsg(2)`. Allocated once per receiving
     /// loop (or thread) and reused, so receiving allocates nothing.
-    pub struct RecvBatch {
+    pub(crate) struct RecvBatch {
         bufs: Box<[u8]>,
         addrs: Box<[libc::sockaddr_storage]>,
         lens: [usize; super::BATCH],
@@ -248,7 +248,7 @@ mod linux {
     }
 
     impl RecvBatch {
-        pub fn new() -> Self {
+        pub(crate) fn new() -> Self {
             // SAFETY: sockaddr_storage is plain old data; all zeroes is a
             // valid (AF_UNSPEC) value.
             let empty: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -263,7 +263,7 @@ mod linux {
         /// Receives what `fd` (a non-blocking datagram socket) has queued,
         /// up to a batch, without waiting: `Ok(n)` with `n >= 1`, or
         /// `WouldBlock` when nothing is queued.
-        pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        pub(crate) fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
             const N: usize = super::BATCH;
             self.count = 0;
             // SAFETY: iovec and mmsghdr are plain old data, for which all
@@ -310,12 +310,12 @@ mod linux {
         }
 
         /// Datagrams in the batch.
-        pub fn len(&self) -> usize {
+        pub(crate) fn len(&self) -> usize {
             self.count
         }
 
         /// The payload of datagram `i` (`i < len()`).
-        pub fn payload(&self, i: usize) -> &[u8] {
+        pub(crate) fn payload(&self, i: usize) -> &[u8] {
             assert!(i < self.count, "datagram {i} of a batch of {}", self.count);
             let start = i * super::SLOT;
             &self.bufs[start..start + self.lens[i]]
@@ -323,7 +323,7 @@ mod linux {
 
         /// Who sent datagram `i`; None for an address family other than
         /// IPv4 and IPv6.
-        pub fn source(&self, i: usize) -> Option<SocketAddr> {
+        pub(crate) fn source(&self, i: usize) -> Option<SocketAddr> {
             assert!(i < self.count, "datagram {i} of a batch of {}", self.count);
             let a = &self.addrs[i];
             match a.ss_family as libc::c_int {
@@ -380,7 +380,7 @@ mod linux {
     /// route without UDP GSO fails a GSO message (`EIO`, `EINVAL`,
     /// `ENOPROTOOPT` or `EOPNOTSUPP`): when that message is the first, the
     /// error comes back as [`gso_unsupported`]; send without GSO then.
-    pub fn send_many<'a>(
+    pub(crate) fn send_many<'a>(
         fd: BorrowedFd<'_>,
         payloads: impl Iterator<Item = &'a [u8]>,
         to: Option<SocketAddr>,
@@ -485,7 +485,7 @@ mod linux {
 
     /// Whether `e`, from [`send_many`], says the kernel or route refused
     /// UDP GSO (for a message that used it).
-    pub fn gso_unsupported(e: &io::Error) -> bool {
+    pub(crate) fn gso_unsupported(e: &io::Error) -> bool {
         e.kind() == io::ErrorKind::Unsupported
     }
 

@@ -3,6 +3,13 @@
 //! API (list, revoke), who may revoke, and TLS with client certificates
 //! and certificate reload. HTTP goes through `curl`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;
@@ -26,9 +33,14 @@ fn knock(gw: &Gateway, seq: [u16; 3], source: &str) {
 /// loopback port; `admin_extra` is added to the `[admin]` section.
 fn start(admin_extra: &str, files: &[(&str, &[u8])]) -> (Gateway, [u16; 3]) {
     let upstream = echo_server("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports_with_files(8, files, |p| {
+    let admin_extra = admin_extra.to_owned();
+    let mut builder = Gateway::builder().on_free_ports(8, move |p| {
         format!("{}{ADMIN}{admin_extra}\n", echo_config(upstream, &knock_seq(p), ""))
     });
+    for (name, content) in files {
+        builder = builder.file(name, content);
+    }
+    let (gw, p) = builder.start_on_ports();
     (gw, knock_seq(&p))
 }
 

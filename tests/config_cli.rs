@@ -2,6 +2,13 @@
 //! invalid fixture: each invalid file names, in its first line, the key
 //! path its error must mention.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;
@@ -118,7 +125,7 @@ fn the_example_config_serves_and_stops_on_sigterm() {
         .replace("7303/udp", &format!("{}/udp", p(3)))
         .replace("7304/udp", &format!("{}/udp", p(4)))
         .replace("127.0.0.1:9464", &format!("127.0.0.1:{}", p(6)));
-    let mut gw = Gateway::start(&text);
+    let mut gw = Gateway::builder().config(&text).start();
     assert_eq!(gw.addr("postgres").port(), ports[0]);
     assert_eq!(gw.admin.map(|a| a.port()), Some(ports[6]));
     assert_eq!(gw.http("GET", "/readyz", &[]).status, 200);

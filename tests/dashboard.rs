@@ -3,6 +3,13 @@
 //! name is exported by a running gateway, the rules pass their unit tests,
 //! and the dashboard works both imported and provisioned.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;
@@ -272,12 +279,14 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
 #[test]
 fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
     let upstream = echo_server("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(6, |p| {
-        format!(
-            "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-            echo_config(upstream, &[p[1], p[5], p[3]], "")
-        )
-    });
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(6, |p| {
+            format!(
+                "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+                echo_config(upstream, &[p[1], p[5], p[3]], "")
+            )
+        })
+        .start_on_ports();
     // Some of everything: knocks, a grant, a proxied and a refused connection.
     let steps: Vec<String> = [p[1], p[5], p[3]].iter().map(|p| format!("{p}/udp")).collect();
     let mut args = vec!["127.0.0.1", "-b", "127.0.0.1"];

@@ -7,6 +7,13 @@
 //! same offset (a checksum that also says where bytes went wrong), so no
 //! test holds 64 MiB in memory.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;
@@ -29,10 +36,12 @@ fn knock_seq(p: &[u16]) -> [u16; 3] {
 /// and a grant long enough for the slowest test, already knocked open for
 /// 127.0.0.1.
 fn start(upstream: SocketAddr) -> Gateway {
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        format!("{}{ADMIN}", echo_config(upstream, &knock_seq(p), ""))
-            .replace("open_for = \"10s\"", "open_for = \"10m\"")
-    });
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            format!("{}{ADMIN}", echo_config(upstream, &knock_seq(p), ""))
+                .replace("open_for = \"10s\"", "open_for = \"10m\"")
+        })
+        .start_on_ports();
     knock_and_wait(&gw, "echo", &knock_seq(&p), "127.0.0.1");
     gw
 }

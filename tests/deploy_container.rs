@@ -9,6 +9,13 @@
 //! Where buildah cannot build or run here, the same filesystem layout runs
 //! under `chroot` alone, and the test prints why.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test code: a panic is the failure report, and real time is what is waited on"
+)]
+
 mod common;
 mod deploy;
 

@@ -3,6 +3,13 @@
 //! Laid out with the secrets it names, each passes `portcullis check`, and
 //! each one that guards a port below 1024 says how to bind it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test code: a panic is the failure report, and real time is what is waited on"
+)]
+
 mod common;
 mod deploy;
 

@@ -13,6 +13,13 @@
 //! Operator kinds have no schema in kubernetes-validate; their shape is
 //! asserted here instead.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test code: a panic is the failure report, and real time is what is waited on"
+)]
+
 mod common;
 mod deploy;
 

@@ -12,6 +12,13 @@
 //! Needs root (network and mount namespaces), as CI has. The addresses
 //! exist only inside the two namespaces the test makes and removes.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test code: a panic is the failure report, and real time is what is waited on"
+)]
+
 mod common;
 mod deploy;
 

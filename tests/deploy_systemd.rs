@@ -9,6 +9,13 @@
 //! the system call filter is held against every call the gateway makes
 //! under strace through a knock, TCP and UDP traffic, a reload and a drain.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test code: a panic is the failure report, and real time is what is waited on"
+)]
+
 mod common;
 mod deploy;
 
@@ -226,10 +233,10 @@ knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
 fn a_bad_notify_socket_only_warns() {
     let upstream = echo_server("127.0.0.1:0");
     let p = free_ports(3);
-    let gw = Gateway::start_with_env(
-        &echo_config(upstream, &[p[0], p[2], p[1]], ""),
-        &[("NOTIFY_SOCKET", "relative")],
-    );
+    let gw = Gateway::builder()
+        .config(&echo_config(upstream, &[p[0], p[2], p[1]], ""))
+        .env("NOTIFY_SOCKET", "relative")
+        .start();
     gw.wait_for(|l| msg(l) == "cannot notify the service manager");
     assert!(!echo_works("127.0.0.1", gw.addr("echo")), "refuse mode still refuses");
 }

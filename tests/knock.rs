@@ -1,6 +1,13 @@
 //! Knock sequences through the real binary, with the stock `knock` client
 //! and our own, from distinct 127.x.y.z sources.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;
@@ -14,7 +21,9 @@ fn seq(ports: &[u16]) -> [u16; 3] {
 
 fn start_echo(extra: &str) -> (Gateway, [u16; 3]) {
     let upstream = echo_server("127.0.0.1:0");
-    let (gw, ports) = Gateway::start_on_free_ports(10, |p| echo_config(upstream, &seq(p), extra));
+    let (gw, ports) = Gateway::builder()
+        .on_free_ports(10, |p| echo_config(upstream, &seq(p), extra))
+        .start_on_ports();
     (gw, seq(&ports))
 }
 
@@ -66,18 +75,20 @@ fn portcullis_knock_with_udp_steps_in_every_spelling() {
 #[test]
 fn portcullis_knock_with_tcp_steps_opens() {
     let upstream = echo_server("127.0.0.1:0");
-    let (gw, ports) = Gateway::start_on_free_ports(10, |p| {
-        let [a, b, c] = seq(p);
-        format!(
-            r#"
+    let (gw, ports) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            let [a, b, c] = seq(p);
+            format!(
+                r#"
 [service.echo]
 listen = "127.0.0.1:0"
 upstream = "{upstream}"
 open_for = "10s"
 knock = {{ sequence = ["{a}/tcp", "{b}/tcp", "{c}/tcp"] }}
 "#
-        )
-    });
+            )
+        })
+        .start_on_ports();
     let [a, b, c] = seq(&ports);
     let echo = gw.addr("echo");
     assert!(!echo_works("127.0.0.5", echo));
@@ -112,9 +123,11 @@ fn wrong_order_leaves_it_closed() {
 #[test]
 fn a_late_step_leaves_it_closed() {
     let upstream = echo_server("127.0.0.1:0");
-    let (gw, ports) = Gateway::start_on_free_ports(10, |p| {
-        echo_config(upstream, &seq(p), "").replace("step_timeout = \"5s\"", "step_timeout = \"300ms\"")
-    });
+    let (gw, ports) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            echo_config(upstream, &seq(p), "").replace("step_timeout = \"5s\"", "step_timeout = \"300ms\"")
+        })
+        .start_on_ports();
     let [a, b, c] = seq(&ports);
     portcullis_knock(&["127.0.0.1", &format!("{a}/udp"), &format!("{b}/udp")]);
     // The gate's own deadline ends the attempt; no packet is needed for it.
@@ -128,9 +141,11 @@ fn a_late_step_leaves_it_closed() {
 #[test]
 fn an_expired_grant_leaves_it_closed_and_established_connections_survive() {
     let upstream = echo_server("127.0.0.1:0");
-    let (gw, ports) = Gateway::start_on_free_ports(10, |p| {
-        echo_config(upstream, &seq(p), "").replace("open_for = \"10s\"", "open_for = \"2s\"")
-    });
+    let (gw, ports) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            echo_config(upstream, &seq(p), "").replace("open_for = \"10s\"", "open_for = \"2s\"")
+        })
+        .start_on_ports();
     let [a, b, c] = seq(&ports);
     let echo = gw.addr("echo");
     portcullis_knock(&[
@@ -173,12 +188,14 @@ fn an_ascending_sweep_opens_nothing() {
 #[test]
 fn trap_ports_reset_progress() {
     let upstream = echo_server("127.0.0.1:0");
-    let (gw, ports) = Gateway::start_on_free_ports(10, |p| {
-        echo_config(upstream, &seq(p), "").replace(
-            "step_timeout",
-            &format!("trap_ports = [\"{}/udp\"], step_timeout", p[4]),
-        )
-    });
+    let (gw, ports) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            echo_config(upstream, &seq(p), "").replace(
+                "step_timeout",
+                &format!("trap_ports = [\"{}/udp\"], step_timeout", p[4]),
+            )
+        })
+        .start_on_ports();
     let [a, b, c] = seq(&ports);
     let trap = ports[4];
     portcullis_knock(&[
@@ -215,9 +232,11 @@ fn garbage_at_knock_ports_stalls_nothing() {
 fn two_services_share_knock_ports_and_grant_separately() {
     let up1 = echo_server("127.0.0.1:0");
     let up2 = echo_server("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        knock_service("one", up1, &[p[3], p[7], p[5]]) + &knock_service("two", up2, &[p[3], p[8], p[5]])
-    });
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            knock_service("one", up1, &[p[3], p[7], p[5]]) + &knock_service("two", up2, &[p[3], p[8], p[5]])
+        })
+        .start_on_ports();
     knock_and_wait(&gw, "two", &[p[3], p[8], p[5]], "127.0.0.1");
     assert!(echo_works("127.0.0.1", gw.addr("two")));
     assert!(
@@ -229,9 +248,11 @@ fn two_services_share_knock_ports_and_grant_separately() {
 #[test]
 fn ipv6_knock_and_connection() {
     let upstream = echo_server("[::1]:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        echo_config(upstream, &seq(p), "").replace("listen = \"127.0.0.1:0\"", "listen = \"[::1]:0\"")
-    });
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            echo_config(upstream, &seq(p), "").replace("listen = \"127.0.0.1:0\"", "listen = \"[::1]:0\"")
+        })
+        .start_on_ports();
     let [a, b, c] = seq(&p);
     let echo = gw.addr("echo");
     assert!(echo.is_ipv6());

@@ -1,6 +1,13 @@
 //! What unauthorised and authorised guarded connections get: refuse,
 //! blackhole (bounded), allow (audit), upstream failures, and shutdown.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;
@@ -18,13 +25,15 @@ fn knock(gw: &Gateway, seq: [u16; 3], source: &str) {
 
 fn start(mode: &str, extra_gateway: &str) -> (Gateway, [u16; 3]) {
     let upstream = echo_server("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        format!(
-            "[gateway]\n{extra_gateway}\n{}",
-            echo_config(upstream, &knock_seq(p), "")
-                .replace("unauthorized = \"refuse\"", &format!("unauthorized = \"{mode}\""))
-        )
-    });
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            format!(
+                "[gateway]\n{extra_gateway}\n{}",
+                echo_config(upstream, &knock_seq(p), "")
+                    .replace("unauthorized = \"refuse\"", &format!("unauthorized = \"{mode}\""))
+            )
+        })
+        .start_on_ports();
     (gw, knock_seq(&p))
 }
 
@@ -101,9 +110,11 @@ fn unreachable_upstream_closes_the_client_promptly_and_harms_nothing_else() {
         l.local_addr().unwrap()
     };
     let good = echo_server("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        knock_service("echo", closed, &[p[3], p[7], p[5]]) + &knock_service("good", good, &[p[3], p[8], p[5]])
-    });
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            knock_service("echo", closed, &[p[3], p[7], p[5]]) + &knock_service("good", good, &[p[3], p[8], p[5]])
+        })
+        .start_on_ports();
     knock(&gw, knock_seq(&p), "127.0.0.1");
     // The client is reset as soon as the upstream connect fails, which can
     // be before the handshake is even reported to it.
@@ -177,6 +188,10 @@ fn dead_listener_address_is_a_clear_start_error() {
     let addr: SocketAddr = taken.local_addr().unwrap();
     let config = echo_config(addr, &[40_123, 40_127, 40_125], "")
         .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
-    let err = Gateway::try_start(&config, &[]).err().expect("started on a taken port");
+    let err = Gateway::builder()
+        .config(&config)
+        .try_start()
+        .err()
+        .expect("started on a taken port");
     assert!(err.contains("cannot listen on service.echo.listen"), "{err}");
 }

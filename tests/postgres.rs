@@ -2,6 +2,13 @@
 //! a knock from the stock client. Needs PostgreSQL on 127.0.0.1:5432 with
 //! trust auth for `postgres` (override with PORTCULLIS_TEST_PG=HOST:PORT).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;
@@ -14,9 +21,10 @@ fn psql_runs_select_1_through_the_gateway_only_after_a_knock() {
         direct.is_ok(),
         "PostgreSQL is not reachable at {upstream}: this test fronts a real database"
     );
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        format!(
-            r#"
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            format!(
+                r#"
 [service.pg]
 listen = "127.0.0.1:0"
 upstream = "{upstream}"
@@ -24,9 +32,10 @@ unauthorized = "refuse"
 open_for = "30s"
 knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
 "#,
-            p[3], p[7], p[5]
-        )
-    });
+                p[3], p[7], p[5]
+            )
+        })
+        .start_on_ports();
     let port = gw.addr("pg").port();
     let before = psql(port, "select 1");
     assert!(before.is_err(), "psql got through before any knock: {before:?}");

@@ -2,6 +2,13 @@
 //! config is reloaded three times (by SIGHUP and by a file change), one of
 //! them invalid.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;
@@ -25,7 +32,9 @@ fn fnv(hash: &mut u64, bytes: &[u8]) {
 #[test]
 fn a_stream_survives_three_reloads_and_each_valid_one_takes_effect() {
     let upstream = echo_server("127.0.0.1:0");
-    let (mut gw, p) = Gateway::start_on_free_ports(10, |p| knock_service("echo", upstream, &[p[3], p[7], p[5]]));
+    let (mut gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| knock_service("echo", upstream, &[p[3], p[7], p[5]]))
+        .start_on_ports();
     let a = [p[3], p[7], p[5]];
     let b = [p[2], p[8], p[4]];
     let c = [p[5], p[3], p[7]];
@@ -140,12 +149,14 @@ fn a_stream_survives_three_reloads_and_each_valid_one_takes_effect() {
 #[test]
 fn a_reload_that_changes_nothing_keeps_every_port() {
     let upstream = echo_server("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        format!(
-            "[spa]\nlisten = \"127.0.0.1:0\"\n{}",
-            knock_service("echo", upstream, &[p[3], p[7], p[5]])
-        )
-    });
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            format!(
+                "[spa]\nlisten = \"127.0.0.1:0\"\n{}",
+                knock_service("echo", upstream, &[p[3], p[7], p[5]])
+            )
+        })
+        .start_on_ports();
     let first = |kind: &str| gw.wait_for(|l| msg(l) == "listening" && l["kind"] == kind)["addr"].clone();
     let (spa, echo) = (first("spa"), first("guarded"));
     // Another file appearing beside the config triggers a reload that

@@ -2,6 +2,13 @@
 //! `fwknop` client, our own `portcullis spa`, replays, wrong keys, NAT
 //! allow-IPs, IPv6 and a garbage flood.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;
@@ -105,7 +112,9 @@ struct Setup {
 
 fn start(upstream: &str, listen_ip: &str) -> Setup {
     let keys = Keys::new();
-    let (gw, p) = Gateway::start_on_free_ports(1, |p| config(&keys, upstream, listen_ip, p));
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(1, |p| config(&keys, upstream, listen_ip, p))
+        .start_on_ports();
     let spa = SocketAddr::new(ip(listen_ip.trim_matches(['[', ']'])), p[0]);
     Setup { gw, keys, spa }
 }

@@ -3,6 +3,13 @@
 //! client (dnsmasq and dig). Where the kernel filter drops a datagram is
 //! read from the listener's `drops` counter in /proc/net/udp{,6}.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test and bench code: a panic is the failure report, and real time is what is measured"
+)]
+
 mod common;
 
 use common::*;
@@ -179,7 +186,9 @@ fn assert_dropped(gw: &Gateway, s: &UdpSocket, to: SocketAddr, at: Dropped) {
 #[test]
 fn replies_only_after_a_knock_and_only_to_the_knocking_source() {
     let upstream = udp_echo("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| udp_config(upstream, p, ""))
+        .start_on_ports();
     let svc = gw.addr("dns");
     let a = client("127.0.0.1");
     assert_dropped(&gw, &a, svc, Dropped::Anywhere);
@@ -195,7 +204,9 @@ fn replies_only_after_a_knock_and_only_to_the_knocking_source() {
 /// client sockets on that address: (gateway, service address, x, y).
 fn two_clients_after_a_knock() -> (Gateway, SocketAddr, UdpSocket, UdpSocket) {
     let upstream = udp_echo("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| udp_config(upstream, p, ""))
+        .start_on_ports();
     let svc = gw.addr("dns");
     knock(&gw, &p, "127.0.0.1", "127.0.0.3");
     (gw, svc, client("127.0.0.3"), client("127.0.0.3"))
@@ -261,11 +272,13 @@ fn interleaved_bursts_larger_than_a_batch_arrive_complete_and_in_order() {
 #[test]
 fn a_session_outlives_its_grant_while_active_and_ends_when_idle() {
     let upstream = udp_echo("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        udp_config(upstream, p, "")
-            .replace("open_for = \"10s\"", "open_for = \"2s\"")
-            .replace("idle_timeout = \"60s\"", "idle_timeout = \"1s\"")
-    });
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            udp_config(upstream, p, "")
+                .replace("open_for = \"10s\"", "open_for = \"2s\"")
+                .replace("idle_timeout = \"60s\"", "idle_timeout = \"1s\"")
+        })
+        .start_on_ports();
     let svc = gw.addr("dns");
     knock(&gw, &p, "127.0.0.1", "127.0.0.4");
     let c = client("127.0.0.4");
@@ -294,7 +307,9 @@ fn a_session_outlives_its_grant_while_active_and_ends_when_idle() {
 #[test]
 fn a_60000_byte_datagram_round_trips_intact() {
     let upstream = udp_echo("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| udp_config(upstream, p, ""))
+        .start_on_ports();
     knock(&gw, &p, "127.0.0.1", "127.0.0.1");
     let payload: Vec<u8> = (0..60_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let c = client("127.0.0.1");
@@ -304,7 +319,9 @@ fn a_60000_byte_datagram_round_trips_intact() {
 #[test]
 fn an_upstream_icmp_error_ends_the_session() {
     let closed = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(closed, p, ""));
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| udp_config(closed, p, ""))
+        .start_on_ports();
     knock(&gw, &p, "127.0.0.1", "127.0.0.1");
     let c = client("127.0.0.1");
     c.send_to(b"is anyone there", gw.addr("dns")).unwrap();
@@ -315,7 +332,9 @@ fn an_upstream_icmp_error_ends_the_session() {
 #[test]
 fn sessions_per_source_are_capped() {
     let upstream = udp_echo("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, "max_sessions_per_source = 2"));
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| udp_config(upstream, p, "max_sessions_per_source = 2"))
+        .start_on_ports();
     let svc = gw.addr("dns");
     knock(&gw, &p, "127.0.0.1", "127.0.0.1");
     let (a, b, c) = (client("127.0.0.1"), client("127.0.0.1"), client("127.0.0.1"));
@@ -329,7 +348,9 @@ fn sessions_per_source_are_capped() {
 #[test]
 fn ipv6_udp_service() {
     let upstream = udp_echo("[::1]:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, ""));
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| udp_config(upstream, p, ""))
+        .start_on_ports();
     let svc = gw.addr("dns");
     assert!(svc.is_ipv6());
     let c = client("::1");
@@ -344,7 +365,9 @@ const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
 #[test]
 fn the_kernel_drops_datagrams_from_sources_without_a_grant() {
     let upstream = udp_echo("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(upstream, p, "") + ADMIN);
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| udp_config(upstream, p, "") + ADMIN)
+        .start_on_ports();
     let svc = gw.addr("dns");
     let attached = wait_filter_attached(&gw);
     assert_eq!(msg(&attached), "udp kernel filter attached", "{attached}");
@@ -392,9 +415,11 @@ fn the_kernel_drops_datagrams_from_sources_without_a_grant() {
 #[test]
 fn a_session_keeps_passing_the_kernel_filter_after_its_grant_expires() {
     let upstream = udp_echo("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        udp_config(upstream, p, "").replace("open_for = \"10s\"", "open_for = \"1s\"")
-    });
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            udp_config(upstream, p, "").replace("open_for = \"10s\"", "open_for = \"1s\"")
+        })
+        .start_on_ports();
     let svc = gw.addr("dns");
     // A opens a session; B knocks after A, so its grant expires after A's,
     // and never sends.
@@ -424,9 +449,11 @@ fn a_session_keeps_passing_the_kernel_filter_after_its_grant_expires() {
 #[test]
 fn a_dual_stack_listener_filters_ipv4_and_ipv6_sources_in_the_kernel() {
     let upstream = udp_echo("127.0.0.1:0");
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| {
-        udp_config(upstream, p, "").replace("listen = \"127.0.0.1:0\"", "listen = \"[::]:0\"")
-    });
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| {
+            udp_config(upstream, p, "").replace("listen = \"127.0.0.1:0\"", "listen = \"[::]:0\"")
+        })
+        .start_on_ports();
     let listener = gw.addr("dns");
     assert!(listener.ip().is_unspecified() && listener.is_ipv6(), "{listener}");
     let v4 = SocketAddr::from(([127, 0, 0, 1], listener.port()));
@@ -462,7 +489,7 @@ fn a_dual_stack_listener_filters_ipv4_and_ipv6_sources_in_the_kernel() {
 fn audit_mode_attaches_no_filter_even_after_a_reload_from_another_mode() {
     let upstream = udp_echo("127.0.0.1:0");
     let config = |p: &[u16]| udp_config(upstream, p, "") + ADMIN;
-    let (gw, p) = Gateway::start_on_free_ports(10, config);
+    let (gw, p) = Gateway::builder().on_free_ports(10, config).start_on_ports();
     let svc = gw.addr("dns");
     wait_filter_attached(&gw);
     let c = client("127.0.0.2");
@@ -560,7 +587,9 @@ fn dig_resolves_through_the_gateway_to_dnsmasq_only_after_a_knock() {
         Ok("10.1.2.3"),
         "dnsmasq itself does not answer"
     );
-    let (gw, p) = Gateway::start_on_free_ports(10, |p| udp_config(server, p, ""));
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| udp_config(server, p, ""))
+        .start_on_ports();
     let svc = gw.addr("dns");
     assert!(dig(svc, "127.0.0.5").is_err(), "dig got an answer before any knock");
     knock(&gw, &p, "127.0.0.1", "127.0.0.5");

@@ -10,19 +10,15 @@ use hyper::body::Bytes;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
-use tokio::sync::mpsc::error::SendTimeoutError;
 
 use super::{Context, Phase};
 use crate::config::Admin;
-use crate::gate::{Input, Method as GrantMethod};
+use crate::driver::DriverError;
+use crate::gate::Method as GrantMethod;
 use crate::secret::{ct_eq, Secret};
 
-/// Longest a revocation waits for room in the gate's queue.
-const REVOKE_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest a revocation waits for the gate to apply it, so that a 204
-/// means new connections from that source are already refused.
-const REVOKE_APPLY_TIMEOUT: Duration = Duration::from_secs(2);
-const REVOKE_POLL: Duration = Duration::from_millis(2);
+/// Longest a revocation waits for the gate driver to queue and apply it.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(4);
 
 const TEXT: &str = "text/plain; charset=utf-8";
 /// The Prometheus text exposition format.
@@ -93,7 +89,8 @@ pub(super) async fn handle<B>(req: &Request<B>, ctx: &Context, auth: &Auth, conn
             Some(text) => respond(StatusCode::OK, PROMETHEUS_TEXT, text),
             None => text(StatusCode::SERVICE_UNAVAILABLE, "no metrics recorder is installed\n"),
         },
-        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/healthz" if ctx.readiness.is_healthy() => text(StatusCode::OK, "ok\n"),
+        "/healthz" => text(StatusCode::SERVICE_UNAVAILABLE, "failed\n"),
         "/readyz" => match ctx.readiness.phase() {
             Phase::Ready => text(StatusCode::OK, "ready\n"),
             phase => text(StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", phase.as_str())),
@@ -154,33 +151,13 @@ async fn revoke(ctx: &Context, service: &str, source: &str, conn: &Conn) -> Resp
         return text(StatusCode::NOT_FOUND, "no such grant\n");
     }
     tracing::info!(peer = %conn.peer, %service, %source, "admin: revoking a grant");
-    let input = Input::Revoke {
-        service: Arc::from(service),
-        source,
-    };
-    match ctx.gate.send_timeout(input, REVOKE_QUEUE_TIMEOUT).await {
-        Ok(()) => {}
-        Err(SendTimeoutError::Timeout(_)) => {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "the gate is busy: try again\n");
-        }
-        Err(SendTimeoutError::Closed(_)) => {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
-        }
-    }
-    // The gate applies inputs in order and the store is updated as it
-    // does; waiting for that makes the answer mean what it says.
-    let applied = tokio::time::timeout(REVOKE_APPLY_TIMEOUT, async {
-        while ctx.store.allows(service, source, ctx.clock.now()) {
-            tokio::time::sleep(REVOKE_POLL).await;
-        }
-    })
-    .await;
-    match applied {
-        Ok(()) => empty(StatusCode::NO_CONTENT),
-        Err(_) => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the revocation is queued but not applied yet\n",
-        ),
+    // The driver answers once the store refuses the source, so a 204 means
+    // new connections from it are already refused.
+    match ctx.driver.revoke(Arc::from(service), source, REVOKE_TIMEOUT).await {
+        Ok(Some(_)) => empty(StatusCode::NO_CONTENT),
+        Ok(None) => text(StatusCode::NOT_FOUND, "no such grant\n"),
+        Err(DriverError::Busy) => text(StatusCode::SERVICE_UNAVAILABLE, "the gate is busy: try again\n"),
+        Err(DriverError::Stopped) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
     }
 }
 
@@ -242,6 +219,7 @@ mod tests {
     use super::*;
     use crate::admin::Readiness;
     use crate::clock::{Clock, ManualClock};
+    use crate::driver::{DriverHandle, Request as DriverRequest};
     use crate::gate::Grant;
     use crate::store::{GrantStore, MemoryStore};
     use http_body_util::BodyExt as _;
@@ -251,17 +229,17 @@ mod tests {
         ctx: Context,
         clock: ManualClock,
         store: Arc<MemoryStore>,
-        gate: mpsc::Receiver<Input>,
+        gate: mpsc::Receiver<DriverRequest>,
     }
 
     fn fixture() -> Fixture {
         let clock = ManualClock::new();
         let store = Arc::new(MemoryStore::new());
-        let (tx, gate) = mpsc::channel(8);
+        let (driver, gate) = DriverHandle::channel();
         let ctx = Context {
             store: store.clone(),
             clock: Arc::new(clock.clone()),
-            gate: tx,
+            driver,
             readiness: Readiness::new(),
         };
         Fixture {
@@ -319,9 +297,9 @@ mod tests {
     fn gate(mut f: Fixture) -> (Context, ManualClock, Arc<MemoryStore>) {
         let store = f.store.clone();
         tokio::spawn(async move {
-            while let Some(input) = f.gate.recv().await {
-                if let Input::Revoke { service, source } = input {
-                    store.revoke(&service, source);
+            while let Some(request) = f.gate.recv().await {
+                if let DriverRequest::Revoke { service, source, reply } = request {
+                    let _ = reply.send(store.revoke(&service, source));
                 }
             }
         });
@@ -375,6 +353,10 @@ mod tests {
         let (status, _, body) = call(&f, &auth, &c, get("/readyz")).await;
         assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "draining\n"));
         assert_eq!(call(&f, &auth, &c, get("/healthz")).await.0, StatusCode::OK);
+        // A core task died: liveness fails, so a supervisor restarts us.
+        f.ctx.readiness.set_failed();
+        let (status, _, body) = call(&f, &auth, &c, get("/healthz")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "failed\n"));
     }
 
     #[tokio::test]

@@ -105,7 +105,7 @@ impl Validator {
             key,
             client_ca: raw.client_ca.as_ref().map(path),
         };
-        if let Err(e) = crate::admin::tls::load(&tls) {
+        if let Err(e) = super::pem::load(&tls) {
             self.problem(format!("admin.{}", e.key), e.message);
             return None;
         }

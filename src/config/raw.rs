@@ -52,6 +52,27 @@ pub struct RawUser {
     #[serde(default)]
     pub allow_from: Vec<String>,
     pub require_source_match: Option<bool>,
+    /// fwknopd's `REQUIRE_SOURCE_ADDRESS`: refuse packets that ask for
+    /// "the packet's source" (`fwknop -s`, allow-IP 0.0.0.0).
+    pub require_source_address: Option<bool>,
+    /// fwknopd's `REQUIRE_USERNAME`: `true` (the packet's username must be
+    /// this user's name) or the name it must be.
+    pub require_username: Option<RawRequireUsername>,
+    /// fwknopd's `ACCESS_EXPIRE`: a date (`2027-01-31`, or fwknopd's
+    /// `01/31/2027`) or an RFC 3339 time, UTC, from which packets are refused.
+    pub expires: Option<String>,
+    /// fwknopd's `HMAC_DIGEST_TYPE`; overrides the key file's.
+    pub hmac_digest: Option<String>,
+    /// fwknopd's `ENCRYPTION_MODE`; overrides the key file's.
+    pub encryption_mode: Option<String>,
+}
+
+/// `require_username = true` or `require_username = "name"`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawRequireUsername {
+    Flag(bool),
+    Name(String),
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -91,6 +112,12 @@ pub struct RawService {
     pub knock: Option<RawKnock>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub spa_users: Vec<String>,
+    /// Longest grant an SPA packet may ask for (fwknop `-f`); defaults to
+    /// `open_for`. fwknopd's `MAX_FW_TIMEOUT`.
+    pub max_open_for: Option<String>,
+    /// The host name fwknop NAT requests (`-N NAME,PORT`) use for this
+    /// service, instead of its upstream's host.
+    pub nat_name: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -1,5 +1,6 @@
-//! The `[spa]` section, `[user.NAME]` tables, services' `spa_users`, and
-//! the `[limits]` on knock and SPA packets per source.
+//! The `[spa]` section, `[user.NAME]` tables, services' `spa_users`,
+//! `max_open_for` and `nat_name`, and the `[limits]` on knock and SPA
+//! packets per source.
 //!
 //! Validation loads every user's keys (from a file, relative to the config's
 //! directory, or from an environment variable), so `portcullis check`
@@ -12,15 +13,19 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::raw::{RawLimits, RawSpa, RawUser};
+use super::raw::{RawLimits, RawRequireUsername, RawService, RawSpa, RawUser};
 use super::{Service, Validator};
-use crate::spa::fwknop::FwknopKeys;
+use crate::spa::fwknop::{DigestType, EncryptionMode, FwknopKeys};
 use crate::spa::keyfile;
 use crate::spa::native::NativeKey;
 use crate::step::{Proto, Step};
 
 /// Where the SPA listener binds when `[spa]` names no address (fwknop's port).
 pub const DEFAULT_SPA_LISTEN: &str = "0.0.0.0:62201";
+
+/// The widest SPA timestamp window: packets stay replayable (and their
+/// digests must be kept) for as long as it is.
+pub const MAX_SPA_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// The validated `[spa]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +45,25 @@ pub struct User {
     pub allow_from: Vec<IpNet>,
     /// Refuse packets whose allow-IP differs from their source address.
     pub require_source_match: bool,
+    /// Refuse packets that name no allow-IP (fwknop `-s`, 0.0.0.0):
+    /// fwknopd's `REQUIRE_SOURCE_ADDRESS`.
+    pub require_source_address: bool,
+    /// The username an fwknop packet must carry (fwknopd's
+    /// `REQUIRE_USERNAME`); native packets name no user.
+    pub require_username: Option<Arc<str>>,
+    /// Unix second from which this user's packets are refused (fwknopd's
+    /// `ACCESS_EXPIRE`).
+    pub expires_unix: Option<u64>,
+}
+
+/// A service's SPA settings beyond `spa_users`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpa {
+    /// The longest grant a packet may ask for (fwknop `-f`); at least
+    /// `open_for`, which is what a packet that asks for nothing gets.
+    pub max_open_for: Duration,
+    /// The host name NAT requests may use for this service, lowercased.
+    pub nat_name: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for User {
@@ -50,6 +74,9 @@ impl std::fmt::Debug for User {
             .field("fwknop", &self.fwknop.is_some())
             .field("allow_from", &self.allow_from)
             .field("require_source_match", &self.require_source_match)
+            .field("require_source_address", &self.require_source_address)
+            .field("require_username", &self.require_username)
+            .field("expires_unix", &self.expires_unix)
             .finish()
     }
 }
@@ -61,6 +88,9 @@ impl PartialEq for User {
             && self.fwknop == other.fwknop
             && self.allow_from == other.allow_from
             && self.require_source_match == other.require_source_match
+            && self.require_source_address == other.require_source_address
+            && self.require_username == other.require_username
+            && self.expires_unix == other.expires_unix
     }
 }
 
@@ -146,7 +176,12 @@ impl Validator {
                 None
             }
         };
-        let max_age = self.duration("spa.max_age", raw.max_age.as_ref(), crate::spa::DEFAULT_MAX_AGE);
+        let max_age = self.duration_at_most(
+            "spa.max_age",
+            raw.max_age.as_ref(),
+            crate::spa::DEFAULT_MAX_AGE,
+            MAX_SPA_AGE,
+        );
         Some(Spa {
             listen: listen?,
             max_age,
@@ -227,17 +262,104 @@ impl Validator {
                 ),
             }
         }
+        let hmac_digest = self.fwknop_name::<DigestType>(&format!("{base}.hmac_digest"), raw.hmac_digest.as_ref());
+        let mode = self.fwknop_name::<EncryptionMode>(&format!("{base}.encryption_mode"), raw.encryption_mode.as_ref());
+        let expires_unix = raw.expires.as_ref().and_then(|text| match parse_expires(text) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.problem(format!("{base}.expires"), e);
+                None
+            }
+        });
+        let require_username = match &raw.require_username {
+            None | Some(RawRequireUsername::Flag(false)) => None,
+            Some(RawRequireUsername::Flag(true)) => Some(Arc::from(name)),
+            // Environment variables arrive as text.
+            Some(RawRequireUsername::Name(t)) if t.trim().eq_ignore_ascii_case("false") => None,
+            Some(RawRequireUsername::Name(t)) if t.trim().eq_ignore_ascii_case("true") => Some(Arc::from(name)),
+            Some(RawRequireUsername::Name(t)) if t.trim().is_empty() => {
+                self.problem(format!("{base}.require_username"), "is empty: set true or a username");
+                None
+            }
+            Some(RawRequireUsername::Name(t)) => Some(Arc::from(t.trim())),
+        };
         if self.problems.len() > before {
             return None;
         }
         let keys = keys?;
+        let fwknop = match keys.fwknop {
+            Some(k) => {
+                let (digest, mode) = (hmac_digest.unwrap_or(k.hmac_digest()), mode.unwrap_or(k.mode()));
+                Some(k.with(digest, mode))
+            }
+            None if hmac_digest.is_some() || mode.is_some() => {
+                let key = if hmac_digest.is_some() {
+                    "hmac_digest"
+                } else {
+                    "encryption_mode"
+                };
+                self.problem(
+                    format!("{base}.{key}"),
+                    "applies to fwknop keys, and this user's key file holds none",
+                );
+                return None;
+            }
+            None => None,
+        };
         Some(User {
             name: name.into(),
             native: keys.native,
-            fwknop: keys.fwknop,
+            fwknop,
             allow_from,
             require_source_match: raw.require_source_match.unwrap_or(false),
+            require_source_address: raw.require_source_address.unwrap_or(false),
+            require_username,
+            expires_unix,
         })
+    }
+
+    fn fwknop_name<T: std::str::FromStr<Err = crate::spa::fwknop::NameError>>(
+        &mut self,
+        path: &str,
+        text: Option<&String>,
+    ) -> Option<T> {
+        match text?.parse() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.problem(path, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A service's `max_open_for` and `nat_name`.
+    pub(super) fn service_spa(&mut self, base: &str, raw: &RawService, open_for: Duration) -> Option<ServiceSpa> {
+        let path = format!("{base}.max_open_for");
+        let max_open_for = self.duration(&path, raw.max_open_for.as_ref(), open_for);
+        if max_open_for < open_for {
+            self.problem(
+                &path,
+                format!(
+                    "is shorter than open_for ({}): raise it, or lower open_for",
+                    humantime::format_duration(open_for)
+                ),
+            );
+            return None;
+        }
+        let nat_name = match raw.nat_name.as_deref().map(str::trim) {
+            None => None,
+            Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) => {
+                Some(Arc::from(n.to_ascii_lowercase()))
+            }
+            Some(n) => {
+                self.problem(
+                    format!("{base}.nat_name"),
+                    format!("{n:?} is not a host name (letters, digits, '-', '.', '_')"),
+                );
+                return None;
+            }
+        };
+        Some(ServiceSpa { max_open_for, nat_name })
     }
 
     /// Every `spa_users` entry names a user, and SPA users need `[spa]`.
@@ -278,5 +400,44 @@ impl Validator {
             addr: spa.listen,
         };
         self.own_endpoint("spa.listen", ours, services);
+    }
+}
+
+/// Parses `expires`: `2027-01-31` or `01/31/2027` (midnight UTC, fwknopd's
+/// `ACCESS_EXPIRE` day), or an RFC 3339 time such as `2027-01-31T12:00:00Z`.
+fn parse_expires(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let bad = || {
+        format!(
+            "{text:?} is not a date (\"2027-01-31\", \"01/31/2027\") or an RFC 3339 time (\"2027-01-31T12:00:00Z\")"
+        )
+    };
+    let iso = match text.split('/').collect::<Vec<_>>().as_slice() {
+        [m, d, y] if m.len() <= 2 && d.len() <= 2 && y.len() == 4 => {
+            format!("{y}-{:0>2}-{:0>2}T00:00:00Z", m, d)
+        }
+        _ if text.len() == 10 => format!("{text}T00:00:00Z"),
+        _ => text.to_string(),
+    };
+    let time = humantime::parse_rfc3339_weak(iso.trim_end_matches('Z')).map_err(|_| bad())?;
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expires_spellings() {
+        assert_eq!(parse_expires("2027-01-31"), Ok(1_801_353_600));
+        assert_eq!(parse_expires("01/31/2027"), Ok(1_801_353_600));
+        assert_eq!(parse_expires("1/31/2027"), Ok(1_801_353_600));
+        assert_eq!(parse_expires("2027-01-31T12:00:00Z"), Ok(1_801_353_600 + 43_200));
+        assert_eq!(parse_expires(" 2027-01-31 12:00:00 "), Ok(1_801_353_600 + 43_200));
+        for bad in ["tomorrow", "2027-13-01", "31/01/2027", "", "2027-01-31T12:00:00+02:00"] {
+            assert!(parse_expires(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -1,214 +1,21 @@
-//! The SPA sensor: reads the SPA port, verifies each datagram, and hands
-//! accepted requests to the gate as [`Input::Authorize`]. Nothing is ever
-//! sent back, whatever the packet.
-//!
-//! [`SpaDesk::verify`] holds every decision and is synchronous: decoding
-//! (native by key id, fwknop by trying each user's keys), the user's
-//! source restrictions, the start-up fence, the requested services and
-//! permissions, and the replay cache (in the store, so a shared store
-//! shares it).
+//! The SPA sensor: reads the SPA port, has each datagram decided by the
+//! [`SpaDesk`], and hands accepted requests to the gate driver as
+//! authorizations. Nothing is ever sent back, whatever the packet.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::{Config, User};
-use crate::gate::{Input, Method};
-use crate::guard::SourceGuard;
+use crate::driver::DriverHandle;
+use crate::gate::Method;
+use crate::guard::{SourceGuard, StrikeKind};
 use crate::metrics;
-use crate::spa::native::{self, KeyId};
-use crate::spa::{self, fwknop, Format, Reject, Window};
-use crate::step::Proto;
+use crate::spa::desk::{unix_secs, Refusal, SpaDesk};
+use crate::spa::{self, Format, Reject};
 use crate::store::GrantStore;
-
-/// Why an SPA packet was not honoured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The codec refused it (malformed, bad MAC, stale...).
-    Packet(Reject),
-    /// Authentic, but seen before.
-    Replay,
-    /// Authentic and fresh, but made before this process started: a
-    /// restart must not reopen a replay window.
-    BeforeStart,
-    /// The user may not send from this address (`allow_from`).
-    SourceNotAllowed,
-    /// The packet's allow-IP is not its source (`require_source_match`).
-    SourceMismatch,
-    /// The packet names no service.
-    NoAccess,
-    /// No service listens on a requested protocol and port.
-    UnknownService,
-    /// The user is not in the requested service's `spa_users`.
-    NotPermitted,
-    /// The per-source guard refused the packet before it was read.
-    Guard(crate::guard::Refusal),
-}
-
-impl Refusal {
-    pub fn as_label(self) -> &'static str {
-        match self {
-            Refusal::Packet(r) => r.as_label(),
-            Refusal::Replay => "replay",
-            Refusal::BeforeStart => "before_start",
-            Refusal::SourceNotAllowed => "source_not_allowed",
-            Refusal::SourceMismatch => "source_mismatch",
-            Refusal::NoAccess => "no_access",
-            Refusal::UnknownService => "unknown_service",
-            Refusal::NotPermitted => "not_permitted",
-            Refusal::Guard(g) => g.as_label(),
-        }
-    }
-}
-
-/// An honoured request: who, for whom, and what it opens for how long.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Accepted {
-    pub user: Arc<str>,
-    pub format: Format,
-    /// The address the grants go to: the packet's allow-IP, or its source.
-    pub grantee: IpAddr,
-    pub grants: Vec<(Arc<str>, Duration)>,
-}
-
-#[derive(Debug)]
-struct Door {
-    service: Arc<str>,
-    proto: Proto,
-    port: u16,
-    users: Vec<Arc<str>>,
-    open_for: Duration,
-}
-
-/// Everything the SPA sensor needs to decide on a packet.
-#[derive(Debug)]
-pub struct SpaDesk {
-    users: Vec<User>,
-    native_ids: HashMap<KeyId, usize>,
-    doors: Vec<Door>,
-    max_age: Duration,
-    /// Unix seconds at start-up; older packets are refused.
-    started_unix: u64,
-}
-
-impl SpaDesk {
-    /// Builds the desk from a validated config. `bound` holds each
-    /// service's real listen address (port 0 resolved): a request names the
-    /// port clients connect to. `started_unix` is the wall-clock second the
-    /// process started.
-    pub fn new(config: &Config, bound: &[(Arc<str>, SocketAddr)], started_unix: u64) -> Self {
-        let users = config.users.clone();
-        let native_ids = users
-            .iter()
-            .enumerate()
-            .filter_map(|(i, u)| u.native.as_ref().map(|k| (k.id(), i)))
-            .collect();
-        let doors = config
-            .services
-            .iter()
-            .filter(|s| !s.spa_users.is_empty())
-            .map(|s| Door {
-                service: s.name.clone(),
-                proto: s.protocol,
-                port: bound
-                    .iter()
-                    .find(|(name, _)| *name == s.name)
-                    .map_or(s.listen.port(), |(_, addr)| addr.port()),
-                users: s.spa_users.clone(),
-                open_for: s.open_for,
-            })
-            .collect();
-        Self {
-            users,
-            native_ids,
-            doors,
-            max_age: config.spa.as_ref().map_or(spa::DEFAULT_MAX_AGE, |s| s.max_age),
-            started_unix,
-        }
-    }
-
-    /// Decides on one packet from `source`.
-    pub fn verify(
-        &self,
-        packet: &[u8],
-        source: IpAddr,
-        now_unix: u64,
-        now: Instant,
-        store: &dyn GrantStore,
-    ) -> Result<Accepted, Refusal> {
-        let window = Window::new(now_unix, self.max_age);
-        let (user, request) = match spa::detect(packet) {
-            Some(Format::Native) => {
-                let mut found = None;
-                let request = native::decode(packet, window, |id| {
-                    let i = *self.native_ids.get(&id)?;
-                    found = Some(i);
-                    let u = &self.users[i];
-                    Some((&*u.name, u.native.as_ref()?))
-                })
-                .map_err(Refusal::Packet)?;
-                let i = found.ok_or(Refusal::Packet(Reject::UnknownUser))?;
-                (&self.users[i], request)
-            }
-            Some(Format::Fwknop) => {
-                let candidates = self.users.iter().filter_map(|u| u.fwknop.as_ref().map(|k| (u, k)));
-                fwknop::decode_any(packet, candidates, window).map_err(Refusal::Packet)?
-            }
-            None => {
-                return Err(Refusal::Packet(Reject::Malformed(
-                    "neither a native nor an fwknop packet",
-                )))
-            }
-        };
-        if !user.may_send_from(source) {
-            return Err(Refusal::SourceNotAllowed);
-        }
-        if request.timestamp < self.started_unix {
-            return Err(Refusal::BeforeStart);
-        }
-        let grantee = request.allow_ip.map_or(source, |ip| ip.to_canonical());
-        if user.require_source_match && grantee != source {
-            return Err(Refusal::SourceMismatch);
-        }
-        if request.access.is_empty() {
-            return Err(Refusal::NoAccess);
-        }
-        // Like fwknopd, one refused entry refuses the whole request.
-        let mut grants = Vec::with_capacity(request.access.len());
-        for (proto, port) in &request.access {
-            let door = self
-                .doors
-                .iter()
-                .find(|d| d.proto == *proto && d.port == *port)
-                .ok_or(Refusal::UnknownService)?;
-            if !door.users.contains(&user.name) {
-                return Err(Refusal::NotPermitted);
-            }
-            let duration = request.duration.map_or(door.open_for, |d| d.min(door.open_for));
-            grants.push((door.service.clone(), duration));
-        }
-        if !store.first_sighting(&request.digest, now, now + 2 * self.max_age) {
-            return Err(Refusal::Replay);
-        }
-        Ok(Accepted {
-            user: user.name.clone(),
-            format: request.format,
-            grantee,
-            grants,
-        })
-    }
-}
-
-/// Unix seconds of a wall-clock reading (0 before the epoch).
-pub fn unix_secs(clock: &dyn Clock) -> u64 {
-    clock.wall().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
 
 /// Everything the SPA sensor task holds.
 #[derive(Debug)]
@@ -224,11 +31,11 @@ pub struct SpaSensor {
 
 /// Reads the SPA socket until `cancel`.
 pub async fn run(
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     sensor: SpaSensor,
-    tx: mpsc::Sender<Input>,
+    driver: DriverHandle,
     cancel: CancellationToken,
-) -> UdpSocket {
+) -> Arc<UdpSocket> {
     let mut buf = vec![0u8; spa::MAX_PACKET_LEN + 1];
     loop {
         let received = tokio::select! {
@@ -264,24 +71,16 @@ pub async fn run(
                     "spa accepted"
                 );
                 for (service, duration) in accepted.grants {
-                    let input = Input::Authorize {
-                        service,
-                        source: accepted.grantee,
-                        method: Method::Spa {
-                            user: accepted.user.clone(),
-                        },
-                        duration,
+                    let method = Method::Spa {
+                        user: accepted.user.clone(),
                     };
-                    if tx.try_send(input).is_err() {
+                    if driver.authorize(service, accepted.grantee, method, duration).is_err() {
                         tracing::warn!(%source, "gate busy: spa grant dropped");
                     }
                 }
             }
             Err(refusal) => {
-                if sensor.guard.strike(source, now) == crate::guard::StrikeOutcome::LockedOut {
-                    metrics::lockout();
-                    tracing::warn!(%source, "source locked out after repeated bad spa packets");
-                }
+                sensor.guard.strike_and_report(source, now, StrikeKind::Spa);
                 let skew = match refusal {
                     Refusal::Packet(Reject::Stale { skew_secs, .. }) => Some(skew_secs),
                     _ => None,
@@ -304,144 +103,8 @@ fn refused(sensor: &SpaSensor, format: Option<Format>, refusal: Refusal, source:
             reason = refusal.as_label(),
             format = format.map_or("unknown", Format::as_label),
             skew_secs = skew,
+            detail = refusal.detail(),
             "spa packet rejected"
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::clock::ManualClock;
-    use crate::spa::keyfile::{self, KeyKind};
-    use crate::spa::Fields;
-    use crate::store::MemoryStore;
-
-    const NOW: u64 = 1_800_000_000;
-
-    struct Fixture {
-        desk: SpaDesk,
-        alice: native::NativeKey,
-        store: MemoryStore,
-        clock: ManualClock,
-        _dir: tempfile::TempDir,
-    }
-
-    /// alice may open pg (5432) from 10.0.0.0/8 only and must send from the
-    /// address she asks for; bob may open pg from anywhere.
-    fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let mut rng = rand::rng();
-        let alice = keyfile::generate(KeyKind::Native, &mut rng);
-        let bob = keyfile::generate(KeyKind::Native, &mut rng);
-        std::fs::write(dir.path().join("alice.key"), &*keyfile::render(&alice)).unwrap();
-        std::fs::write(dir.path().join("bob.key"), &*keyfile::render(&bob)).unwrap();
-        let raw: crate::config::raw::RawConfig = toml::from_str(
-            r#"
-[spa]
-listen = "127.0.0.1:0"
-[service.pg]
-listen = "127.0.0.1:5432"
-upstream = "127.0.0.1:1"
-open_for = "30s"
-spa_users = ["alice", "bob"]
-[service.other]
-listen = "127.0.0.1:6000"
-upstream = "127.0.0.1:1"
-spa_users = ["bob"]
-[user.alice]
-key_file = "alice.key"
-allow_from = ["10.0.0.0/8"]
-require_source_match = true
-[user.bob]
-key_file = "bob.key"
-"#,
-        )
-        .unwrap();
-        let config = crate::config::validate_in(&raw, dir.path()).unwrap();
-        Fixture {
-            desk: SpaDesk::new(&config, &[], NOW - 10),
-            alice: alice.native.unwrap(),
-            store: MemoryStore::new(),
-            clock: ManualClock::new(),
-            _dir: dir,
-        }
-    }
-
-    fn packet(key: &native::NativeKey, timestamp: u64, port: u16, allow_ip: Option<IpAddr>, n: u8) -> Vec<u8> {
-        let fields = Fields {
-            timestamp,
-            access: vec![(Proto::Tcp, port)],
-            allow_ip,
-            duration: Some(Duration::from_secs(3600)),
-        };
-        native::encode(key, &fields, [n; 12]).unwrap()
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn decisions_follow_the_users_rules() {
-        let f = fixture();
-        let verify = |p: &[u8], src: &str| f.desk.verify(p, ip(src), NOW, f.clock.now(), &f.store);
-        let ok = verify(&packet(&f.alice, NOW, 5432, None, 1), "10.1.2.3").unwrap();
-        assert_eq!(&*ok.user, "alice");
-        assert_eq!(ok.grantee, ip("10.1.2.3"));
-        // The requested hour is capped at the service's open_for.
-        assert_eq!(ok.grants, vec![(Arc::from("pg"), Duration::from_secs(30))]);
-
-        let cases: Vec<(Vec<u8>, &str, Refusal)> = vec![
-            (
-                packet(&f.alice, NOW, 5432, None, 2),
-                "192.0.2.1",
-                Refusal::SourceNotAllowed,
-            ),
-            (
-                packet(&f.alice, NOW, 5432, Some(ip("10.9.9.9")), 3),
-                "10.1.2.3",
-                Refusal::SourceMismatch,
-            ),
-            (packet(&f.alice, NOW, 6000, None, 4), "10.1.2.3", Refusal::NotPermitted),
-            (
-                packet(&f.alice, NOW, 7777, None, 5),
-                "10.1.2.3",
-                Refusal::UnknownService,
-            ),
-            (
-                packet(&f.alice, NOW - 11, 5432, None, 6),
-                "10.1.2.3",
-                Refusal::BeforeStart,
-            ),
-            (
-                packet(&f.alice, NOW - 500, 5432, None, 7),
-                "10.1.2.3",
-                Refusal::Packet(Reject::Stale {
-                    skew_secs: -500,
-                    max_age_secs: 120,
-                }),
-            ),
-            (packet(&f.alice, NOW, 5432, None, 1), "10.1.2.3", Refusal::Replay),
-            (
-                vec![0u8; 64],
-                "10.1.2.3",
-                Refusal::Packet(Reject::Malformed("neither a native nor an fwknop packet")),
-            ),
-        ];
-        for (p, src, want) in cases {
-            assert_eq!(verify(&p, src), Err(want), "{want:?}");
-        }
-    }
-
-    #[test]
-    fn a_refused_packet_is_not_remembered_as_seen() {
-        let f = fixture();
-        let p = packet(&f.alice, NOW, 5432, None, 9);
-        assert_eq!(
-            f.desk.verify(&p, ip("192.0.2.1"), NOW, f.clock.now(), &f.store),
-            Err(Refusal::SourceNotAllowed)
-        );
-        assert!(f.desk.verify(&p, ip("10.0.0.1"), NOW, f.clock.now(), &f.store).is_ok());
     }
 }

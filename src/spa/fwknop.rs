@@ -1,32 +1,33 @@
 //! The fwknop SPA format as the stock client (Debian `fwknop` 2.6.10) sends
-//! it in Rijndael mode: AES-256-CBC with an OpenSSL `EVP_BytesToKey` (MD5,
-//! one round) key and IV, then HMAC-SHA256 over the base64 text
-//! (encrypt-then-MAC). `shared/fwknop-spa-format.md` describes the wire
-//! format; this is an independent implementation of that description.
+//! it in Rijndael mode: AES-256 in the mode the user's keys name (CBC by
+//! default; CTR, CFB, OFB, ECB) with an OpenSSL `EVP_BytesToKey` (MD5, one
+//! round) key and IV, then an HMAC of the type the keys name (SHA-256 by
+//! default) over the base64 text (encrypt-then-MAC).
+//! `shared/fwknop-spa-format.md` describes the wire format; this is an
+//! independent implementation of that description.
 //!
 //! Owns decoding (with the checks in fwknopd's order: size, prefix, HMAC in
-//! constant time before any decryption, then decrypt and parse) and an
-//! encoder that builds packets the way the stock client does. Does not
-//! own: GPG mode, command and NAT messages (rejected as unsupported), the
-//! HTTP transport's character mangling, or choosing which user's keys to
-//! try.
+//! constant time before any decryption, then decrypt and parse), access
+//! and NAT access messages, and an encoder that builds packets the way the
+//! stock client does. Recognises, and refuses with their own reasons, GPG
+//! packets and command messages. Does not own: the HTTP transport's
+//! character mangling, choosing which user's keys to try, or what a NAT
+//! target means (the caller maps it to a service).
+
+mod crypto;
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use aes::cipher::block_padding::Pkcs7;
-use aes::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit};
 use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD_NO_PAD};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
-use hmac::{Hmac, KeyInit, Mac};
-use md5::Md5;
-use sha2::{Digest, Sha256, Sha384, Sha512};
-use zeroize::Zeroizing;
 
-use super::{replay_digest, EncodeError, Fields, Format, KeyError, Reject, Request, Window, MAX_PACKET_LEN};
+use self::crypto::{evp_bytes_to_key, KeyedMac};
+pub use self::crypto::{DigestType, EncryptionMode, NameError};
+use super::{replay_digest, EncodeError, Fields, Format, KeyError, NatAccess, Reject, Request, Window, MAX_PACKET_LEN};
 use crate::secret::{ct_eq, Secret};
 use crate::step::Proto;
 
@@ -46,15 +47,21 @@ pub const MAX_USER_LEN: usize = 48;
 /// Longest access message (`<ip>,<proto>/<port>,...`) the stock client
 /// sends.
 pub const MAX_MESSAGE_LEN: usize = 255;
+/// GPG packets are long (an encrypted session key alone is hundreds of
+/// characters): fwknopd takes 400 as the line. Shorter packets are never
+/// tried as GPG.
+const MIN_GPG_WIRE_LEN: usize = 400;
 
 /// base64 of `Salted__` plus four bits: the same for every packet, so the
 /// client strips it and the server puts it back.
 const SALTED_B64: &str = "U2FsdGVkX1";
+/// The start of every base64 GPG message, which the client strips likewise.
+const GPG_B64: &str = "hQ";
 const SALTED: &[u8; 8] = b"Salted__";
-/// Base64 of an HMAC-SHA256 tag without padding.
-const TAG_B64_LEN: usize = 43;
 const PROTOCOL_VERSION: &str = "3.0.0";
 const DIGEST_LABEL: &[u8] = b"portcullis spa fwknop v1\0";
+/// Longest base64 NAT access field fwknopd reads (`MAX_SPA_NAT_ACCESS_SIZE`).
+const MAX_NAT_FIELD_LEN: usize = 128;
 
 const MSG_COMMAND: u8 = 0;
 const MSG_ACCESS: u8 = 1;
@@ -63,10 +70,6 @@ const MSG_CLIENT_TIMEOUT_ACCESS: u8 = 3;
 const MSG_CLIENT_TIMEOUT_NAT_ACCESS: u8 = 4;
 const MSG_LOCAL_NAT_ACCESS: u8 = 5;
 const MSG_CLIENT_TIMEOUT_LOCAL_NAT_ACCESS: u8 = 6;
-
-type Aes256CbcDec = cbc::Decryptor<aes::Aes256>;
-type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
-type HmacSha256 = Hmac<Sha256>;
 
 /// fwknop's base64 decoder: standard alphabet, padding optional, unused
 /// trailing bits ignored (`lib/base64.c: b64_decode`).
@@ -78,18 +81,21 @@ const LENIENT: GeneralPurpose = GeneralPurpose::new(
 );
 
 /// One user's fwknop keys: the Rijndael key (`KEY_BASE64`) and, normally,
-/// the HMAC-SHA256 key (`HMAC_KEY_BASE64`).
+/// the HMAC key (`HMAC_KEY_BASE64`), with the HMAC digest type
+/// (`HMAC_DIGEST_TYPE`) and encryption mode (`ENCRYPTION_MODE`) they are
+/// used with.
 ///
 /// `hmac: None` accepts packets from clients run without `--use-hmac`:
-/// unauthenticated CBC whose only integrity is the inner digest. Servers
-/// should refuse such keys unless the operator asked for them.
+/// unauthenticated ciphertext whose only integrity is the inner digest.
+/// Servers should refuse such keys unless the operator asked for them.
 #[derive(Clone)]
 pub struct FwknopKeys {
     enc: Secret,
     hmac: Option<Secret>,
-    /// HMAC-SHA256 with `hmac`'s inner and outer pads already hashed:
-    /// each packet then costs only its own blocks.
-    mac: Option<HmacSha256>,
+    hmac_digest: DigestType,
+    mode: EncryptionMode,
+    /// `hmac` with its pads already hashed.
+    mac: Option<KeyedMac>,
 }
 
 impl std::fmt::Debug for FwknopKeys {
@@ -97,13 +103,18 @@ impl std::fmt::Debug for FwknopKeys {
         f.debug_struct("FwknopKeys")
             .field("enc", &self.enc)
             .field("hmac", &self.hmac)
+            .field("hmac_digest", &self.hmac_digest)
+            .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
 }
 
 impl PartialEq for FwknopKeys {
     fn eq(&self, other: &Self) -> bool {
-        self.enc == other.enc && self.hmac == other.hmac
+        self.enc == other.enc
+            && self.hmac == other.hmac
+            && self.hmac_digest == other.hmac_digest
+            && self.mode == other.mode
     }
 }
 
@@ -112,6 +123,7 @@ impl Eq for FwknopKeys {}
 impl FwknopKeys {
     /// Checks the lengths fwknop allows (encryption 1–32 bytes, HMAC 1–128)
     /// and that the two keys differ, as fwknop and fwknopd both insist.
+    /// HMAC-SHA256 and CBC, fwknop's defaults; see [`FwknopKeys::with`].
     pub fn new(enc: Secret, hmac: Option<Secret>) -> Result<Self, KeyError> {
         if enc.is_empty() || enc.len() > MAX_ENC_KEY_LEN {
             return Err(KeyError::Length {
@@ -132,10 +144,24 @@ impl FwknopKeys {
                 return Err(KeyError::SameKeys);
             }
         }
-        let mac = hmac
-            .as_ref()
-            .map(|k| HmacSha256::new_from_slice(k.expose()).expect("HMAC accepts keys of any length"));
-        Ok(Self { enc, hmac, mac })
+        let hmac_digest = DigestType::default();
+        let mac = hmac.as_ref().map(|k| KeyedMac::new(hmac_digest, k));
+        Ok(Self {
+            enc,
+            hmac,
+            hmac_digest,
+            mode: EncryptionMode::default(),
+            mac,
+        })
+    }
+
+    /// The same keys used with another HMAC digest type and mode.
+    #[must_use]
+    pub fn with(mut self, hmac_digest: DigestType, mode: EncryptionMode) -> Self {
+        self.hmac_digest = hmac_digest;
+        self.mode = mode;
+        self.mac = self.hmac.as_ref().map(|k| KeyedMac::new(hmac_digest, k));
+        self
     }
 
     /// What `fwknop --key-gen` makes: a 32-byte encryption key and a
@@ -157,6 +183,14 @@ impl FwknopKeys {
     pub fn hmac(&self) -> Option<&Secret> {
         self.hmac.as_ref()
     }
+
+    pub fn hmac_digest(&self) -> DigestType {
+        self.hmac_digest
+    }
+
+    pub fn mode(&self) -> EncryptionMode {
+        self.mode
+    }
 }
 
 /// Decodes and verifies one packet with one user's keys.
@@ -164,7 +198,8 @@ impl FwknopKeys {
 /// ```
 /// use std::time::Duration;
 /// use portcullis::secret::Secret;
-/// use portcullis::spa::{fwknop, Window};
+/// use portcullis::spa::fwknop::{self, DigestType, EncryptionMode, Extras};
+/// use portcullis::spa::{Fields, NatAccess, Window};
 ///
 /// // Vector V2 of shared/fwknop-spa-format.md: `fwknop -A tcp/22 -s -f 45 -U bob
 /// // --key-rijndael mysecretpass --key-hmac myhmackey1234567`.
@@ -174,20 +209,37 @@ impl FwknopKeys {
 ///     Secret::from_slice(b"mysecretpass"),
 ///     Some(Secret::from_slice(b"myhmackey1234567")),
 /// )?;
-/// let request = fwknop::decode(wire.as_bytes(), &keys, Window::new(1795538414, Duration::from_secs(120)))?;
+/// let window = Window::new(1795538414, Duration::from_secs(120));
+/// let request = fwknop::decode(wire.as_bytes(), &keys, window)?;
 /// assert_eq!(request.user, "bob");
 /// assert_eq!(request.allow_ip, None); // 0.0.0.0: use the packet's source
 /// assert_eq!(request.duration, Some(Duration::from_secs(45)));
 ///
 /// let mut forged = wire.as_bytes().to_vec();
 /// forged[0] = b'8';
-/// let reject = fwknop::decode(&forged, &keys, Window::new(1795538414, Duration::from_secs(120)));
+/// let reject = fwknop::decode(&forged, &keys, window);
 /// assert_eq!(reject.map_err(|r| r.as_label()), Err("bad_mac"));
+///
+/// // `fwknop -M ctr --hmac-digest-type sha512 -m sha3_256 -N 10.0.0.5,5432`:
+/// // the keys name the mode and HMAC type, the digest type is guessed.
+/// let keys = keys.with(DigestType::Sha512, EncryptionMode::Ctr);
+/// let access = vec![(portcullis::step::Proto::Tcp, 5432)];
+/// let fields = Fields { timestamp: 1795538414, access, ..Fields::default() };
+/// let nat = NatAccess { host: "10.0.0.5".into(), port: 5432, local: false };
+/// let extras = Extras { digest: DigestType::Sha3_256, nat: Some(nat.clone()) };
+/// let wire = fwknop::encode_random_with("bob", &fields, &keys, &extras, &mut rand::rng())?;
+/// let request = fwknop::decode(wire.as_bytes(), &keys, window)?;
+/// assert_eq!(request.nat, Some(nat));
+/// let cbc = keys.with(DigestType::Sha512, EncryptionMode::Cbc);
+/// assert_eq!(fwknop::decode(wire.as_bytes(), &cbc, window).map_err(|r| r.as_label()), Err("decrypt"));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn decode(wire: &[u8], keys: &FwknopKeys, window: Window) -> Result<Request, Reject> {
     let text = precheck(wire)?;
-    decode_checked(text, keys, window)
+    decode_checked(text, keys, window).map_err(|reject| match reject {
+        Reject::BadMac if is_gpg(text, [keys]) => Reject::Gpg,
+        other => other,
+    })
 }
 
 /// Tries each candidate's keys in order, as fwknopd walks its stanzas, and
@@ -198,15 +250,16 @@ pub fn decode(wire: &[u8], keys: &FwknopKeys, window: Window) -> Result<Request,
 /// is tried, and if none accepts, the error is the most telling one seen:
 /// a reason found past decryption beats [`Reject::Decrypt`] and
 /// [`Reject::Malformed`], which beat [`Reject::BadMac`]; with no candidates
-/// at all it is [`Reject::UnknownUser`].
+/// at all it is [`Reject::UnknownUser`]. A long packet that no key's HMAC
+/// accepts as Rijndael but one accepts as GPG is [`Reject::Gpg`].
 pub fn decode_any<'k, T>(
     wire: &[u8],
-    candidates: impl IntoIterator<Item = (T, &'k FwknopKeys)>,
+    candidates: impl IntoIterator<Item = (T, &'k FwknopKeys)> + Clone,
     window: Window,
 ) -> Result<(T, Request), Reject> {
     let text = precheck(wire)?;
     let mut best = Reject::UnknownUser;
-    for (tag, keys) in candidates {
+    for (tag, keys) in candidates.clone() {
         match decode_checked(text, keys, window) {
             Ok(request) => return Ok((tag, request)),
             Err(reject) if keys.hmac().is_some() && reject != Reject::BadMac => return Err(reject),
@@ -219,6 +272,9 @@ pub fn decode_any<'k, T>(
             }
         }
     }
+    if best == Reject::BadMac && is_gpg(text, candidates.into_iter().map(|(_, k)| k)) {
+        return Err(Reject::Gpg);
+    }
     Err(best)
 }
 
@@ -229,6 +285,20 @@ fn telling(reject: Reject) -> u8 {
         Reject::Decrypt(_) | Reject::Malformed(_) => 2,
         _ => 3,
     }
+}
+
+/// Whether one of `keys` authenticates `text` as a GPG packet (the `hQ`
+/// prefix restored instead of `U2FsdGVkX1`). Only long packets are tried,
+/// so the common bad-MAC path pays nothing.
+fn is_gpg<'k>(text: &str, keys: impl IntoIterator<Item = &'k FwknopKeys>) -> bool {
+    if text.len() < MIN_GPG_WIRE_LEN {
+        return false;
+    }
+    keys.into_iter().any(|k| {
+        k.mac
+            .as_ref()
+            .is_some_and(|mac| check_tag(mac, k.hmac_digest, GPG_B64, text).is_some())
+    })
 }
 
 /// Whether `b` is a standard base64 character (padding excluded); no
@@ -260,23 +330,25 @@ fn precheck(wire: &[u8]) -> Result<&str, Reject> {
     Ok(std::str::from_utf8(wire).expect("checked to be ASCII"))
 }
 
+/// Splits `text` into body and tag and checks the tag over `prefix` and
+/// the body in constant time; the body when it matches.
+///
+/// The tag is compared as text: comparing decoded bytes would accept
+/// several spellings of one tag (unused trailing bits).
+fn check_tag<'t>(mac: &KeyedMac, digest: DigestType, prefix: &str, text: &'t str) -> Option<&'t str> {
+    // precheck guarantees more than any tag's length, all ASCII.
+    let (body, tag) = text.split_at(text.len() - digest.b64_len());
+    let mut expected = [0u8; 88];
+    let n = STANDARD_NO_PAD
+        .encode_slice(mac.tag(prefix.as_bytes(), body.as_bytes()).as_slice(), &mut expected)
+        .expect("88 characters hold any tag");
+    debug_assert_eq!(n, digest.b64_len());
+    ct_eq(&expected[..n], tag.as_bytes()).then_some(body)
+}
+
 fn decode_checked(text: &str, keys: &FwknopKeys, window: Window) -> Result<Request, Reject> {
     let body = match &keys.mac {
-        Some(mac) => {
-            // precheck guarantees more than TAG_B64_LEN bytes, all ASCII.
-            let (body, tag) = text.split_at(text.len() - TAG_B64_LEN);
-            // The tag is compared as text: comparing decoded bytes would
-            // accept several spellings of one tag (unused trailing bits).
-            let mut expected = [0u8; TAG_B64_LEN];
-            let n = STANDARD_NO_PAD
-                .encode_slice(hmac_sha256(mac, body), &mut expected)
-                .expect("a SHA-256 tag is TAG_B64_LEN base64 characters");
-            debug_assert_eq!(n, TAG_B64_LEN);
-            if !ct_eq(&expected, tag.as_bytes()) {
-                return Err(Reject::BadMac);
-            }
-            body
-        }
+        Some(mac) => check_tag(mac, keys.hmac_digest, SALTED_B64, text).ok_or(Reject::BadMac)?,
         None => text,
     };
 
@@ -297,14 +369,10 @@ fn decode_checked(text: &str, keys: &FwknopKeys, window: Window) -> Result<Reque
     let salt: [u8; 8] = raw[8..16].try_into().expect("length checked above");
     let (key, iv) = evp_bytes_to_key(keys.enc(), &salt);
     let mut buf = raw[16..].to_vec();
-    let plaintext = Aes256CbcDec::new((&*key).into(), (&*iv).into())
-        .decrypt_padded::<Pkcs7>(&mut buf)
-        .map_err(|_| Reject::Decrypt("bad padding (wrong encryption key?)"))?;
+    let plaintext = crypto::decrypt(keys.mode, &key, &iv, &mut buf).ok_or(Reject::Decrypt(garbled(keys.mode)))?;
     // fwknop's own sanity check on the decryption: 16 digits, then ':'.
     if plaintext.len() < 17 || !plaintext[..16].iter().all(u8::is_ascii_digit) || plaintext[16] != b':' {
-        return Err(Reject::Decrypt(
-            "plaintext does not start with 16 digits (wrong encryption key?)",
-        ));
+        return Err(Reject::Decrypt(garbled(keys.mode)));
     }
 
     let message = parse_plaintext(plaintext)?;
@@ -316,8 +384,22 @@ fn decode_checked(text: &str, keys: &FwknopKeys, window: Window) -> Result<Reque
         access: message.access,
         allow_ip: message.allow_ip.map(IpAddr::V4),
         duration: message.duration,
+        nat: message.nat,
         digest: replay_digest(DIGEST_LABEL, plaintext),
     })
+}
+
+/// Why a ciphertext the HMAC vouched for decrypts to nonsense, naming the
+/// mode the keys expected: a client sending another `-M` is the usual
+/// cause once the HMAC matched.
+fn garbled(mode: EncryptionMode) -> &'static str {
+    match mode {
+        EncryptionMode::Cbc => "no plausible plaintext in mode cbc (wrong encryption key, or the client's -M differs?)",
+        EncryptionMode::Ctr => "no plausible plaintext in mode ctr (wrong encryption key, or the client's -M differs?)",
+        EncryptionMode::Cfb => "no plausible plaintext in mode cfb (wrong encryption key, or the client's -M differs?)",
+        EncryptionMode::Ofb => "no plausible plaintext in mode ofb (wrong encryption key, or the client's -M differs?)",
+        EncryptionMode::Ecb => "no plausible plaintext in mode ecb (wrong encryption key, or the client's -M differs?)",
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -327,6 +409,7 @@ struct Message {
     access: Vec<(Proto, u16)>,
     allow_ip: Option<Ipv4Addr>,
     duration: Option<Duration>,
+    nat: Option<NatAccess>,
 }
 
 /// Parses `rand:user:timestamp:version:type:message[:…]:digest`.
@@ -354,25 +437,37 @@ fn parse_plaintext(plaintext: &[u8]) -> Result<Message, Reject> {
         [d @ b'0'..=b'9'] => d - b'0',
         _ => return Err(Reject::Malformed("message type is not one digit")),
     };
-    let duration = match (msg_type, extra) {
-        (MSG_ACCESS, []) => None,
-        (MSG_CLIENT_TIMEOUT_ACCESS, [timeout]) => {
-            let secs = parse_decimal(timeout, 10).ok_or(Reject::Malformed("client timeout is not a number"))?;
+    // What follows the message: [nat_access] [server_auth] [client_timeout],
+    // each present or absent by message type.
+    let (nat, local, timeout) = match msg_type {
+        MSG_COMMAND => return Err(Reject::Command),
+        MSG_ACCESS => (false, false, false),
+        MSG_CLIENT_TIMEOUT_ACCESS => (false, false, true),
+        MSG_NAT_ACCESS => (true, false, false),
+        MSG_CLIENT_TIMEOUT_NAT_ACCESS => (true, false, true),
+        MSG_LOCAL_NAT_ACCESS => (true, true, false),
+        MSG_CLIENT_TIMEOUT_LOCAL_NAT_ACCESS => (true, true, true),
+        _ => return Err(Reject::Malformed("unknown message type")),
+    };
+    let expected = usize::from(nat) + usize::from(timeout);
+    if extra.len() == expected + 1 {
+        return Err(Reject::UnsupportedMode("server_auth field"));
+    }
+    if extra.len() != expected {
+        return Err(Reject::Malformed("wrong number of fields for the message type"));
+    }
+    let nat = match nat {
+        true => Some(parse_nat(extra[0], local)?),
+        false => None,
+    };
+    let duration = match timeout {
+        true => {
+            let field = extra[extra.len() - 1];
+            let secs = parse_decimal(field, 10).ok_or(Reject::Malformed("client timeout is not a number"))?;
             // fwknopd treats 0 as "not given".
             (secs > 0).then(|| Duration::from_secs(secs))
         }
-        (MSG_ACCESS, [_]) | (MSG_CLIENT_TIMEOUT_ACCESS, [_, _]) => {
-            return Err(Reject::UnsupportedMode("server_auth field"));
-        }
-        (MSG_ACCESS | MSG_CLIENT_TIMEOUT_ACCESS, _) => {
-            return Err(Reject::Malformed("wrong number of fields for an access message"));
-        }
-        (MSG_COMMAND, _) => return Err(Reject::UnsupportedMode("command message (fwknop -C)")),
-        (
-            MSG_NAT_ACCESS | MSG_CLIENT_TIMEOUT_NAT_ACCESS | MSG_LOCAL_NAT_ACCESS | MSG_CLIENT_TIMEOUT_LOCAL_NAT_ACCESS,
-            _,
-        ) => return Err(Reject::UnsupportedMode("NAT access message (fwknop -N / --nat-local)")),
-        _ => return Err(Reject::Malformed("unknown message type")),
+        false => None,
     };
     let AccessMessage { allow_ip, access } = parse_access(message)?;
     Ok(Message {
@@ -381,25 +476,33 @@ fn parse_plaintext(plaintext: &[u8]) -> Result<Message, Reject> {
         access,
         allow_ip,
         duration,
+        nat,
     })
 }
 
-/// The inner digest, its type guessed from its length as fwknopd does.
-/// Compared as canonical base64 text, in constant time.
-fn verify_digest(encoded: &str, digest: &str) -> Result<(), Reject> {
-    let expected = match digest.len() {
-        22 => STANDARD_NO_PAD.encode(Md5::digest(encoded)),
-        43 => STANDARD_NO_PAD.encode(Sha256::digest(encoded)),
-        64 => STANDARD_NO_PAD.encode(Sha384::digest(encoded)),
-        86 => STANDARD_NO_PAD.encode(Sha512::digest(encoded)),
-        27 => return Err(Reject::UnsupportedMode("sha1 message digest (use -m sha256)")),
+/// The inner digest, its type guessed from its length as fwknopd does:
+/// SHA-256 and SHA3-256 share a length, as do SHA-512 and SHA3-512, so
+/// SHA-3 is tried when SHA-2 does not match. Compared as canonical base64
+/// text, in constant time.
+fn verify_digest(encoded: &str, digest: &str) -> Result<DigestType, Reject> {
+    let candidates: &[DigestType] = match digest.len() {
+        22 => &[DigestType::Md5],
+        27 => &[DigestType::Sha1],
+        43 => &[DigestType::Sha256, DigestType::Sha3_256],
+        64 => &[DigestType::Sha384],
+        86 => &[DigestType::Sha512, DigestType::Sha3_512],
         _ => return Err(Reject::Malformed("digest field has no known length")),
     };
-    if !ct_eq(expected.as_bytes(), digest.as_bytes()) {
-        // Possibly SHA3 of the same length, which we do not support.
-        return Err(Reject::Malformed("message digest does not match"));
+    for &kind in candidates {
+        let mut expected = [0u8; 88];
+        let n = STANDARD_NO_PAD
+            .encode_slice(kind.hash(&[encoded.as_bytes()]).as_slice(), &mut expected)
+            .expect("88 characters hold any digest");
+        if ct_eq(&expected[..n], digest.as_bytes()) {
+            return Ok(kind);
+        }
     }
-    Ok(())
+    Err(Reject::DigestMismatch)
 }
 
 fn parse_user(field: &str) -> Result<String, Reject> {
@@ -487,37 +590,32 @@ fn parse_access(field: &str) -> Result<AccessMessage, Reject> {
     })
 }
 
-/// OpenSSL's `EVP_BytesToKey` with MD5 and one round: `D1 = MD5(pass‖salt)`,
-/// `Di = MD5(Di-1‖pass‖salt)`; the first 32 bytes are the AES-256 key, the
-/// next 16 the IV.
-fn evp_bytes_to_key(pass: &Secret, salt: &[u8; 8]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 16]>) {
-    let mut out = Zeroizing::new([0u8; 48]);
-    let mut prev: Option<Zeroizing<[u8; 16]>> = None;
-    for chunk in out.chunks_exact_mut(16) {
-        let mut md5 = Md5::new();
-        if let Some(prev) = &prev {
-            md5.update(prev.as_slice());
-        }
-        md5.update(pass.expose());
-        md5.update(salt);
-        let block = Zeroizing::new(<[u8; 16]>::from(md5.finalize()));
-        chunk.copy_from_slice(block.as_slice());
-        prev = Some(block);
+/// Parses the base64 NAT access field `<host-or-IPv4>,<port>`
+/// (`lib/fko_message.c: validate_nat_access_msg`): one comma, a host
+/// without `" /?"'\` or spaces, a port from 1 to 65535.
+fn parse_nat(field: &str, local: bool) -> Result<NatAccess, Reject> {
+    if field.is_empty() || field.len() > MAX_NAT_FIELD_LEN {
+        return Err(Reject::Malformed("NAT access field is empty or too long"));
     }
-    let mut key = Zeroizing::new([0u8; 32]);
-    let mut iv = Zeroizing::new([0u8; 16]);
-    key.copy_from_slice(&out[..32]);
-    iv.copy_from_slice(&out[32..]);
-    (key, iv)
-}
-
-/// HMAC-SHA256 over the full ciphertext text: the stripped prefix, then
-/// the body as sent.
-fn hmac_sha256(keyed: &HmacSha256, body: &str) -> [u8; 32] {
-    let mut mac = keyed.clone();
-    mac.update(SALTED_B64.as_bytes());
-    mac.update(body.as_bytes());
-    mac.finalize().into_bytes().into()
+    let raw = LENIENT
+        .decode(field)
+        .map_err(|_| Reject::Malformed("NAT access field is not valid base64"))?;
+    let text = std::str::from_utf8(&raw).map_err(|_| Reject::Malformed("NAT access is not ASCII"))?;
+    let (host, port) = text
+        .split_once(',')
+        .ok_or(Reject::Malformed("NAT access is not host,port"))?;
+    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic() && !b"\"/?'\\,".contains(&b)) {
+        return Err(Reject::Malformed("NAT access host has a character fwknop forbids"));
+    }
+    let port = parse_decimal(port, 5)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0)
+        .ok_or(Reject::Malformed("NAT access has a bad port"))?;
+    Ok(NatAccess {
+        host: host.to_ascii_lowercase(),
+        port,
+        local,
+    })
 }
 
 /// The per-packet randomness of the stock client: the KDF salt and the
@@ -542,10 +640,31 @@ impl PacketNonce {
 
 const RAND16_MODULUS: u64 = 10_000_000_000_000_000;
 
+/// What the stock client can add to a packet beyond [`Fields`]: the inner
+/// digest type (`-m`) and a NAT access request (`-N`, `--nat-local`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Extras {
+    pub digest: DigestType,
+    pub nat: Option<NatAccess>,
+}
+
 /// Builds the wire string the stock client would send for `user` and
-/// `fields` with SHA-256 inner digest and, when `keys` has one, an
-/// HMAC-SHA256 tag. Message type 1, or 3 when `fields.duration` is set.
+/// `fields` with SHA-256 inner digest, encrypted in `keys`' mode and, when
+/// `keys` has one, tagged with their HMAC. Message type 1, or 3 when
+/// `fields.duration` is set.
 pub fn encode(user: &str, fields: &Fields, keys: &FwknopKeys, nonce: PacketNonce) -> Result<String, EncodeError> {
+    encode_with(user, fields, keys, &Extras::default(), nonce)
+}
+
+/// [`encode`] with another inner digest, or a NAT access request (message
+/// type 2, 4, 5 or 6).
+pub fn encode_with(
+    user: &str,
+    fields: &Fields,
+    keys: &FwknopKeys,
+    extras: &Extras,
+    nonce: PacketNonce,
+) -> Result<String, EncodeError> {
     if user.len() > MAX_USER_LEN {
         return Err(EncodeError::User("is longer than 48 bytes, which fwknopd refuses"));
     }
@@ -579,43 +698,53 @@ pub fn encode(user: &str, fields: &Fields, keys: &FwknopKeys, nonce: PacketNonce
             })
         }
     };
+    let msg_type = match (&extras.nat, timeout.is_some()) {
+        (None, false) => MSG_ACCESS,
+        (None, true) => MSG_CLIENT_TIMEOUT_ACCESS,
+        (Some(n), false) if n.local => MSG_LOCAL_NAT_ACCESS,
+        (Some(n), true) if n.local => MSG_CLIENT_TIMEOUT_LOCAL_NAT_ACCESS,
+        (Some(_), false) => MSG_NAT_ACCESS,
+        (Some(_), true) => MSG_CLIENT_TIMEOUT_NAT_ACCESS,
+    };
 
     let mut plaintext = format!(
-        "{:016}:{}:{}:{PROTOCOL_VERSION}:{}:{}",
+        "{:016}:{}:{}:{PROTOCOL_VERSION}:{msg_type}:{}",
         nonce.rand16 % RAND16_MODULUS,
         STANDARD_NO_PAD.encode(user),
         fields.timestamp,
-        if timeout.is_some() {
-            MSG_CLIENT_TIMEOUT_ACCESS
-        } else {
-            MSG_ACCESS
-        },
         STANDARD_NO_PAD.encode(&message),
     );
+    if let Some(nat) = &extras.nat {
+        write!(
+            plaintext,
+            ":{}",
+            STANDARD_NO_PAD.encode(format!("{},{}", nat.host, nat.port))
+        )
+        .expect("writing to a String cannot fail");
+    }
     if let Some(secs) = timeout {
         write!(plaintext, ":{secs}").expect("writing to a String cannot fail");
     }
-    let digest = STANDARD_NO_PAD.encode(Sha256::digest(&plaintext));
+    let digest = STANDARD_NO_PAD.encode(extras.digest.hash(&[plaintext.as_bytes()]).as_slice());
     plaintext.push(':');
     plaintext.push_str(&digest);
+    seal(&plaintext, keys, nonce)
+}
 
+/// Encrypts a complete plaintext (digest included) and tags it.
+fn seal(plaintext: &str, keys: &FwknopKeys, nonce: PacketNonce) -> Result<String, EncodeError> {
     let (key, iv) = evp_bytes_to_key(keys.enc(), &nonce.salt);
-    // PKCS#7 always adds 1 to 16 bytes.
-    let mut raw = vec![0u8; 16 + (plaintext.len() / 16 + 1) * 16];
-    raw[..8].copy_from_slice(SALTED);
-    raw[8..16].copy_from_slice(&nonce.salt);
-    let ciphertext_len = Aes256CbcEnc::new((&*key).into(), (&*iv).into())
-        .encrypt_padded_b2b::<Pkcs7>(plaintext.as_bytes(), &mut raw[16..])
-        .expect("the buffer has room for the padding")
-        .len();
-    debug_assert_eq!(16 + ciphertext_len, raw.len());
+    let mut raw = Vec::with_capacity(16 + plaintext.len() + 16);
+    raw.extend_from_slice(SALTED);
+    raw.extend_from_slice(&nonce.salt);
+    raw.extend_from_slice(&crypto::encrypt(keys.mode, &key, &iv, plaintext.as_bytes()));
     let ct_b64 = STANDARD_NO_PAD.encode(&raw);
     let body = ct_b64
         .strip_prefix(SALTED_B64)
         .expect("base64 of Salted__ always starts with U2FsdGVkX1");
     let mut wire = body.to_string();
     if let Some(mac) = &keys.mac {
-        wire.push_str(&STANDARD_NO_PAD.encode(hmac_sha256(mac, body)));
+        wire.push_str(&STANDARD_NO_PAD.encode(mac.tag(SALTED_B64.as_bytes(), body.as_bytes()).as_slice()));
     }
     if wire.len() > MAX_WIRE_LEN {
         return Err(EncodeError::TooLarge {
@@ -634,6 +763,17 @@ pub fn encode_random(
     rng: &mut impl rand::CryptoRng,
 ) -> Result<String, EncodeError> {
     encode(user, fields, keys, PacketNonce::random(rng))
+}
+
+/// [`encode_with`] with fresh randomness.
+pub fn encode_random_with(
+    user: &str,
+    fields: &Fields,
+    keys: &FwknopKeys,
+    extras: &Extras,
+    rng: &mut impl rand::CryptoRng,
+) -> Result<String, EncodeError> {
+    encode_with(user, fields, keys, extras, PacketNonce::random(rng))
 }
 
 #[cfg(test)]
@@ -768,13 +908,17 @@ mod tests {
             ("frank", &[(Proto::Tcp, 22)][..])
         );
 
+        assert_eq!(decode(P4.as_bytes(), &keys, window(P_NOW)), Err(Reject::Command));
+        let req = decode(P5.as_bytes(), &keys, window(P_NOW)).expect("P5 (NAT) decodes");
+        assert_eq!((req.user.as_str(), req.allow_ip), ("hal", ip("10.0.0.1")));
+        assert_eq!(req.access, [(Proto::Tcp, 22)]);
         assert_eq!(
-            decode(P4.as_bytes(), &keys, window(P_NOW)),
-            Err(Reject::UnsupportedMode("command message (fwknop -C)"))
-        );
-        assert_eq!(
-            decode(P5.as_bytes(), &keys, window(P_NOW)),
-            Err(Reject::UnsupportedMode("NAT access message (fwknop -N / --nat-local)"))
+            req.nat,
+            Some(NatAccess {
+                host: "10.9.9.9".into(),
+                port: 22,
+                local: false
+            })
         );
     }
 
@@ -1082,7 +1226,7 @@ mod tests {
             ),
             (
                 format!("1234567890123456:{}:1:3.0.0:3:{msg}", b("u")),
-                Err(Reject::Malformed("wrong number of fields for an access message")),
+                Err(Reject::Malformed("wrong number of fields for the message type")),
             ),
             (
                 format!("1234567890123456:{}:1:3.0.0:3:{msg}:x", b("u")),
@@ -1114,21 +1258,224 @@ mod tests {
             ),
         ];
         for (encoded, want) in cases {
-            let digest = STANDARD_NO_PAD.encode(Sha256::digest(&encoded));
+            let digest = STANDARD_NO_PAD.encode(DigestType::Sha256.hash(&[encoded.as_bytes()]).as_slice());
             let plaintext = format!("{encoded}:{digest}");
             let got = parse_plaintext(plaintext.as_bytes()).map(|_| ());
             assert_eq!(got, want, "{encoded}");
         }
         let bad_digest = format!("1234567890123456:{}:1:3.0.0:1:{msg}:{}", b("u"), "A".repeat(43));
-        assert_eq!(
-            parse_plaintext(bad_digest.as_bytes()),
-            Err(Reject::Malformed("message digest does not match"))
-        );
+        assert_eq!(parse_plaintext(bad_digest.as_bytes()), Err(Reject::DigestMismatch));
         let sha1 = format!("1234567890123456:{}:1:3.0.0:1:{msg}:{}", b("u"), "A".repeat(27));
-        assert!(matches!(
-            parse_plaintext(sha1.as_bytes()),
-            Err(Reject::UnsupportedMode(_))
-        ));
+        assert_eq!(parse_plaintext(sha1.as_bytes()), Err(Reject::DigestMismatch));
+        let odd = format!("1234567890123456:{}:1:3.0.0:1:{msg}:{}", b("u"), "A".repeat(30));
+        assert_eq!(
+            parse_plaintext(odd.as_bytes()),
+            Err(Reject::Malformed("digest field has no known length"))
+        );
+    }
+
+    fn fields(duration: Option<u64>) -> Fields {
+        Fields {
+            timestamp: NOW,
+            access: vec![(Proto::Tcp, 5432)],
+            allow_ip: ip("192.0.2.7"),
+            duration: duration.map(Duration::from_secs),
+        }
+    }
+
+    fn nat(host: &str, port: u16, local: bool) -> NatAccess {
+        NatAccess {
+            host: host.into(),
+            port,
+            local,
+        }
+    }
+
+    #[test]
+    fn every_hmac_digest_and_mode_round_trips() {
+        let nonce = PacketNonce {
+            salt: [9; 8],
+            rand16: 42,
+        };
+        for hmac in DigestType::ALL {
+            for mode in EncryptionMode::ALL {
+                let keys = v1_keys().with(hmac, mode);
+                let wire = encode("alice", &fields(Some(60)), &keys, nonce).expect("encodes");
+                let req = decode(wire.as_bytes(), &keys, window(NOW)).expect("decodes");
+                assert_eq!(
+                    (req.user.as_str(), req.duration),
+                    ("alice", Some(Duration::from_secs(60)))
+                );
+                assert!(wire.len() >= MIN_WIRE_LEN, "{hmac} {mode}: {} chars", wire.len());
+
+                // Another mode with the same keys: the HMAC vouches for the
+                // text, the plaintext comes out garbled, and the reason
+                // names the mode that was tried.
+                let other_mode = EncryptionMode::ALL[(mode as usize + 1) % EncryptionMode::ALL.len()];
+                let got = decode(wire.as_bytes(), &v1_keys().with(hmac, other_mode), window(NOW));
+                assert_eq!(got, Err(Reject::Decrypt(garbled(other_mode))), "{hmac} {mode}");
+                assert!(garbled(other_mode).contains(other_mode.as_str()));
+                // Another HMAC type: the tag does not match (the length may
+                // not even agree).
+                let other_hmac = DigestType::ALL[(hmac as usize + 1) % DigestType::ALL.len()];
+                let got = decode(wire.as_bytes(), &v1_keys().with(other_hmac, mode), window(NOW));
+                assert_eq!(got, Err(Reject::BadMac), "{hmac} {mode} as {other_hmac}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_inner_digest_decodes_and_a_wrong_one_is_a_digest_mismatch() {
+        let keys = v1_keys();
+        let nonce = PacketNonce {
+            salt: [5; 8],
+            rand16: 7,
+        };
+        for digest in DigestType::ALL {
+            let extras = Extras { digest, nat: None };
+            let wire = encode_with("alice", &fields(None), &keys, &extras, nonce).expect("encodes");
+            let req = decode(wire.as_bytes(), &keys, window(NOW)).unwrap_or_else(|e| panic!("{digest}: {e}"));
+            assert_eq!(req.access, [(Proto::Tcp, 5432)], "{digest}");
+        }
+        // The digest of other text, of each length.
+        let encoded = format!(
+            "1234567890123456:{}:{NOW}:3.0.0:1:{}",
+            STANDARD_NO_PAD.encode("alice"),
+            STANDARD_NO_PAD.encode("192.0.2.7,tcp/5432")
+        );
+        for digest in DigestType::ALL {
+            let wrong = STANDARD_NO_PAD.encode(digest.hash(&[b"other text"]).as_slice());
+            let wire = seal(&format!("{encoded}:{wrong}"), &keys, nonce).expect("seals");
+            assert_eq!(
+                decode(wire.as_bytes(), &keys, window(NOW)),
+                Err(Reject::DigestMismatch),
+                "{digest}"
+            );
+            assert_eq!(
+                verify_digest(
+                    &encoded,
+                    &STANDARD_NO_PAD.encode(digest.hash(&[encoded.as_bytes()]).as_slice())
+                ),
+                Ok(digest),
+                "the SHA-3 fallback finds {digest}"
+            );
+        }
+    }
+
+    #[test]
+    fn nat_messages_round_trip() {
+        let keys = v1_keys();
+        let cases = [
+            (nat("10.0.0.5", 5432, false), None),
+            (nat("db.internal", 22, false), Some(45)),
+            (nat("127.0.0.1", 8080, true), None),
+            (nat("gw.example.org", 443, true), Some(600)),
+        ];
+        for (target, duration) in cases {
+            let extras = Extras {
+                digest: DigestType::Sha256,
+                nat: Some(target.clone()),
+            };
+            let wire =
+                encode_random_with("alice", &fields(duration), &keys, &extras, &mut rand::rng()).expect("encodes");
+            let req = decode(wire.as_bytes(), &keys, window(NOW)).expect("decodes");
+            assert_eq!(req.nat.as_ref(), Some(&target));
+            assert_eq!(req.duration, duration.map(Duration::from_secs));
+        }
+    }
+
+    #[test]
+    fn nat_field_table() {
+        let b = |s: &str| STANDARD_NO_PAD.encode(s);
+        let msg = b("127.0.0.1,tcp/22");
+        let head = format!("1234567890123456:{}:1:3.0.0", b("u"));
+        let cases: Vec<(String, Result<Option<NatAccess>, Reject>)> = vec![
+            (
+                format!("{head}:2:{msg}:{}", b("10.0.0.5,5432")),
+                Ok(Some(nat("10.0.0.5", 5432, false))),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("DB.Internal,1")),
+                Ok(Some(nat("db.internal", 1, false))),
+            ),
+            (format!("{head}:4:{msg}:{}:30", b("h,9")), Ok(Some(nat("h", 9, false)))),
+            (format!("{head}:5:{msg}:{}", b("gw,80")), Ok(Some(nat("gw", 80, true)))),
+            (
+                format!("{head}:6:{msg}:{}:30", b("gw,80")),
+                Ok(Some(nat("gw", 80, true))),
+            ),
+            (format!("{head}:1:{msg}"), Ok(None)),
+            (
+                format!("{head}:2:{msg}:{}:{}", b("h,9"), b("auth")),
+                Err(Reject::UnsupportedMode("server_auth field")),
+            ),
+            (
+                format!("{head}:4:{msg}:{}:{}:30", b("h,9"), b("auth")),
+                Err(Reject::UnsupportedMode("server_auth field")),
+            ),
+            (
+                format!("{head}:2:{msg}"),
+                Err(Reject::Malformed("wrong number of fields for the message type")),
+            ),
+            (
+                format!("{head}:4:{msg}:{}", b("h,9")),
+                Err(Reject::Malformed("wrong number of fields for the message type")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("h")),
+                Err(Reject::Malformed("NAT access is not host,port")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("h,0")),
+                Err(Reject::Malformed("NAT access has a bad port")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("h,65536")),
+                Err(Reject::Malformed("NAT access has a bad port")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("h,1,2")),
+                Err(Reject::Malformed("NAT access has a bad port")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b("a/b,1")),
+                Err(Reject::Malformed("NAT access host has a character fwknop forbids")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", b(",1")),
+                Err(Reject::Malformed("NAT access host has a character fwknop forbids")),
+            ),
+            (
+                format!("{head}:2:{msg}:{}", "A".repeat(129)),
+                Err(Reject::Malformed("NAT access field is empty or too long")),
+            ),
+            (format!("{head}:0:{}", b("127.0.0.1,uname")), Err(Reject::Command)),
+        ];
+        for (encoded, want) in cases {
+            let digest = STANDARD_NO_PAD.encode(DigestType::Sha256.hash(&[encoded.as_bytes()]).as_slice());
+            let got = parse_plaintext(format!("{encoded}:{digest}").as_bytes()).map(|m| m.nat);
+            assert_eq!(got, want, "{encoded}");
+        }
+    }
+
+    #[test]
+    fn gpg_packets_the_hmac_vouches_for_have_their_own_reason() {
+        // What `fwknop -g --use-hmac` sends: base64 GPG data without its
+        // "hQ", then an HMAC over "hQ" and the rest.
+        let keys = v1_keys();
+        let body: String = "hQEMA5xmKeyIdAQf/".chars().cycle().skip(2).take(700).collect();
+        let mac = keys.mac.as_ref().expect("v1 has an HMAC key");
+        let tag = |body: &str| STANDARD_NO_PAD.encode(mac.tag(GPG_B64.as_bytes(), body.as_bytes()).as_slice());
+        let wire = format!("{body}{}", tag(&body));
+        assert_eq!(decode(wire.as_bytes(), &keys, window(NOW)), Err(Reject::Gpg));
+        let users = [("paul", &p_keys()), ("alice", &keys)];
+        assert_eq!(decode_any(wire.as_bytes(), users, window(NOW)), Err(Reject::Gpg));
+        // Without the right HMAC key it is just a bad MAC.
+        assert_eq!(decode(wire.as_bytes(), &p_keys(), window(NOW)), Err(Reject::BadMac));
+        // Short packets are never tried as GPG.
+        let short = &body[..200];
+        let wire = format!("{short}{}", tag(short));
+        assert_eq!(decode(wire.as_bytes(), &keys, window(NOW)), Err(Reject::BadMac));
     }
 
     #[test]
@@ -1173,6 +1520,28 @@ mod tests {
         }
 
         #[test]
+        fn mutated_packets_of_every_mode_and_digest_are_rejected(
+            hmac in prop::sample::select(DigestType::ALL.to_vec()),
+            mode in prop::sample::select(EncryptionMode::ALL.to_vec()),
+            digest in prop::sample::select(DigestType::ALL.to_vec()),
+            nat_port in proptest::option::of(1u16..),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let keys = v1_keys().with(hmac, mode);
+            let extras = Extras { digest, nat: nat_port.map(|p| nat("db", p, false)) };
+            let nonce = PacketNonce { salt: [1; 8], rand16: 2 };
+            let wire = encode_with("alice", &fields(Some(9)), &keys, &extras, nonce).expect("encodes");
+            let req = decode(wire.as_bytes(), &keys, window(NOW)).expect("the packet itself decodes");
+            prop_assert_eq!(req.nat, extras.nat);
+            let mut bad = wire.into_bytes();
+            let i = at.index(bad.len());
+            prop_assume!(bad[i] != byte);
+            bad[i] = byte;
+            prop_assert!(decode(&bad, &keys, window(NOW)).is_err());
+        }
+
+        #[test]
         fn unauthenticated_mutations_never_panic(
             at in any::<prop::sample::Index>(),
             byte in any::<u8>(),
@@ -1188,6 +1557,21 @@ mod tests {
         #[test]
         fn arbitrary_plaintext_never_panics(text in "[0-9]{16}:[ -~]{0,200}") {
             let _ = parse_plaintext(text.as_bytes());
+        }
+
+        #[test]
+        fn arbitrary_nat_fields_never_panic(
+            msg_type in 0u8..10,
+            nat in "[ -~]{0,80}",
+            tail in "(:[0-9A-Za-z+/]{0,12}){0,3}",
+        ) {
+            let b = |s: &str| STANDARD_NO_PAD.encode(s);
+            let encoded = format!(
+                "1234567890123456:{}:1:3.0.0:{msg_type}:{}:{}{tail}",
+                b("u"), b("127.0.0.1,tcp/22"), b(&nat)
+            );
+            let digest = STANDARD_NO_PAD.encode(DigestType::Sha256.hash(&[encoded.as_bytes()]).as_slice());
+            let _ = parse_plaintext(format!("{encoded}:{digest}").as_bytes());
         }
     }
 }

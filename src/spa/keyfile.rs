@@ -5,7 +5,9 @@
 //! # comments and blank lines are ignored
 //! PORTCULLIS_KEY_BASE64: <32 bytes, base64>
 //! KEY_BASE64: <fwknop Rijndael key, base64>           # exactly as `fwknop --key-gen` prints
-//! HMAC_KEY_BASE64: <fwknop HMAC-SHA256 key, base64>
+//! HMAC_KEY_BASE64: <fwknop HMAC key, base64>
+//! HMAC_DIGEST_TYPE: sha512                            # optional: fwknop's default is sha256
+//! ENCRYPTION_MODE: ctr                                # optional: fwknop's default is cbc
 //! ```
 //!
 //! `NAME VALUE` (fwknop's `access.conf` and `.fwknoprc` spelling) works as
@@ -23,7 +25,7 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use super::fwknop::FwknopKeys;
+use super::fwknop::{DigestType, EncryptionMode, FwknopKeys, NameError};
 use super::native::NativeKey;
 use super::KeyError;
 use crate::secret::Secret;
@@ -33,6 +35,8 @@ pub const FWKNOP_KEY: &str = "KEY_BASE64";
 pub const FWKNOP_HMAC_KEY: &str = "HMAC_KEY_BASE64";
 pub const FWKNOP_PASSPHRASE: &str = "KEY";
 pub const FWKNOP_HMAC_PASSPHRASE: &str = "HMAC_KEY";
+pub const FWKNOP_HMAC_DIGEST: &str = "HMAC_DIGEST_TYPE";
+pub const FWKNOP_MODE: &str = "ENCRYPTION_MODE";
 
 /// Padding optional, like fwknop's own key decoding.
 const KEY_B64: GeneralPurpose = GeneralPurpose::new(
@@ -44,6 +48,8 @@ const KEY_B64: GeneralPurpose = GeneralPurpose::new(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyFile {
     pub native: Option<NativeKey>,
+    /// Set up with the file's `HMAC_DIGEST_TYPE` and `ENCRYPTION_MODE`, or
+    /// fwknop's defaults (sha256, cbc).
     pub fwknop: Option<FwknopKeys>,
 }
 
@@ -54,7 +60,7 @@ pub enum KeyFileError {
     Syntax { line: usize },
     #[error(
         "line {line}: unknown setting (expected {NATIVE_KEY}, {FWKNOP_KEY}, {FWKNOP_HMAC_KEY}, \
-         {FWKNOP_PASSPHRASE} or {FWKNOP_HMAC_PASSPHRASE})"
+         {FWKNOP_PASSPHRASE}, {FWKNOP_HMAC_PASSPHRASE}, {FWKNOP_HMAC_DIGEST} or {FWKNOP_MODE})"
     )]
     UnknownSetting { line: usize },
     #[error("line {line}: {name} is empty")]
@@ -73,6 +79,11 @@ pub enum KeyFileError {
     HmacWithoutKey { line: usize },
     #[error("no key found: expected {NATIVE_KEY}, or {FWKNOP_KEY} and {FWKNOP_HMAC_KEY}")]
     NoKey,
+    /// Digest and mode names are not secret, so the message repeats them.
+    #[error("line {line}: {source}")]
+    Name { line: usize, source: NameError },
+    #[error("line {line}: {name} without {FWKNOP_KEY}: it applies to fwknop keys only")]
+    SettingWithoutKey { line: usize, name: &'static str },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -87,6 +98,8 @@ pub fn parse(text: &str) -> Result<KeyFile, KeyFileError> {
     let mut native: Option<(usize, NativeKey)> = None;
     let mut enc: Option<(usize, Secret)> = None;
     let mut hmac: Option<(usize, Secret)> = None;
+    let mut digest: Option<(usize, DigestType)> = None;
+    let mut mode: Option<(usize, EncryptionMode)> = None;
 
     for (index, raw_line) in text.lines().enumerate() {
         let line = index + 1;
@@ -106,6 +119,28 @@ pub fn parse(text: &str) -> Result<KeyFile, KeyFileError> {
             .trim_start_matches(|c: char| c.is_whitespace())
             .trim_end();
 
+        if name.eq_ignore_ascii_case(FWKNOP_HMAC_DIGEST) {
+            let parsed = value.parse().map_err(|source| KeyFileError::Name { line, source })?;
+            if let Some((first, _)) = digest.replace((line, parsed)) {
+                return Err(KeyFileError::Duplicate {
+                    line,
+                    first,
+                    name: FWKNOP_HMAC_DIGEST,
+                });
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case(FWKNOP_MODE) {
+            let parsed = value.parse().map_err(|source| KeyFileError::Name { line, source })?;
+            if let Some((first, _)) = mode.replace((line, parsed)) {
+                return Err(KeyFileError::Duplicate {
+                    line,
+                    first,
+                    name: FWKNOP_MODE,
+                });
+            }
+            continue;
+        }
         let (setting, name, bytes) = match_setting(name, value, line)?;
         let first = match setting {
             Setting::Native => native.as_ref().map(|(first, _)| *first),
@@ -125,6 +160,20 @@ pub fn parse(text: &str) -> Result<KeyFile, KeyFileError> {
         }
     }
 
+    if enc.is_none() {
+        if let Some((line, _)) = digest {
+            return Err(KeyFileError::SettingWithoutKey {
+                line,
+                name: FWKNOP_HMAC_DIGEST,
+            });
+        }
+        if let Some((line, _)) = mode {
+            return Err(KeyFileError::SettingWithoutKey {
+                line,
+                name: FWKNOP_MODE,
+            });
+        }
+    }
     let fwknop = match (enc, hmac) {
         (None, None) => None,
         (None, Some((line, _))) => return Err(KeyFileError::HmacWithoutKey { line }),
@@ -132,7 +181,10 @@ pub fn parse(text: &str) -> Result<KeyFile, KeyFileError> {
             let line = hmac.as_ref().map_or(line, |(hmac_line, _)| *hmac_line);
             let keys =
                 FwknopKeys::new(enc, hmac.map(|(_, key)| key)).map_err(|source| KeyFileError::Key { line, source })?;
-            Some(keys)
+            Some(keys.with(
+                digest.map(|(_, d)| d).unwrap_or_default(),
+                mode.map(|(_, m)| m).unwrap_or_default(),
+            ))
         }
     };
     let native = native.map(|(_, key)| key);
@@ -237,6 +289,16 @@ pub fn render(keys: &KeyFile) -> Zeroizing<String> {
             line(FWKNOP_HMAC_KEY, hmac);
         }
     }
+    // Settings are written only where they differ from fwknop's defaults,
+    // so `fwknop --key-gen` output renders back unchanged.
+    if let Some(fwknop) = &keys.fwknop {
+        if fwknop.hmac_digest() != DigestType::default() {
+            text.push_str(&format!("{FWKNOP_HMAC_DIGEST}: {}\n", fwknop.hmac_digest()));
+        }
+        if fwknop.mode() != EncryptionMode::default() {
+            text.push_str(&format!("{FWKNOP_MODE}: {}\n", fwknop.mode()));
+        }
+    }
     text
 }
 
@@ -283,6 +345,64 @@ mod tests {
             .expect("fwknop keys");
         assert_eq!(keys.enc().expose(), b"my secret: pass");
         assert!(keys.hmac().is_none());
+    }
+
+    #[test]
+    fn digest_type_and_mode_lines() {
+        // access.conf spelling, any case.
+        let text = format!("{FWKNOP_KEYGEN}HMAC_DIGEST_TYPE     SHA512\nencryption_mode: ctr\n");
+        let file = parse(&text).expect("parses");
+        let keys = file.fwknop.as_ref().expect("fwknop keys");
+        assert_eq!(
+            (keys.hmac_digest(), keys.mode()),
+            (DigestType::Sha512, EncryptionMode::Ctr)
+        );
+        assert_eq!(
+            render(&file).as_str(),
+            format!("{FWKNOP_KEYGEN}HMAC_DIGEST_TYPE: sha512\nENCRYPTION_MODE: ctr\n")
+        );
+        assert_eq!(parse(&render(&file)).expect("renders parseable text"), file);
+        let plain = parse(FWKNOP_KEYGEN).expect("parses");
+        let keys = plain.fwknop.expect("fwknop keys");
+        assert_eq!(
+            (keys.hmac_digest(), keys.mode()),
+            (DigestType::Sha256, EncryptionMode::Cbc)
+        );
+
+        let cases = [
+            (
+                format!("{FWKNOP_KEYGEN}ENCRYPTION_MODE legacy\n"),
+                KeyFileError::Name {
+                    line: 3,
+                    source: NameError::Legacy,
+                },
+            ),
+            (
+                format!("{FWKNOP_KEYGEN}HMAC_DIGEST_TYPE sha224\n"),
+                KeyFileError::Name {
+                    line: 3,
+                    source: NameError::Digest("sha224".into()),
+                },
+            ),
+            (
+                format!("{FWKNOP_KEYGEN}ENCRYPTION_MODE cbc\nENCRYPTION_MODE ctr\n"),
+                KeyFileError::Duplicate {
+                    line: 4,
+                    first: 3,
+                    name: FWKNOP_MODE,
+                },
+            ),
+            (
+                format!("{NATIVE_LINE}HMAC_DIGEST_TYPE md5\n"),
+                KeyFileError::SettingWithoutKey {
+                    line: 2,
+                    name: FWKNOP_HMAC_DIGEST,
+                },
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse(&text), Err(want), "{text}");
+        }
     }
 
     #[test]

@@ -25,10 +25,10 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::Sessions;
+use super::Shared;
 use crate::config::{Service, Unauthorized};
 use crate::filter::{self, Family, Insn};
 use crate::metrics::{self, FilterFallback};
-use crate::proxy::Shared;
 use crate::store::GrantStore;
 
 /// Shortest time between two rebuilds that add sources: a burst of grants
@@ -347,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_growth_rebuilds_at_once_then_at_most_once_per_gap() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::Clock::now(&crate::clock::ManualClock::new());
         let mut p = Pacer::default();
         p.note(Change::Grows, t0);
         assert!(p.ready(t0), "the first grant after a quiet spell waits for nothing");
@@ -369,7 +369,7 @@ mod tests {
 
     #[test]
     fn a_shrink_waits_to_settle_from_its_first_change() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::Clock::now(&crate::clock::ManualClock::new());
         let mut p = Pacer::default();
         p.rebuilt(Change::Grows, t0);
         let first = t0 + Duration::from_secs(5);
@@ -386,7 +386,7 @@ mod tests {
 
     #[test]
     fn a_growth_does_not_wait_behind_a_shrink_and_no_change_cancels() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::Clock::now(&crate::clock::ManualClock::new());
         let mut p = Pacer::default();
         p.rebuilt(Change::Grows, t0);
         let now = t0 + Duration::from_secs(1);

@@ -7,9 +7,20 @@
 
 #![allow(dead_code)]
 
+mod knock;
+mod metrics;
+mod peers;
+
+#[allow(unused_imports)]
+pub use knock::*;
+#[allow(unused_imports)]
+pub use metrics::*;
+#[allow(unused_imports)]
+pub use peers::*;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -73,59 +84,112 @@ pub struct Gateway {
     pub services: HashMap<String, SocketAddr>,
     /// Real address of the admin endpoint, when the config has one.
     pub admin: Option<SocketAddr>,
+    /// The free ports the config was built from (see [`Builder::on_free_ports`]).
+    pub ports: Vec<u16>,
 }
 
-impl Gateway {
-    /// Writes `config` and runs `portcullis serve` on it, waiting for `ready`.
-    /// Panics with the process's log if it exits first.
-    pub fn start(config: &str) -> Gateway {
-        Self::start_with_env(config, &[])
+/// Builds a config's text from the free ports picked for it.
+type ConfigFn<'a> = Box<dyn Fn(&[u16]) -> String + 'a>;
+
+/// The config, environment and files of a gateway to start.
+#[derive(Default)]
+pub struct Builder<'a> {
+    config: Option<String>,
+    on_ports: Option<(u16, ConfigFn<'a>)>,
+    env: Vec<(String, String)>,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl<'a> Builder<'a> {
+    /// The config's text.
+    pub fn config(mut self, text: &str) -> Self {
+        self.config = Some(text.to_owned());
+        self
     }
 
-    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Gateway {
-        match Self::try_start(config, env) {
+    /// A config built from `n` consecutive free ports (knock steps need
+    /// fixed ones); picked again if another process took one meanwhile.
+    pub fn on_free_ports(mut self, n: u16, config: impl Fn(&[u16]) -> String + 'a) -> Self {
+        self.on_ports = Some((n, Box::new(config)));
+        self
+    }
+
+    /// An environment variable for the process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Environment variables for the process.
+    pub fn envs(mut self, vars: &[(&str, &str)]) -> Self {
+        for (k, v) in vars {
+            self = self.env(k, v);
+        }
+        self
+    }
+
+    /// Files (name, content) written beside the config.
+    pub fn files(mut self, files: &[(&str, &[u8])]) -> Self {
+        for (name, content) in files {
+            self = self.file(name, content);
+        }
+        self
+    }
+
+    /// A file written beside the config.
+    pub fn file(mut self, name: &str, content: impl AsRef<[u8]>) -> Self {
+        self.files.push((name.to_owned(), content.as_ref().to_vec()));
+        self
+    }
+
+    /// Starts and waits for `ready`; panics with the log if it exits first.
+    pub fn start(self) -> Gateway {
+        match self.try_start() {
             Ok(gw) => gw,
             Err(log) => panic!("gateway did not become ready; log:\n{log}"),
         }
     }
 
-    /// Picks `n` consecutive free ports, builds the config from them and
-    /// starts; picks again if another process took a port meanwhile.
-    pub fn start_on_free_ports(n: u16, config: impl Fn(&[u16]) -> String) -> (Gateway, Vec<u16>) {
-        Self::start_on_free_ports_with_files(n, &[], config)
-    }
-
-    /// [`Gateway::start_on_free_ports`], with `files` (name, content)
-    /// written beside the config first.
-    pub fn start_on_free_ports_with_files(
-        n: u16,
-        files: &[(&str, &[u8])],
-        config: impl Fn(&[u16]) -> String,
-    ) -> (Gateway, Vec<u16>) {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let ports = free_ports(n);
-            match Self::try_start_with_files(&config(&ports), &[], files) {
-                Ok(gw) => return (gw, ports),
-                Err(log) if log.contains("cannot listen") => last = log,
-                Err(log) => panic!("gateway did not become ready; log:\n{log}"),
-            }
-        }
-        panic!("gateway could not bind free ports five times; last log:\n{last}");
+    /// [`Builder::start`], with the ports the config was built from.
+    pub fn start_on_ports(self) -> (Gateway, Vec<u16>) {
+        let gw = self.start();
+        let ports = gw.ports.clone();
+        (gw, ports)
     }
 
     /// Starts, or returns the log of a process that exited before `ready`.
-    pub fn try_start(config: &str, env: &[(&str, &str)]) -> Result<Gateway, String> {
-        Self::try_start_with_files(config, env, &[])
+    pub fn try_start(self) -> Result<Gateway, String> {
+        let Some((n, config)) = &self.on_ports else {
+            let text = self.config.as_deref().expect("a config or on_free_ports");
+            return Gateway::launch(text, &self.env, &self.files);
+        };
+        let mut last = String::new();
+        for _ in 0..5 {
+            let ports = free_ports(*n);
+            match Gateway::launch(&config(&ports), &self.env, &self.files) {
+                Ok(mut gw) => {
+                    gw.ports = ports;
+                    return Ok(gw);
+                }
+                Err(log) if log.contains("cannot listen") => last = log,
+                Err(log) => return Err(log),
+            }
+        }
+        Err(format!("could not bind free ports five times; last log:\n{last}"))
+    }
+}
+
+impl Gateway {
+    /// How a test starts a gateway: `Gateway::builder().config(..)
+    /// .env(..).file(..).start()`.
+    pub fn builder<'a>() -> Builder<'a> {
+        Builder::default()
     }
 
-    /// [`Gateway::try_start`], with `files` (name, content) written beside
-    /// the config first.
-    pub fn try_start_with_files(
-        config: &str,
-        env: &[(&str, &str)],
-        files: &[(&str, &[u8])],
-    ) -> Result<Gateway, String> {
+    /// Writes `config` and `files` (name, content) into a new directory and
+    /// runs `portcullis serve` on it, waiting for `ready`; the log of a
+    /// process that exited before that is the error.
+    fn launch(config: &str, env: &[(String, String)], files: &[(String, Vec<u8>)]) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -168,6 +232,7 @@ impl Gateway {
             config_path,
             services: HashMap::new(),
             admin: None,
+            ports: Vec::new(),
         };
         {
             let (lock, cond) = &*gw.log;
@@ -321,88 +386,6 @@ fn step_port(line: &Value) -> Option<u16> {
     addr.parse::<SocketAddr>().ok().map(|a| a.port())
 }
 
-/// A TCP echo server on `addr` (port 0 allowed); returns its address.
-pub fn echo_server(addr: &str) -> SocketAddr {
-    let listener = TcpListener::bind(addr).expect("bind echo");
-    let local = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 16 * 1024];
-                loop {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if stream.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    local
-}
-
-/// Connects to `to` from `source` (any port).
-pub fn connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let domain = socket2::Domain::for_address(to);
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::new(ip(source), 0).into())?;
-    socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    Ok(stream)
-}
-
-/// One round trip through an echo upstream.
-pub fn echo_once(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<()> {
-    stream.write_all(payload)?;
-    let mut got = vec![0u8; payload.len()];
-    stream.read_exact(&mut got)?;
-    assert_eq!(got, payload, "echo returned other bytes");
-    Ok(())
-}
-
-/// Whether `source` can open a connection to `to` and get an echo back.
-pub fn echo_works(source: &str, to: SocketAddr) -> bool {
-    match connect_from(source, to) {
-        Ok(mut s) => echo_once(&mut s, b"ping").is_ok(),
-        Err(_) => false,
-    }
-}
-
-/// Sends one UDP datagram from `source` to `to`.
-pub fn udp_from(source: &str, to: SocketAddr, payload: &[u8]) {
-    let socket = UdpSocket::bind(SocketAddr::new(ip(source), 0)).expect("bind udp");
-    socket.send_to(payload, to).expect("send udp");
-}
-
-/// Runs `portcullis knock` with `args`; asserts success.
-pub fn portcullis_knock(args: &[&str]) {
-    let out = Command::new(BIN).arg("knock").args(args).output().expect("run knock");
-    assert!(
-        out.status.success(),
-        "portcullis knock {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs the stock knock client (Debian's knockd package) with `args`.
-pub fn stock_knock(args: &[&str]) {
-    let out = Command::new("knock")
-        .args(args)
-        .output()
-        .expect("the stock knock client (apt-get install knockd; scripts/install-test-deps does it)");
-    assert!(
-        out.status.success(),
-        "knock {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The standard test service: an echo upstream guarded on 127.0.0.1:0 with
 /// a UDP knock sequence over the given ports (used in the order given).
 pub fn echo_config(upstream: SocketAddr, seq: &[u16], extra: &str) -> String {
@@ -439,137 +422,4 @@ pub fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-/// An HTTP answer: status 0 when there was none (refused, TLS failure).
-#[derive(Debug)]
-pub struct Http {
-    pub status: u16,
-    pub body: String,
-}
-
-/// Runs `curl -sS ARGS URL` and returns the answer.
-pub fn curl(args: &[&str], url: &str) -> Http {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("curl (apt-get install curl; scripts/install-test-deps does it)");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
-    let status = code.trim().parse().unwrap_or(0);
-    let body = if status == 0 {
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    } else {
-        body.to_string()
-    };
-    Http { status, body }
-}
-
-/// The sum of the samples of `name` whose labels include `labels`, in a
-/// Prometheus text scrape; `None` when there is no such sample.
-pub fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut sum = None;
-    for line in scrape.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (series_name, series_labels) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if series_name != name {
-            continue;
-        }
-        let pairs: Vec<(&str, &str)> = series_labels
-            .split(',')
-            .filter_map(|p| p.split_once('='))
-            .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
-            .collect();
-        if labels.iter().all(|want| pairs.contains(want)) {
-            *sum.get_or_insert(0.0) += value.parse::<f64>().expect("sample value");
-        }
-    }
-    sum
-}
-
-/// Runs `promtool` with `args` and `stdin`; returns (success, output).
-pub fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package; scripts/install-test-deps installs it)");
-    {
-        let mut input = child.stdin.take().expect("stdin piped");
-        if let Some(text) = stdin {
-            input.write_all(text.as_bytes()).expect("write to promtool");
-        }
-    }
-    let out = child.wait_with_output().expect("promtool output");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// Where the PostgreSQL the tests front listens.
-pub fn pg_upstream() -> String {
-    std::env::var("PORTCULLIS_TEST_PG").unwrap_or_else(|_| "127.0.0.1:5432".to_string())
-}
-
-/// Runs `sql` with `psql` as `postgres` through 127.0.0.1:`port`; its
-/// trimmed output, or its error text.
-pub fn psql(port: u16, sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-tAc",
-            sql,
-        ])
-        .env("PGCONNECT_TIMEOUT", "5")
-        .output()
-        .expect("psql (apt-get install postgresql-client; scripts/install-test-deps does it)");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-/// Sends `seq` as UDP knocks to 127.0.0.1 from `source` with `portcullis
-/// knock`, without waiting for the gate.
-pub fn knock_udp(seq: &[u16], source: &str) {
-    let steps: Vec<String> = seq.iter().map(|p| format!("{p}/udp")).collect();
-    let mut args = vec!["127.0.0.1", "-b", source];
-    args.extend(steps.iter().map(String::as_str));
-    portcullis_knock(&args);
-}
-
-/// [`knock_udp`], then waits for `service`'s grant to `source`.
-pub fn knock_and_wait(gw: &Gateway, service: &str, seq: &[u16], source: &str) {
-    knock_udp(seq, source);
-    gw.wait_grant(service, source);
-}
-
-/// A `[service.NAME]` table guarding 127.0.0.1:0 in front of `upstream`
-/// with a UDP knock sequence over `seq` (used in the order given).
-pub fn knock_service(name: &str, upstream: SocketAddr, seq: &[u16]) -> String {
-    let steps: Vec<String> = seq.iter().map(|p| format!("\"{p}/udp\"")).collect();
-    format!(
-        "\n[service.{name}]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nopen_for = \"30s\"\nknock = {{ sequence = [{}] }}\n",
-        steps.join(", ")
-    )
 }

@@ -1,0 +1,190 @@
+//! Knock rules: steps in every spelling, sequences that a sweep cannot
+//! walk, and endpoints that collide neither with each other nor with a
+//! guarded port.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::raw::{RawKnock, RawStep};
+use super::{Service, Validator};
+use crate::gate::KnockRule;
+use crate::step::{Proto, Step, StepSpec};
+
+impl Validator {
+    pub(super) fn steps(&mut self, path: &str, raw: &[RawStep], ip: IpAddr) -> Option<Vec<Step>> {
+        let mut ok = true;
+        let mut steps = Vec::new();
+        for (i, r) in raw.iter().enumerate() {
+            let parsed = match r {
+                RawStep::Port(p) => u16::try_from(*p)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .map(|port| StepSpec {
+                        proto: Proto::Tcp,
+                        ip: None,
+                        port,
+                    })
+                    .ok_or_else(|| format!("{p} is not a port (1-65535)")),
+                RawStep::Text(t) => t.parse::<StepSpec>().map_err(|e| e.to_string()),
+            };
+            match parsed {
+                Ok(spec) => steps.push(spec.at(ip)),
+                Err(e) => {
+                    self.problem(format!("{path}[{i}]"), e);
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(steps)
+    }
+
+    pub(super) fn knock(&mut self, path: &str, raw: &RawKnock, ip: IpAddr) -> Option<KnockRule> {
+        let before = self.problems.len();
+        let sequence = self.steps(&format!("{path}.sequence"), &raw.sequence, ip);
+        let trap = self.steps(&format!("{path}.trap_ports"), &raw.trap_ports, ip);
+        let step_timeout = self.duration(
+            &format!("{path}.step_timeout"),
+            raw.step_timeout.as_ref(),
+            Duration::from_secs(5),
+        );
+        let sequence_timeout = self.duration(
+            &format!("{path}.sequence_timeout"),
+            raw.sequence_timeout.as_ref(),
+            Duration::from_secs(15),
+        );
+        if let Some(seq) = &sequence {
+            self.sequence_rules(&format!("{path}.sequence"), seq);
+            if let Some(trap) = &trap {
+                for (i, t) in trap.iter().enumerate() {
+                    if seq.contains(t) {
+                        self.problem(
+                            format!("{path}.trap_ports[{i}]"),
+                            format!("{t} is also a step of the sequence: a trap port must be another port"),
+                        );
+                    }
+                }
+            }
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(KnockRule {
+            sequence: sequence?,
+            trap: trap?,
+            step_timeout,
+            sequence_timeout,
+        })
+    }
+
+    fn sequence_rules(&mut self, path: &str, seq: &[Step]) {
+        if seq.len() < 3 {
+            self.problem(
+                path,
+                format!("{} step(s) are too easy to guess: use at least 3, in an order that is neither ascending nor descending", seq.len()),
+            );
+            return;
+        }
+        for (i, pair) in seq.windows(2).enumerate() {
+            if pair[0] == pair[1] {
+                self.problem(
+                    format!("{path}[{}]", i + 1),
+                    format!("{} repeats the step before it: a repeat is tolerated as a retransmission, so it adds nothing; use another port", pair[1]),
+                );
+            }
+        }
+        let ports: Vec<u16> = seq.iter().map(|s| s.addr.port()).collect();
+        let ascending = ports.windows(2).all(|w| w[0] <= w[1]);
+        let descending = ports.windows(2).all(|w| w[0] >= w[1]);
+        if ascending || descending {
+            let list = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+            let mut suggestion = ports.clone();
+            suggestion.sort_unstable();
+            suggestion.swap(1, 2);
+            let suggestion = suggestion.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+            self.problem(
+                path,
+                format!(
+                    "ports {} ({list}): a sequential port scan walks them in order and opens the service; reorder them, e.g. {suggestion}",
+                    if ascending { "ascend" } else { "descend" }
+                ),
+            );
+        }
+    }
+
+    /// A listener of the gateway's own at `key` (admin, SPA) must not take
+    /// a guarded listener's or a knock step's address.
+    pub(super) fn own_endpoint(&mut self, key: &str, ours: Step, services: &[Service]) {
+        for s in services {
+            let guarded = Step {
+                proto: s.protocol,
+                addr: s.listen,
+            };
+            let steps = s
+                .knock
+                .iter()
+                .flat_map(|k| k.sequence.iter().chain(&k.trap))
+                .map(|st| (*st, format!("service.{}.knock", s.name)));
+            for (other, path) in std::iter::once((guarded, format!("service.{}.listen", s.name))).chain(steps) {
+                if collides(&ours, &other) {
+                    self.problem(key, format!("{} is also used by {path}", ours.addr));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Guarded listeners and knock endpoints must not collide.
+    pub(super) fn endpoints(&mut self, services: &[Service]) {
+        let mut taken: Vec<(Step, String, bool)> = Vec::new();
+        for s in services {
+            let guarded = Step {
+                proto: s.protocol,
+                addr: s.listen,
+            };
+            let path = format!("service.{}.listen", s.name);
+            for (other, other_path, _) in &taken {
+                if collides(&guarded, other) {
+                    self.problem(&path, format!("{} is also used by {other_path}", s.listen));
+                }
+            }
+            taken.push((guarded, path, false));
+        }
+        for s in services {
+            let Some(k) = &s.knock else { continue };
+            let steps = k
+                .sequence
+                .iter()
+                .map(|st| (st, "sequence"))
+                .chain(k.trap.iter().map(|st| (st, "trap_ports")));
+            for (step, list) in steps {
+                let path = format!("service.{}.knock.{list}", s.name);
+                let mut clash = None;
+                for (other, other_path, is_knock) in &taken {
+                    // Knock endpoints may be shared between services; a
+                    // guarded listener or an overlapping address may not.
+                    if collides(step, other) && !(*is_knock && step == other) {
+                        clash = Some(other_path.clone());
+                    }
+                }
+                match clash {
+                    Some(other) => self.problem(&path, format!("{step} is also used by {other}")),
+                    None => taken.push((*step, path, true)),
+                }
+            }
+        }
+    }
+}
+
+fn collides(a: &Step, b: &Step) -> bool {
+    // Port 0 asks the kernel for a free port, which never collides.
+    a.proto == b.proto
+        && a.addr.port() != 0
+        && a.addr.port() == b.addr.port()
+        && (a.addr.ip() == b.addr.ip() || covers(a.addr.ip(), b.addr.ip()) || covers(b.addr.ip(), a.addr.ip()))
+}
+
+/// Whether a wildcard bind on `wild` takes the port for `other` too: an
+/// IPv4 wildcard covers IPv4 addresses, a dual-stack IPv6 one covers all.
+fn covers(wild: IpAddr, other: IpAddr) -> bool {
+    wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+}

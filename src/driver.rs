@@ -1,0 +1,577 @@
+//! The gate driver: the one piece of code that talks to the [`Gate`].
+//!
+//! Sensors and the admin endpoint hold a [`DriverHandle`]; what they send
+//! becomes gate inputs, which pass through an [`InputLog`] (the replication
+//! seam) and then into the gate, in log order. The driver applies each
+//! event the gate emits to the grant store, the audit log, metrics and the
+//! per-source lockout strikes, and answers requests (a revocation, a
+//! reconfiguration) once their effects are in the store. Data only flows
+//! downward: sensor → driver → gate → store.
+//!
+//! One process uses [`LocalLog`], which hands inputs straight back. Several
+//! replicas that must share one gate plug in a log that gives every input
+//! one total order and a shared timestamp (a Redis Stream, say): every
+//! replica then runs the same deterministic gate over the same inputs, and
+//! the knock logic is never written twice.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::gate::{Event, Gate, GateLimits, Grant, Input, Knock, KnockResult, Method, ServiceRule};
+use crate::guard::{SourceGuard, StrikeKind};
+use crate::metrics;
+use crate::store::GrantStore;
+
+/// Requests queued between the sensors and the driver; past it knocks and
+/// SPA grants are refused at once (counted), never waited for.
+pub const QUEUE: usize = 4096;
+
+/// Where audit lines (grants, expiries, revocations) are logged.
+pub const AUDIT_TARGET: &str = "portcullis::audit";
+
+/// What may be asked of the driver.
+#[derive(Debug)]
+pub enum Request {
+    /// A knock or a verified SPA authorization: fire and forget.
+    Input(Input),
+    /// Ends a grant early; answered with the grant that ended, once the
+    /// store no longer admits it.
+    Revoke {
+        service: Arc<str>,
+        source: IpAddr,
+        reply: oneshot::Sender<Option<Grant>>,
+    },
+    /// A reloaded config's rules; answered once the gate has them.
+    Reconfigure {
+        services: Vec<ServiceRule>,
+        limits: GateLimits,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Why the driver could not take a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    #[error("the gate is busy")]
+    Busy,
+    #[error("the gate has stopped")]
+    Stopped,
+}
+
+/// How the rest of the process reaches the driver.
+#[derive(Debug, Clone)]
+pub struct DriverHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl DriverHandle {
+    /// A handle and the receiving end of its queue, for a [`Driver`] (or a
+    /// test that plays one).
+    pub fn channel() -> (Self, mpsc::Receiver<Request>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (Self { tx }, rx)
+    }
+
+    /// Queues a knock; never waits.
+    pub fn knock(&self, knock: Knock) -> Result<(), DriverError> {
+        self.try_send(Request::Input(Input::Knock(knock)))
+    }
+
+    /// Queues a verified authorization; never waits.
+    pub fn authorize(
+        &self,
+        service: Arc<str>,
+        source: IpAddr,
+        method: Method,
+        duration: Duration,
+    ) -> Result<(), DriverError> {
+        self.try_send(Request::Input(Input::Authorize {
+            service,
+            source,
+            method,
+            duration,
+        }))
+    }
+
+    fn try_send(&self, request: Request) -> Result<(), DriverError> {
+        self.tx.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => DriverError::Busy,
+            mpsc::error::TrySendError::Closed(_) => DriverError::Stopped,
+        })
+    }
+
+    /// Revokes a grant and waits (at most `timeout` in all) until the store
+    /// refuses the source. `Ok(None)` when there was no such grant.
+    pub async fn revoke(
+        &self,
+        service: Arc<str>,
+        source: IpAddr,
+        timeout: Duration,
+    ) -> Result<Option<Grant>, DriverError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Revoke { service, source, reply };
+        let asked = async {
+            self.tx.send(request).await.map_err(|_| DriverError::Stopped)?;
+            answer.await.map_err(|_| DriverError::Stopped)
+        };
+        tokio::time::timeout(timeout, asked)
+            .await
+            .map_err(|_| DriverError::Busy)?
+    }
+
+    /// Hands the gate a reloaded config's rules and waits until it has them.
+    pub async fn reconfigure(&self, services: Vec<ServiceRule>, limits: GateLimits) -> Result<(), DriverError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Reconfigure {
+            services,
+            limits,
+            reply,
+        };
+        self.tx.send(request).await.map_err(|_| DriverError::Stopped)?;
+        answer.await.map_err(|_| DriverError::Stopped)
+    }
+}
+
+/// A gate input as the log carries it, with the local requester's reply.
+#[derive(Debug)]
+pub struct Entry {
+    pub input: Input,
+    pub reply: Reply,
+}
+
+/// Who waits for an input's effects (local requests only).
+#[derive(Debug)]
+pub enum Reply {
+    None,
+    Revoked(oneshot::Sender<Option<Grant>>),
+    Reconfigured(oneshot::Sender<()>),
+}
+
+/// The replication seam: every gate input passes through a log, which
+/// gives the inputs of every replica the one order in which each replica's
+/// gate sees them. A log keeps a local entry's [`Reply`] with it (or by its
+/// side) so that the requester is answered when that entry comes back.
+pub trait InputLog: std::fmt::Debug + Send + 'static {
+    /// Appends a local entry.
+    fn append(&mut self, entry: Entry);
+    /// The next entry in log order; pending until there is one.
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Entry> + Send + '_>>;
+}
+
+/// The log of a single process: entries come back in the order they went in.
+#[derive(Debug, Default)]
+pub struct LocalLog {
+    queue: VecDeque<Entry>,
+}
+
+impl InputLog for LocalLog {
+    fn append(&mut self, entry: Entry) {
+        self.queue.push_back(entry);
+    }
+
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Entry> + Send + '_>> {
+        Box::pin(async move {
+            match self.queue.pop_front() {
+                Some(entry) => entry,
+                None => std::future::pending().await,
+            }
+        })
+    }
+}
+
+/// What the driver acts on besides the gate.
+#[derive(Debug, Clone)]
+pub struct Effects {
+    pub store: Arc<dyn GrantStore>,
+    pub clock: Arc<dyn Clock>,
+    pub guard: Arc<SourceGuard>,
+}
+
+/// The gate driver (see the module doc).
+#[derive(Debug)]
+pub struct Driver {
+    gate: Gate,
+    log: Box<dyn InputLog>,
+    requests: mpsc::Receiver<Request>,
+    effects: Effects,
+    events: Vec<Event>,
+}
+
+impl Driver {
+    pub fn new(gate: Gate, log: Box<dyn InputLog>, requests: mpsc::Receiver<Request>, effects: Effects) -> Self {
+        Self {
+            gate,
+            log,
+            requests,
+            effects,
+            events: Vec::new(),
+        }
+    }
+
+    /// Runs until `stop` is cancelled or every handle is gone.
+    pub async fn run(mut self, stop: CancellationToken) {
+        loop {
+            let deadline = self.gate.next_deadline();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                entry = self.log.next() => self.feed(entry),
+                request = self.requests.recv() => match request {
+                    Some(request) => self.log.append(entry(request)),
+                    None => return,
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.gate.handle_timeout(self.effects.clock.now(), &mut self.events);
+                    self.apply_events();
+                }
+            }
+        }
+    }
+
+    /// Feeds one entry to the gate, applies what it caused, then answers.
+    fn feed(&mut self, entry: Entry) {
+        let Entry { input, reply } = entry;
+        let knocker = match &input {
+            Input::Knock(k) => Some(k.source),
+            _ => None,
+        };
+        let revoked = match &input {
+            Input::Revoke { service, source } => Some((service.clone(), *source)),
+            _ => None,
+        };
+        let now = self.effects.clock.now();
+        self.gate.handle(input, now, &mut self.events);
+        if let Some(source) = knocker {
+            if is_bad_knock(&self.events, source) {
+                self.effects.guard.strike_and_report(source, now, StrikeKind::Knock);
+            }
+        }
+        let grant = revoked.and_then(|(service, source)| {
+            self.events.iter().find_map(|e| match e {
+                Event::Revoked(g) if g.service == service && g.source == source => Some(g.clone()),
+                _ => None,
+            })
+        });
+        self.apply_events();
+        match reply {
+            Reply::None => {}
+            Reply::Revoked(tx) => {
+                let _ = tx.send(grant);
+            }
+            Reply::Reconfigured(tx) => {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    fn apply_events(&mut self) {
+        for event in self.events.drain(..) {
+            apply(event, &*self.effects.store, &*self.effects.clock);
+        }
+    }
+}
+
+fn entry(request: Request) -> Entry {
+    match request {
+        Request::Input(input) => Entry {
+            input,
+            reply: Reply::None,
+        },
+        Request::Revoke { service, source, reply } => Entry {
+            input: Input::Revoke { service, source },
+            reply: Reply::Revoked(reply),
+        },
+        Request::Reconfigure {
+            services,
+            limits,
+            reply,
+        } => Entry {
+            input: Input::Reconfigure { services, limits },
+            reply: Reply::Reconfigured(reply),
+        },
+    }
+}
+
+/// A knock that moved no service forward and reset or missed at least one
+/// counts against its source (sweeps and guessing end in a lockout).
+fn is_bad_knock(events: &[Event], source: IpAddr) -> bool {
+    let mut bad = false;
+    for e in events {
+        if let Event::Knock { result, source: s, .. } = e {
+            if *s != source {
+                continue;
+            }
+            match result {
+                KnockResult::Advanced { .. } | KnockResult::Repeated { .. } => return false,
+                KnockResult::Reset(_) | KnockResult::Ignored => bad = true,
+            }
+        }
+    }
+    bad
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(d) = deadline {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await;
+    }
+}
+
+/// Applies one gate event to the store, metrics and the audit log.
+fn apply(event: Event, store: &dyn GrantStore, clock: &dyn Clock) {
+    match event {
+        Event::Knock {
+            service,
+            source,
+            step,
+            result,
+        } => {
+            metrics::knock(&service, result);
+            tracing::debug!(%service, %source, %step, result = result.as_label(), "knock");
+        }
+        Event::AttemptExpired { service, source, cause } => {
+            metrics::attempt_expired(&service, cause);
+            tracing::debug!(%service, %source, cause = cause.as_label(), "knock attempt ended");
+        }
+        Event::Granted(grant) => {
+            // The store mirrors the gate, which ends an expired grant
+            // before granting again: a grant already held is being renewed.
+            if !store.holds(&grant.service, grant.source) {
+                metrics::grants_active(&grant.service, 1.0);
+            }
+            store.insert(&grant);
+            metrics::grant(&grant.service, &grant.method);
+            let open_for = grant.expires_at.saturating_duration_since(clock.now());
+            let user = match &grant.method {
+                Method::Spa { user } => Some(user.to_string()),
+                Method::Knock => None,
+            };
+            tracing::info!(
+                target: AUDIT_TARGET,
+                service = %grant.service,
+                source = %grant.source,
+                method = grant.method.as_label(),
+                user,
+                open_for = %humantime::format_duration(round_ms(open_for)),
+                "grant"
+            );
+        }
+        Event::GrantExpired(grant) => {
+            if store
+                .remove_expired(&grant.service, grant.source, clock.now())
+                .is_some()
+            {
+                metrics::grant_expired(&grant.service);
+                metrics::grants_active(&grant.service, -1.0);
+                tracing::info!(target: AUDIT_TARGET, service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant expired");
+            }
+        }
+        Event::Revoked(grant) => {
+            if store.revoke(&grant.service, grant.source).is_some() {
+                metrics::grants_active(&grant.service, -1.0);
+            }
+            tracing::info!(target: AUDIT_TARGET, service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant revoked");
+        }
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::Limits;
+    use crate::gate::KnockRule;
+    use crate::guard::Refusal;
+    use crate::step::{Proto, Step};
+    use crate::store::MemoryStore;
+
+    const OPEN: Duration = Duration::from_secs(30);
+
+    fn udp(port: u16) -> Step {
+        Step {
+            proto: Proto::Udp,
+            addr: ([127, 0, 0, 1], port).into(),
+        }
+    }
+
+    fn rules() -> Vec<ServiceRule> {
+        vec![ServiceRule {
+            name: "pg".into(),
+            open_for: OPEN,
+            knock: Some(KnockRule {
+                sequence: vec![udp(7001), udp(7003), udp(7002)],
+                trap: vec![udp(7009)],
+                step_timeout: Duration::from_secs(5),
+                sequence_timeout: Duration::from_secs(15),
+            }),
+        }]
+    }
+
+    struct Fixture {
+        handle: DriverHandle,
+        store: Arc<MemoryStore>,
+        clock: ManualClock,
+        guard: Arc<SourceGuard>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn start() -> Fixture {
+        let clock = ManualClock::new();
+        let store = Arc::new(MemoryStore::new());
+        let guard = Arc::new(SourceGuard::new(Limits {
+            per_source_rate: 1000,
+            per_source_burst: 1000,
+            lockout_after: 2,
+            lockout_for: Duration::from_secs(60),
+            max_tracked_sources: 16,
+        }));
+        let (handle, rx) = DriverHandle::channel();
+        let effects = Effects {
+            store: store.clone(),
+            clock: Arc::new(clock.clone()),
+            guard: guard.clone(),
+        };
+        let driver = Driver::new(
+            Gate::new(rules(), GateLimits::default()),
+            Box::new(LocalLog::default()),
+            rx,
+            effects,
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(driver.run(stop.clone()));
+        Fixture {
+            handle,
+            store,
+            clock,
+            guard,
+            stop,
+            task,
+        }
+    }
+
+    fn knock(source: &str, port: u16) -> Knock {
+        Knock {
+            source: source.parse().unwrap(),
+            step: udp(port),
+        }
+    }
+
+    /// A request answered by the driver: everything queued before it has
+    /// been applied (the queue and the log keep order).
+    async fn settle(f: &Fixture) {
+        f.handle.reconfigure(rules(), GateLimits::default()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_completed_sequence_reaches_the_store() {
+        let f = start();
+        for port in [7001, 7003, 7002] {
+            f.handle.knock(knock("10.0.0.1", port)).unwrap();
+        }
+        settle(&f).await;
+        let now = f.clock.now();
+        assert!(f.store.allows("pg", "10.0.0.1".parse().unwrap(), now));
+        assert!(!f.store.allows("pg", "10.0.0.2".parse().unwrap(), now));
+        f.stop.cancel();
+        f.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_revocation_is_answered_after_the_store_refuses_the_source() {
+        let f = start();
+        let source: IpAddr = "10.0.0.1".parse().unwrap();
+        f.handle.authorize("pg".into(), source, Method::Knock, OPEN).unwrap();
+        let revoked = f
+            .handle
+            .revoke("pg".into(), source, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(revoked.map(|g| g.source), Some(source));
+        assert!(
+            !f.store.allows("pg", source, f.clock.now()),
+            "refused by the time the answer came"
+        );
+        let again = f
+            .handle
+            .revoke("pg".into(), source, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(again, None, "nothing left to revoke");
+    }
+
+    #[tokio::test]
+    async fn wrong_knocks_strike_their_source_and_good_ones_do_not() {
+        let f = start();
+        let now = f.clock.now();
+        // Two wrong knocks (the trap, then a step out of order) lock out.
+        f.handle.knock(knock("10.0.0.5", 7009)).unwrap();
+        f.handle.knock(knock("10.0.0.5", 7002)).unwrap();
+        // A real sequence from another source strikes nothing.
+        for port in [7001, 7003, 7002] {
+            f.handle.knock(knock("10.0.0.6", port)).unwrap();
+        }
+        settle(&f).await;
+        assert_eq!(f.guard.admit("10.0.0.5".parse().unwrap(), now), Err(Refusal::LockedOut));
+        assert_eq!(f.guard.admit("10.0.0.6".parse().unwrap(), now), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_drops_a_service_revokes_its_grants() {
+        let f = start();
+        let source: IpAddr = "10.0.0.1".parse().unwrap();
+        f.handle.authorize("pg".into(), source, Method::Knock, OPEN).unwrap();
+        settle(&f).await;
+        assert!(f.store.allows("pg", source, f.clock.now()));
+        f.handle.reconfigure(Vec::new(), GateLimits::default()).await.unwrap();
+        assert!(!f.store.allows("pg", source, f.clock.now()));
+    }
+
+    #[tokio::test]
+    async fn a_grant_ends_at_its_deadline() {
+        let f = start();
+        let source: IpAddr = "10.0.0.1".parse().unwrap();
+        f.handle
+            .authorize("pg".into(), source, Method::Knock, Duration::from_millis(20))
+            .unwrap();
+        settle(&f).await;
+        assert!(f.store.holds("pg", source));
+        // The driver sleeps until the gate's deadline on the real timer;
+        // the manual clock is moved past it so the gate sees it expired.
+        let mut changes = f.store.changes();
+        f.clock.advance(Duration::from_millis(25));
+        let expired = async {
+            while f.store.holds("pg", source) {
+                changes.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), expired)
+            .await
+            .expect("the grant expires at its deadline");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_driver_refuses_requests() {
+        let f = start();
+        f.stop.cancel();
+        f.task.await.unwrap();
+        assert_eq!(f.handle.knock(knock("10.0.0.1", 7001)), Err(DriverError::Stopped));
+        assert_eq!(
+            f.handle
+                .revoke("pg".into(), "10.0.0.1".parse().unwrap(), Duration::from_secs(1))
+                .await,
+            Err(DriverError::Stopped)
+        );
+    }
+}

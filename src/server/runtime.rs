@@ -1,0 +1,369 @@
+//! The running data plane of one config: a task per guarded service, the
+//! knock and SPA sensors, and the reload that hands their sockets to the
+//! next config (see [`super::handover`]).
+//!
+//! Each task is supervised: one that panics, or returns while nobody
+//! stopped it, is reported as a failure of a core task.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::handover::{self, Endpoint, Socket};
+use crate::clock::Clock;
+use crate::config::{Config, Service};
+use crate::driver::DriverHandle;
+use crate::gate::{GateLimits, ServiceRule};
+use crate::guard::SourceGuard;
+use crate::spa::desk::{unix_secs, SpaDesk};
+use crate::step::{Proto, Step};
+use crate::{metrics, proxy, sensor, udp};
+
+/// Rejected SPA packets logged per second at most; the rest are counted.
+const SPA_LOG_RATE: std::num::NonZeroU32 = std::num::NonZeroU32::new(20).expect("20 is not zero");
+
+/// Where failures of core tasks are reported.
+pub(super) type Failures = mpsc::UnboundedSender<String>;
+
+/// Runs `fut` as a core task named `what`. A panic, or a return before
+/// `stop` was cancelled, is reported on `failures`; the task's output (a
+/// listener's sockets) comes back through the handle when it ends well.
+pub(super) fn supervise<T: Send + 'static>(
+    what: String,
+    stop: CancellationToken,
+    failures: Failures,
+    fut: impl Future<Output = T> + Send + 'static,
+) -> JoinHandle<Option<T>> {
+    let inner = tokio::spawn(fut);
+    tokio::spawn(async move {
+        match inner.await {
+            Ok(out) => {
+                if !stop.is_cancelled() {
+                    let _ = failures.send(format!("{what} ended on its own"));
+                }
+                Some(out)
+            }
+            Err(e) => {
+                let _ = failures.send(format!("{what}: {e}"));
+                None
+            }
+        }
+    })
+}
+
+/// The gate's rules for `config`.
+pub(super) fn rules(config: &Config) -> Vec<ServiceRule> {
+    config
+        .services
+        .iter()
+        .map(|s| ServiceRule {
+            name: s.name.clone(),
+            open_for: s.open_for,
+            knock: s.knock.clone(),
+        })
+        .collect()
+}
+
+pub(super) fn gate_limits(config: &Config) -> GateLimits {
+    GateLimits {
+        max_attempts: config.gateway.max_knock_attempts,
+    }
+}
+
+/// The real address of each guarded listener among `sockets`.
+pub(super) fn guarded_addrs(config: &Config, sockets: &HashMap<Endpoint, Socket>) -> Vec<(Arc<str>, SocketAddr)> {
+    config
+        .services
+        .iter()
+        .filter_map(|s| {
+            let addr = sockets.get(&handover::guarded(s))?.local_addr().ok()?;
+            Some((s.name.clone(), addr))
+        })
+        .collect()
+}
+
+/// What a reload changed, for its log line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: usize,
+    pub removed: usize,
+    pub changed: usize,
+}
+
+fn summarize(old: &Config, new: &Config) -> ReloadSummary {
+    let mut summary = ReloadSummary::default();
+    for s in &new.services {
+        match old.services.iter().find(|o| o.name == s.name) {
+            None => summary.added += 1,
+            Some(o) if o != s => summary.changed += 1,
+            Some(_) => {}
+        }
+    }
+    summary.removed = old
+        .services
+        .iter()
+        .filter(|o| !new.services.iter().any(|s| s.name == o.name))
+        .count();
+    summary
+}
+
+/// A running task and the sockets it hands back when stopped.
+type Sockets = Vec<(Endpoint, Socket)>;
+
+#[derive(Debug)]
+struct Task {
+    stop: CancellationToken,
+    handle: JoinHandle<Option<Sockets>>,
+}
+
+/// What the runtime is built from.
+#[derive(Debug)]
+pub(super) struct Parts {
+    pub config: Config,
+    pub proxy: Arc<proxy::Shared>,
+    pub udp: Arc<udp::Shared>,
+    pub driver: DriverHandle,
+    pub guard: Arc<SourceGuard>,
+    pub clock: Arc<dyn Clock>,
+    pub failures: Failures,
+}
+
+/// The running data plane of one config.
+#[derive(Debug)]
+pub(super) struct Runtime {
+    parts: Parts,
+    started_unix: u64,
+    tasks: Vec<Task>,
+    /// The endpoints the running tasks serve.
+    running: Vec<Endpoint>,
+    /// UDP services' session tables by service name, kept across reloads
+    /// so established flows survive them.
+    udp_sessions: HashMap<Arc<str>, Arc<udp::Sessions>>,
+}
+
+impl Runtime {
+    pub(super) fn new(parts: Parts) -> Self {
+        Self {
+            started_unix: unix_secs(&*parts.clock),
+            parts,
+            tasks: Vec::new(),
+            running: Vec::new(),
+            udp_sessions: HashMap::new(),
+        }
+    }
+
+    fn config(&self) -> &Config {
+        &self.parts.config
+    }
+
+    /// Starts serving `sockets` (one per endpoint of the config), logging
+    /// each listener.
+    pub(super) fn start(&mut self, mut sockets: HashMap<Endpoint, Socket>) -> anyhow::Result<()> {
+        self.running = sockets.keys().cloned().collect();
+        let bound = guarded_addrs(self.config(), &sockets);
+        let services: Vec<Service> = self.config().services.clone();
+        for service in services {
+            let endpoint = handover::guarded(&service);
+            let socket = sockets
+                .remove(&endpoint)
+                .ok_or_else(|| anyhow::anyhow!("no socket was bound for service.{}", service.name))?;
+            let addr = socket.local_addr()?;
+            tracing::info!(kind = "guarded", service = %service.name, protocol = service.protocol.as_str(), %addr, upstream = %service.upstream, unauthorized = service.unauthorized.as_str(), "listening");
+            self.spawn_service(Arc::new(service), endpoint, socket);
+        }
+        let intake = sensor::Intake {
+            driver: self.parts.driver.clone(),
+            guard: self.parts.guard.clone(),
+            clock: self.parts.clock.clone(),
+        };
+        let mut udp_knocks = Vec::new();
+        let mut tcp_knocks = Vec::new();
+        let mut spa = None;
+        for (endpoint, socket) in sockets {
+            match (endpoint, socket) {
+                (Endpoint::Knock(step), Socket::Udp(s)) => udp_knocks.push((s, step)),
+                (Endpoint::Knock(step), Socket::Tcp(l)) => tcp_knocks.push((l, step)),
+                (Endpoint::Spa(configured), Socket::Udp(s)) => spa = Some((configured, s)),
+                (endpoint, _) => anyhow::bail!("a socket of the wrong kind for {endpoint:?}"),
+            }
+        }
+        if let Some((configured, socket)) = spa {
+            let addr = socket.local_addr()?;
+            tracing::info!(kind = "spa", %addr, users = self.config().users.len(), "listening");
+            let config = self.config();
+            let spa_sensor = sensor::spa::SpaSensor {
+                desk: SpaDesk::new(
+                    config.spa.as_ref(),
+                    &config.users,
+                    &config.services,
+                    &bound,
+                    self.started_unix,
+                ),
+                guard: self.parts.guard.clone(),
+                store: self.parts.proxy.store.clone(),
+                clock: self.parts.clock.clone(),
+                log_limit: governor::RateLimiter::direct(governor::Quota::per_second(SPA_LOG_RATE)),
+            };
+            let driver = self.parts.driver.clone();
+            // Keyed by the configured address, as a reloaded config names it
+            // (port 0 included), not by the port the kernel chose.
+            self.spawn("spa sensor".into(), move |stop| async move {
+                let socket = sensor::spa::run(socket, spa_sensor, driver, stop).await;
+                vec![(Endpoint::Spa(configured), Socket::Udp(socket))]
+            });
+        }
+        tcp_knocks.sort_by_key(|(_, step)| *step);
+        for (listener, step) in tcp_knocks {
+            tracing::info!(kind = "knock", step = %Step { proto: step.proto, addr: listener.local_addr()? }, "listening");
+            let intake = intake.clone();
+            self.spawn(format!("knock sensor {step}"), move |stop| async move {
+                let listener = sensor::run_tcp(listener, step, intake, stop).await;
+                vec![(Endpoint::Knock(step), Socket::Tcp(listener))]
+            });
+        }
+        udp_knocks.sort_by_key(|(_, step)| *step);
+        for (socket, step) in &udp_knocks {
+            tracing::info!(kind = "knock", step = %Step { proto: step.proto, addr: socket.local_addr()? }, "listening");
+        }
+        if !udp_knocks.is_empty() {
+            self.spawn("udp knock sensor".into(), move |stop| async move {
+                let sockets = sensor::run_udp(udp_knocks, intake, stop).await;
+                sockets
+                    .into_iter()
+                    .map(|(s, step)| (Endpoint::Knock(step), Socket::Udp(s)))
+                    .collect()
+            });
+        }
+        Ok(())
+    }
+
+    /// Spawns a supervised task that runs until its stop token (a child of
+    /// the lifecycle's stop) is cancelled and hands its sockets back.
+    fn spawn<F, Fut>(&mut self, what: String, run: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = Sockets> + Send + 'static,
+    {
+        let stop = self.parts.proxy.life.stop().child_token();
+        let handle = supervise(what, stop.clone(), self.parts.failures.clone(), run(stop.clone()));
+        self.tasks.push(Task { stop, handle });
+    }
+
+    fn spawn_service(&mut self, service: Arc<Service>, endpoint: Endpoint, socket: Socket) {
+        let what = format!("service {}", service.name);
+        match socket {
+            Socket::Tcp(listener) => {
+                let shared = self.parts.proxy.clone();
+                self.spawn(what, move |stop| async move {
+                    let listener = proxy::serve(listener, service, shared, stop).await;
+                    vec![(endpoint, Socket::Tcp(listener))]
+                });
+            }
+            Socket::Udp(socket) => {
+                let epoch = self.parts.clock.now();
+                let sessions = self
+                    .udp_sessions
+                    .entry(service.name.clone())
+                    .or_insert_with(|| udp::Sessions::new(epoch))
+                    .clone();
+                let shared = self.parts.udp.clone();
+                self.spawn(what, move |stop| async move {
+                    let socket = udp::serve(socket, sessions, service, shared, stop).await;
+                    vec![(endpoint, Socket::Udp(socket))]
+                });
+            }
+        }
+    }
+
+    /// Swaps in `new`. Every address the new config adds is bound before
+    /// anything stops, so a failure leaves the running config untouched.
+    /// Then every listener pauses (its socket stays open: connections wait
+    /// in the backlog) and restarts under the new config; grants of
+    /// services that remain, and every established connection, survive.
+    pub(super) async fn reload(&mut self, new: Config) -> anyhow::Result<ReloadSummary> {
+        for (section, same) in [
+            ("gateway", new.gateway == self.config().gateway),
+            ("admin", new.admin == self.config().admin),
+            ("limits", new.limits == self.config().limits),
+        ] {
+            if !same {
+                tracing::warn!(section, "changes to this section take effect at the next restart");
+            }
+        }
+        let summary = summarize(self.config(), &new);
+        let wanted = handover::endpoints(&new);
+        let wanted_endpoints: Vec<Endpoint> = wanted.iter().map(|(e, _)| e.clone()).collect();
+        let plan = handover::plan(&self.running, &wanted_endpoints);
+        let fresh = handover::bind_all(&plan.bind, &wanted)?;
+        let old = self.stop_all().await;
+        let sockets = handover::assemble(&plan, old, fresh, &wanted)?;
+        self.parts
+            .driver
+            .reconfigure(rules(&new), gate_limits(&new))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Sessions of services that are gone (or no longer UDP) end on
+        // their own when idle; the table is no longer needed for new ones.
+        self.udp_sessions
+            .retain(|name, _| new.services.iter().any(|s| s.name == *name && s.protocol == Proto::Udp));
+        let added: Vec<Service> = new
+            .services
+            .iter()
+            .filter(|s| !self.config().services.iter().any(|o| o.name == s.name))
+            .cloned()
+            .collect();
+        metrics::zero_services(&added);
+        self.parts.config = new;
+        self.start(sockets)?;
+        Ok(summary)
+    }
+
+    /// Stops every listener and sensor and takes their sockets back.
+    pub(super) async fn stop_all(&mut self) -> HashMap<Endpoint, Socket> {
+        for task in &self.tasks {
+            task.stop.cancel();
+        }
+        let mut sockets = HashMap::new();
+        for task in self.tasks.drain(..) {
+            if let Ok(Some(handed_back)) = task.handle.await {
+                sockets.extend(handed_back);
+            }
+        }
+        self.running.clear();
+        sockets
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_core_task_that_panics_or_ends_on_its_own_is_reported() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let panics = supervise("panicky".into(), stop.clone(), tx.clone(), async {
+            panic!("boom");
+        });
+        assert_eq!(panics.await.unwrap(), None);
+        assert!(rx.recv().await.unwrap().starts_with("panicky: "));
+
+        let quits = supervise("quitter".into(), stop.clone(), tx.clone(), async { 7 });
+        assert_eq!(quits.await.unwrap(), Some(7));
+        assert_eq!(rx.recv().await.unwrap(), "quitter ended on its own");
+
+        // Stopped on purpose: no failure.
+        let stopped = supervise("listener".into(), stop.clone(), tx, {
+            let stop = stop.clone();
+            async move { stop.cancelled().await }
+        });
+        stop.cancel();
+        assert_eq!(stopped.await.unwrap(), Some(()));
+        assert!(rx.try_recv().is_err());
+    }
+}

@@ -1,0 +1,438 @@
+//! The SPA desk: every decision on one SPA packet, synchronous and free of
+//! sockets. Decoding (native by key id, fwknop by trying each user's
+//! keys), the user's source restrictions, the start-up fence, the requested
+//! services and permissions, and the replay cache (in the store, so a
+//! shared store shares it).
+//!
+//! The codecs beside it ([`native`], [`fwknop`], [`super::keyfile`]) know
+//! nothing of the config; the desk is the policy built on top of them from
+//! the validated `[spa]` section, the users and the services.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use crate::clock::Clock;
+use crate::config::{Service, Spa, User};
+use crate::spa::native::{self, KeyId};
+use crate::spa::{self, fwknop, Format, Reject, Window};
+use crate::step::Proto;
+use crate::store::GrantStore;
+
+/// Why an SPA packet was not honoured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The codec refused it (malformed, bad MAC, stale...).
+    Packet(Reject),
+    /// Authentic, but seen before.
+    Replay,
+    /// Authentic and fresh, but made before this process started: a
+    /// restart must not reopen a replay window.
+    BeforeStart,
+    /// The user may not send from this address (`allow_from`).
+    SourceNotAllowed,
+    /// The packet's allow-IP is not its source (`require_source_match`).
+    SourceMismatch,
+    /// The packet names no service.
+    NoAccess,
+    /// No service listens on a requested protocol and port (the first
+    /// such pair).
+    UnknownService(Proto, u16),
+    /// The user is not in the requested service's `spa_users`.
+    NotPermitted,
+    /// The user's `expires` has passed.
+    Expired,
+    /// The packet's username is not the user's `require_username`.
+    UsernameMismatch,
+    /// The packet names no allow-IP (`fwknop -s`) and the user has
+    /// `require_source_address`.
+    SourceAddressRequired,
+    /// A NAT request names an internal `host:port` that no SPA service's
+    /// upstream (or `nat_name`) is.
+    NatUnknownTarget,
+    /// A NAT request's `host:port` names more than one service.
+    NatAmbiguousTarget,
+    /// A NAT request names a service the user is not permitted to open.
+    NatNotPermitted,
+    /// The per-source guard refused the packet before it was read.
+    Guard(crate::guard::Refusal),
+}
+
+impl Refusal {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Refusal::Packet(r) => r.as_label(),
+            Refusal::Replay => "replay",
+            Refusal::BeforeStart => "before_start",
+            Refusal::SourceNotAllowed => "source_not_allowed",
+            Refusal::SourceMismatch => "source_mismatch",
+            Refusal::NoAccess => "no_access",
+            Refusal::UnknownService(..) => "unknown_service",
+            Refusal::NotPermitted => "not_permitted",
+            Refusal::Expired => "expired",
+            Refusal::UsernameMismatch => "username_mismatch",
+            Refusal::SourceAddressRequired => "source_address_required",
+            Refusal::NatUnknownTarget => "nat_unknown_target",
+            Refusal::NatAmbiguousTarget => "nat_ambiguous_target",
+            Refusal::NatNotPermitted => "nat_not_permitted",
+            Refusal::Guard(g) => g.as_label(),
+        }
+    }
+
+    /// What the log line adds to the label: never secret, never
+    /// unauthenticated peer text.
+    pub fn detail(self) -> Option<String> {
+        match self {
+            Refusal::Packet(r) => Some(r.to_string()),
+            Refusal::UnknownService(proto, port) => Some(format!("no spa service on {proto}/{port}")),
+            _ => None,
+        }
+    }
+}
+
+/// An honoured request: who, for whom, and what it opens for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub user: Arc<str>,
+    pub format: Format,
+    /// The address the grants go to: the packet's allow-IP, or its source.
+    pub grantee: IpAddr,
+    pub grants: Vec<(Arc<str>, Duration)>,
+}
+
+#[derive(Debug)]
+struct Door {
+    service: Arc<str>,
+    proto: Proto,
+    port: u16,
+    users: Vec<Arc<str>>,
+    open_for: Duration,
+    max_open_for: Duration,
+    /// The upstream's host (lowercased, no brackets) and port, and the
+    /// service's `nat_name`: what fwknop NAT requests name.
+    nat_host: Arc<str>,
+    nat_port: Option<u16>,
+    nat_name: Option<Arc<str>>,
+}
+
+impl Door {
+    /// Whether a NAT request for `nat` names this door. `--nat-local`
+    /// names a port on the gateway host: a service whose upstream is on
+    /// loopback.
+    fn is_nat_target(&self, nat: &spa::NatAccess) -> bool {
+        if self.nat_port != Some(nat.port) {
+            return false;
+        }
+        if nat.local {
+            let host = &*self.nat_host;
+            return host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        }
+        *self.nat_host == *nat.host || self.nat_name.as_deref() == Some(nat.host.as_str())
+    }
+}
+
+/// Everything needed to decide on a packet.
+#[derive(Debug)]
+pub struct SpaDesk {
+    users: Vec<User>,
+    native_ids: HashMap<KeyId, usize>,
+    doors: Vec<Door>,
+    max_age: Duration,
+    /// Unix seconds at start-up; older packets are refused.
+    started_unix: u64,
+}
+
+impl SpaDesk {
+    /// Builds the desk from the validated `[spa]` section, users and
+    /// services. `bound` holds each service's real listen address (port 0
+    /// resolved): a request names the port clients connect to.
+    /// `started_unix` is the wall-clock second the process started.
+    pub fn new(
+        spa: Option<&Spa>,
+        users: &[User],
+        services: &[Service],
+        bound: &[(Arc<str>, SocketAddr)],
+        started_unix: u64,
+    ) -> Self {
+        let users = users.to_vec();
+        let native_ids = users
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| u.native.as_ref().map(|k| (k.id(), i)))
+            .collect();
+        let doors = services
+            .iter()
+            .filter(|s| !s.spa_users.is_empty())
+            .map(|s| Door {
+                service: s.name.clone(),
+                proto: s.protocol,
+                port: bound
+                    .iter()
+                    .find(|(name, _)| *name == s.name)
+                    .map_or(s.listen.port(), |(_, addr)| addr.port()),
+                users: s.spa_users.clone(),
+                open_for: s.open_for,
+                max_open_for: s.spa.max_open_for,
+                nat_host: s
+                    .upstream
+                    .rsplit_once(':')
+                    .map_or("", |(h, _)| h.trim_matches(['[', ']']))
+                    .to_ascii_lowercase()
+                    .into(),
+                nat_port: s.upstream.rsplit_once(':').and_then(|(_, p)| p.parse().ok()),
+                nat_name: s.spa.nat_name.clone(),
+            })
+            .collect();
+        Self {
+            users,
+            native_ids,
+            doors,
+            max_age: spa.map_or(spa::DEFAULT_MAX_AGE, |s| s.max_age),
+            started_unix,
+        }
+    }
+
+    /// Decides on one packet from `source`.
+    pub fn verify(
+        &self,
+        packet: &[u8],
+        source: IpAddr,
+        now_unix: u64,
+        now: Instant,
+        store: &dyn GrantStore,
+    ) -> Result<Accepted, Refusal> {
+        let window = Window::new(now_unix, self.max_age);
+        let (user, request) = match spa::detect(packet) {
+            Some(Format::Native) => {
+                let mut found = None;
+                let request = native::decode(packet, window, |id| {
+                    let i = *self.native_ids.get(&id)?;
+                    found = Some(i);
+                    let u = &self.users[i];
+                    Some((&*u.name, u.native.as_ref()?))
+                })
+                .map_err(Refusal::Packet)?;
+                let i = found.ok_or(Refusal::Packet(Reject::UnknownUser))?;
+                (&self.users[i], request)
+            }
+            Some(Format::Fwknop) => {
+                let candidates = self.users.iter().filter_map(|u| u.fwknop.as_ref().map(|k| (u, k)));
+                fwknop::decode_any(packet, candidates, window).map_err(Refusal::Packet)?
+            }
+            None => {
+                return Err(Refusal::Packet(Reject::Malformed(
+                    "neither a native nor an fwknop packet",
+                )))
+            }
+        };
+        if !user.may_send_from(source) {
+            return Err(Refusal::SourceNotAllowed);
+        }
+        if user.expires_unix.is_some_and(|t| now_unix >= t) {
+            return Err(Refusal::Expired);
+        }
+        let named = request.format == Format::Fwknop;
+        if named && user.require_username.as_ref().is_some_and(|u| **u != *request.user) {
+            return Err(Refusal::UsernameMismatch);
+        }
+        if user.require_source_address && request.allow_ip.is_none() {
+            return Err(Refusal::SourceAddressRequired);
+        }
+        if request.timestamp < self.started_unix {
+            return Err(Refusal::BeforeStart);
+        }
+        let grantee = request.allow_ip.map_or(source, |ip| ip.to_canonical());
+        if user.require_source_match && grantee != source {
+            return Err(Refusal::SourceMismatch);
+        }
+        if request.access.is_empty() {
+            return Err(Refusal::NoAccess);
+        }
+        let grant = |door: &Door| {
+            let duration = request.duration.map_or(door.open_for, |d| d.min(door.max_open_for));
+            (door.service.clone(), duration)
+        };
+        let mut grants = Vec::with_capacity(request.access.len());
+        if let Some(nat) = &request.nat {
+            // The internal host:port names the service; the requested
+            // protocols must be its protocol (the port is the sender's
+            // view of the gateway, which a userspace gateway cannot remap).
+            let mut targets = self
+                .doors
+                .iter()
+                .filter(|d| d.is_nat_target(nat) && request.access.iter().all(|(p, _)| *p == d.proto));
+            let door = targets.next().ok_or(Refusal::NatUnknownTarget)?;
+            if targets.next().is_some() {
+                return Err(Refusal::NatAmbiguousTarget);
+            }
+            if !door.users.contains(&user.name) {
+                return Err(Refusal::NatNotPermitted);
+            }
+            grants.push(grant(door));
+        }
+        // Like fwknopd, one refused entry refuses the whole request.
+        for (proto, port) in request.access.iter().filter(|_| request.nat.is_none()) {
+            let door = self
+                .doors
+                .iter()
+                .find(|d| d.proto == *proto && d.port == *port)
+                .ok_or(Refusal::UnknownService(*proto, *port))?;
+            if !door.users.contains(&user.name) {
+                return Err(Refusal::NotPermitted);
+            }
+            grants.push(grant(door));
+        }
+        if !store.first_sighting(&request.digest, now, now + 2 * self.max_age) {
+            return Err(Refusal::Replay);
+        }
+        Ok(Accepted {
+            user: user.name.clone(),
+            format: request.format,
+            grantee,
+            grants,
+        })
+    }
+}
+
+/// Unix seconds of a wall-clock reading (0 before the epoch).
+pub fn unix_secs(clock: &dyn Clock) -> u64 {
+    clock.wall().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::spa::keyfile::{self, KeyKind};
+    use crate::spa::Fields;
+    use crate::store::MemoryStore;
+
+    const NOW: u64 = 1_800_000_000;
+
+    struct Fixture {
+        desk: SpaDesk,
+        alice: native::NativeKey,
+        store: MemoryStore,
+        clock: ManualClock,
+        _dir: tempfile::TempDir,
+    }
+
+    /// alice may open pg (5432) from 10.0.0.0/8 only and must send from the
+    /// address she asks for; bob may open pg from anywhere.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand::rng();
+        let alice = keyfile::generate(KeyKind::Native, &mut rng);
+        let bob = keyfile::generate(KeyKind::Native, &mut rng);
+        std::fs::write(dir.path().join("alice.key"), &*keyfile::render(&alice)).unwrap();
+        std::fs::write(dir.path().join("bob.key"), &*keyfile::render(&bob)).unwrap();
+        let raw: crate::config::raw::RawConfig = toml::from_str(
+            r#"
+[spa]
+listen = "127.0.0.1:0"
+[service.pg]
+listen = "127.0.0.1:5432"
+upstream = "127.0.0.1:1"
+open_for = "30s"
+spa_users = ["alice", "bob"]
+[service.other]
+listen = "127.0.0.1:6000"
+upstream = "127.0.0.1:1"
+spa_users = ["bob"]
+[user.alice]
+key_file = "alice.key"
+allow_from = ["10.0.0.0/8"]
+require_source_match = true
+[user.bob]
+key_file = "bob.key"
+"#,
+        )
+        .unwrap();
+        let config = crate::config::validate_in(&raw, dir.path()).unwrap();
+        Fixture {
+            desk: SpaDesk::new(config.spa.as_ref(), &config.users, &config.services, &[], NOW - 10),
+            alice: alice.native.unwrap(),
+            store: MemoryStore::new(),
+            clock: ManualClock::new(),
+            _dir: dir,
+        }
+    }
+
+    fn packet(key: &native::NativeKey, timestamp: u64, port: u16, allow_ip: Option<IpAddr>, n: u8) -> Vec<u8> {
+        let fields = Fields {
+            timestamp,
+            access: vec![(Proto::Tcp, port)],
+            allow_ip,
+            duration: Some(Duration::from_secs(3600)),
+        };
+        native::encode(key, &fields, [n; 12]).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn decisions_follow_the_users_rules() {
+        let f = fixture();
+        let verify = |p: &[u8], src: &str| f.desk.verify(p, ip(src), NOW, f.clock.now(), &f.store);
+        let ok = verify(&packet(&f.alice, NOW, 5432, None, 1), "10.1.2.3").unwrap();
+        assert_eq!(&*ok.user, "alice");
+        assert_eq!(ok.grantee, ip("10.1.2.3"));
+        // The requested hour is capped at the service's open_for.
+        assert_eq!(ok.grants, vec![(Arc::from("pg"), Duration::from_secs(30))]);
+
+        let cases: Vec<(Vec<u8>, &str, Refusal)> = vec![
+            (
+                packet(&f.alice, NOW, 5432, None, 2),
+                "192.0.2.1",
+                Refusal::SourceNotAllowed,
+            ),
+            (
+                packet(&f.alice, NOW, 5432, Some(ip("10.9.9.9")), 3),
+                "10.1.2.3",
+                Refusal::SourceMismatch,
+            ),
+            (packet(&f.alice, NOW, 6000, None, 4), "10.1.2.3", Refusal::NotPermitted),
+            (
+                packet(&f.alice, NOW, 7777, None, 5),
+                "10.1.2.3",
+                Refusal::UnknownService(Proto::Tcp, 7777),
+            ),
+            (
+                packet(&f.alice, NOW - 11, 5432, None, 6),
+                "10.1.2.3",
+                Refusal::BeforeStart,
+            ),
+            (
+                packet(&f.alice, NOW - 500, 5432, None, 7),
+                "10.1.2.3",
+                Refusal::Packet(Reject::Stale {
+                    skew_secs: -500,
+                    max_age_secs: 120,
+                }),
+            ),
+            (packet(&f.alice, NOW, 5432, None, 1), "10.1.2.3", Refusal::Replay),
+            (
+                vec![0u8; 64],
+                "10.1.2.3",
+                Refusal::Packet(Reject::Malformed("neither a native nor an fwknop packet")),
+            ),
+        ];
+        for (p, src, want) in cases {
+            assert_eq!(verify(&p, src), Err(want), "{want:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_packet_is_not_remembered_as_seen() {
+        let f = fixture();
+        let p = packet(&f.alice, NOW, 5432, None, 9);
+        assert_eq!(
+            f.desk.verify(&p, ip("192.0.2.1"), NOW, f.clock.now(), &f.store),
+            Err(Refusal::SourceNotAllowed)
+        );
+        assert!(f.desk.verify(&p, ip("10.0.0.1"), NOW, f.clock.now(), &f.store).is_ok());
+    }
+}
