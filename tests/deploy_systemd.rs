@@ -33,18 +33,25 @@ const DROP_IN: &str = "deploy/systemd/portcullis.service.d/low-port.conf";
 /// one cargo built instead (verify checks that ExecStart is executable).
 const INSTALLED_BIN: &str = "/usr/local/bin/portcullis";
 
-/// The unit (and optionally its drop-in) copied into a fresh directory,
-/// with the binary path pointing at the built binary.
-fn unit_copy(with_drop_in: bool) -> (tempfile::TempDir, PathBuf) {
+const CREDENTIALS: &str = "deploy/systemd/credentials.conf";
+
+/// The drop-in sets the tests check: none, the low-port one, and both
+/// shipped drop-ins together.
+const DROP_IN_SETS: [&[&str]; 3] = [&[], &[DROP_IN], &[DROP_IN, CREDENTIALS]];
+
+/// The unit and `drop_ins` copied into a fresh directory, with the binary
+/// path pointing at the built binary.
+fn unit_copy(drop_ins: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(repo_path(UNIT)).unwrap();
     assert!(text.contains(INSTALLED_BIN), "the unit no longer runs {INSTALLED_BIN}");
     let unit = dir.path().join("portcullis.service");
     std::fs::write(&unit, text.replace(INSTALLED_BIN, BIN)).unwrap();
-    if with_drop_in {
-        let d = dir.path().join("portcullis.service.d");
-        std::fs::create_dir(&d).unwrap();
-        std::fs::copy(repo_path(DROP_IN), d.join("low-port.conf")).unwrap();
+    let d = dir.path().join("portcullis.service.d");
+    std::fs::create_dir(&d).unwrap();
+    for drop_in in drop_ins {
+        let name = Path::new(drop_in).file_name().unwrap();
+        std::fs::copy(repo_path(drop_in), d.join(name)).unwrap();
     }
     (dir, unit)
 }
@@ -64,22 +71,22 @@ fn analyze(args: &[&str], unit: &Path) -> (bool, String, String) {
 
 #[test]
 fn systemd_analyze_verify_accepts_the_unit_and_its_drop_in_without_a_warning() {
-    for with_drop_in in [false, true] {
-        let (_dir, unit) = unit_copy(with_drop_in);
+    for drop_ins in DROP_IN_SETS {
+        let (_dir, unit) = unit_copy(drop_ins);
         let (ok, out, err) = analyze(&["verify"], &unit);
-        assert!(ok, "verify failed (drop-in: {with_drop_in}):\n{out}{err}");
+        assert!(ok, "verify failed (drop-ins: {drop_ins:?}):\n{out}{err}");
         // Unknown keys and bad values are warnings with exit 0: none allowed.
         assert!(
             err.trim().is_empty() && out.trim().is_empty(),
-            "verify warned (drop-in: {with_drop_in}):\n{out}{err}"
+            "verify warned (drop-ins: {drop_ins:?}):\n{out}{err}"
         );
     }
 }
 
 #[test]
 fn the_offline_security_review_rates_the_unit_at_most_ok() {
-    for with_drop_in in [false, true] {
-        let (_dir, unit) = unit_copy(with_drop_in);
+    for drop_ins in DROP_IN_SETS {
+        let (_dir, unit) = unit_copy(drop_ins);
         let (_, out, err) = analyze(&["security", "--offline=true", "--no-pager"], &unit);
         let line = out
             .lines()
@@ -89,10 +96,10 @@ fn the_offline_security_review_rates_the_unit_at_most_ok() {
         let mut words = after.split_whitespace();
         let score: f64 = words.next().unwrap().parse().unwrap();
         let rating = words.next().unwrap();
-        eprintln!("drop-in {with_drop_in}: exposure {score} {rating}");
+        eprintln!("drop-ins {drop_ins:?}: exposure {score} {rating}");
         assert!(
             rating == "SAFE" || rating == "OK",
-            "rated {rating} ({score}), drop-in: {with_drop_in}:\n{out}"
+            "rated {rating} ({score}), drop-ins: {drop_ins:?}:\n{out}"
         );
     }
 }
@@ -432,4 +439,34 @@ fn gateway_under(strace: u32) -> nix::unistd::Pid {
         .parse()
         .unwrap();
     nix::unistd::Pid::from_raw(pid)
+}
+
+#[test]
+fn the_credentials_drop_in_feeds_the_postgres_example_its_key() {
+    // What systemd does at start: copy each LoadCredential= source into
+    // the credentials directory (%d) under its id, then set Environment=.
+    let drop_in = std::fs::read_to_string(repo_path(CREDENTIALS)).unwrap();
+    let creds = tempfile::tempdir().unwrap();
+    let mut env: Vec<(String, String)> = Vec::new();
+    for line in drop_in.lines() {
+        if let Some(v) = line.strip_prefix("LoadCredential=") {
+            let (id, source) = v.split_once(':').expect("ID:PATH");
+            assert!(source.starts_with("/etc/portcullis/"), "{source}");
+            let (code, key, err) = run_bin(&["keygen"], &[]);
+            assert_eq!(code, 0, "{err}");
+            std::fs::write(creds.path().join(id), key).unwrap();
+        }
+        if let Some(v) = line.strip_prefix("Environment=") {
+            let (k, v) = v.split_once('=').expect("KEY=VALUE");
+            env.push((k.to_string(), v.replace("%d", creds.path().to_str().unwrap())));
+        }
+    }
+    assert!(!env.is_empty(), "the drop-in sets no key path");
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let example = repo_path("deploy/examples/postgres.toml");
+    let (code, out, err) = run_bin(&["check", "-c", example.to_str().unwrap()], &env_refs);
+    assert_eq!(code, 0, "check with the credentials: {out}{err}");
+    // Without them the example's relative key_file is not there.
+    let (code, _, err) = run_bin(&["check", "-c", example.to_str().unwrap()], &[]);
+    assert_ne!(code, 0, "the example passed without its key: {err}");
 }
