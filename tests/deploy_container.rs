@@ -367,3 +367,31 @@ fn the_runtime_image_checks_and_serves_as_65532_without_capabilities() {
     let _ = run(buildah.cmd().args(["rmi", "--all", "--force"]));
     eprintln!("image test took {:?}", started.elapsed());
 }
+
+#[test]
+fn the_build_stage_names_what_the_repository_has() {
+    // The build stage cannot run here (its base image is on a registry this
+    // machine does not reach); what it names must at least exist.
+    let text = std::fs::read_to_string(repo_path(CONTAINERFILE)).unwrap();
+    let build = &text[..text.find("FROM scratch AS runtime").unwrap()];
+    assert!(
+        build.contains("--profile dist"),
+        "the image does not ship the dist binary"
+    );
+    let cargo: toml::Table = toml::from_str(&std::fs::read_to_string(repo_path("Cargo.toml")).unwrap()).unwrap();
+    let dist = &cargo["profile"]["dist"];
+    assert_eq!(dist["inherits"].as_str(), Some("release"));
+    assert_eq!(dist["strip"].as_bool(), Some(true));
+    for path in ["deploy/container/rootfs.sh", SHIPPED_CONFIG] {
+        assert!(build.contains(path), "the build stage does not use {path}");
+        assert!(repo_path(path).is_file(), "{path} is missing");
+    }
+    // cargo build --locked needs the lock file in the context.
+    assert!(build.contains("--locked") && repo_path("Cargo.lock").is_file());
+    assert!(build.contains("target/dist/portcullis"));
+    let ignore = std::fs::read_to_string(repo_path("deploy/container/Containerfile.dockerignore")).unwrap();
+    assert!(
+        ignore.lines().any(|l| l == "target/"),
+        "target/ would be sent as build context"
+    );
+}
