@@ -36,6 +36,7 @@
 //! - [`drain`]: the lifecycle: stop, cut, task tracker, in-flight count, signals.
 //! - [`net`]: socket set-up and the one accept loop every listener runs.
 //! - [`reload`]: SIGHUP and config-directory changes into validated reloads.
+//! - [`notify`]: tells a service manager (systemd `Type=notify`) when it is ready, reloading, stopping.
 //! - [`config`]: file and environment into validated runtime types.
 //! - [`admin`]: `/metrics`, health probes and the grants API, on a thread of its own.
 //! - [`metrics`]: every metric name, the Prometheus recorder and process metrics.
@@ -67,6 +68,7 @@ pub mod guard;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod proxy;
 pub mod reload;
 pub mod secret;

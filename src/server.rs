@@ -152,6 +152,7 @@ impl Bound {
         runtime.start(sockets).await?;
         readiness.set_ready();
         tracing::info!("ready");
+        crate::notify::ready();
 
         let mut failed = None;
         loop {
@@ -163,7 +164,7 @@ impl Bound {
                     failed = Some(what);
                     break;
                 }
-                Some(new) = reloads.recv() => match runtime.reload(new).await {
+                Some(new) = reloads.recv() => match crate::notify::reloading(runtime.reload(new)).await {
                     Ok(summary) => {
                         metrics::config_reload(ReloadResult::Success);
                         tracing::info!(
@@ -182,6 +183,7 @@ impl Bound {
         }
 
         readiness.set_draining();
+        crate::notify::stopping();
         tracing::info!("shutting down");
         life.stop().cancel();
         runtime.stop_all().await;
