@@ -7,12 +7,12 @@
 //! is never echoed in an error.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::path::{Path, PathBuf};
-
 use ipnet::IpNet;
+use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
 use super::raw::{RawLimits, RawSpa, RawUser};
@@ -347,29 +347,28 @@ impl Validator {
         }
         // fwknop packets go to the first user whose HMAC key verifies them,
         // so a key two users share would hand one's packets to the other.
-        // Few users, so comparing each pair (in constant time) is cheap.
-        for (i, u) in users.iter().enumerate() {
-            let Some(mine) = &u.fwknop else { continue };
-            let same = users[..i].iter().find_map(|other| {
-                let theirs = other.fwknop.as_ref()?;
-                let which = if mine.hmac().is_some() && mine.hmac() == theirs.hmac() {
-                    "HMAC key"
-                } else if mine.enc() == theirs.enc() {
-                    "encryption key"
-                } else {
-                    return None;
-                };
-                Some((other, which))
-            });
-            if let Some((other, which)) = same {
-                self.problem(
-                    format!("user.{}.{}", u.name, u.key_source.setting()),
-                    format!(
-                        "the same fwknop {which} as user {} ({} and {}): each user needs keys of their own \
-                         (`fwknop --key-gen` or `portcullis keygen --kind fwknop`)",
-                        other.name, other.key_source, u.key_source
-                    ),
-                );
+        // Keys are matched by a digest that lives only for this check.
+        let mut seen = std::collections::HashMap::new();
+        for u in users {
+            let Some(keys) = &u.fwknop else { continue };
+            let kinds = [("HMAC key", keys.hmac()), ("encryption key", Some(keys.enc()))];
+            for (which, key) in kinds.into_iter().filter_map(|(w, k)| Some((w, k?))) {
+                let digest: [u8; 32] = Sha256::new()
+                    .chain_update(which)
+                    .chain_update(key.expose())
+                    .finalize()
+                    .into();
+                if let Some(other) = seen.insert(digest, u) {
+                    self.problem(
+                        format!("user.{}.{}", u.name, u.key_source.setting()),
+                        format!(
+                            "the same fwknop {which} as user {} ({} and {}): each user needs keys of their own \
+                             (`fwknop --key-gen` or `portcullis keygen --kind fwknop`)",
+                            other.name, other.key_source, u.key_source
+                        ),
+                    );
+                    break;
+                }
             }
         }
     }
