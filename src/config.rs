@@ -23,7 +23,7 @@ use crate::gate::KnockRule;
 use crate::step::Proto;
 pub use admin::{Admin, AdminTls, DEFAULT_ADMIN_LISTEN};
 use raw::{RawConfig, RawCount, RawGateway, RawService};
-pub use spa::{Limits, ServiceSpa, Spa, User, DEFAULT_SPA_LISTEN, MAX_SPA_AGE};
+pub use spa::{KeySource, Limits, ServiceSpa, Spa, User, DEFAULT_SPA_LISTEN, MAX_SPA_AGE, MIN_FWKNOP_KEY_LEN};
 
 /// Prefix of environment overrides; sections and keys are joined by `__`.
 pub const ENV_PREFIX: &str = "PORTCULLIS";
@@ -206,10 +206,17 @@ pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
 pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<RawConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::one("", format!("cannot read {}: {e}", path.display())))?;
+    load_str(&text, &path.display().to_string(), env)
+}
+
+/// [`load_with_env`] on TOML text already read; `origin` names it in
+/// errors. Pure: reads no file (validation does, for the files the config
+/// names).
+pub fn load_str(text: &str, origin: &str, env: HashMap<String, String>) -> Result<RawConfig, ConfigError> {
     // Keys the environment overrides are matched lowercase, so names in the
     // file must be too; checked in validation with a clear message.
     let built = ::config::Config::builder()
-        .add_source(::config::File::from_str(&text, ::config::FileFormat::Toml))
+        .add_source(::config::File::from_str(text, ::config::FileFormat::Toml))
         .add_source(
             ::config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator(ENV_SEPARATOR)
@@ -217,7 +224,7 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<RawCon
                 .source(Some(env.into_iter().collect())),
         )
         .build()
-        .map_err(|e| ConfigError::one("", format!("{}: {e}", path.display())))?;
+        .map_err(|e| ConfigError::one("", format!("{origin}: {e}")))?;
     serde_path_to_error::deserialize(built).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };

@@ -322,7 +322,7 @@ impl Pki<'_> {
 /// or a Kubernetes secret update does.
 fn replace(path: &Path, content: &[u8]) {
     let tmp = path.with_extension("new");
-    std::fs::write(&tmp, content).unwrap();
+    write_private(&tmp, content);
     std::fs::rename(&tmp, path).unwrap();
 }
 

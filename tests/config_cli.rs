@@ -1,6 +1,7 @@
 //! `check`, `config` and `serve` on every shipped config and on every
 //! invalid fixture: each invalid file names, in its first line, the key
-//! path its error must mention.
+//! path its error must mention. Fixtures are checked from a copy with the
+//! file modes they mean (see [`fixture_dir`]).
 
 #![allow(
     clippy::unwrap_used,
@@ -12,18 +13,24 @@
 mod common;
 
 use common::*;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-fn fixtures(kind: &str) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_path(&format!("tests/fixtures/config/{kind}")))
+/// The fixture directory's copy (keep it alive) and its config files.
+fn fixtures(kind: &str) -> (tempfile::TempDir, Vec<PathBuf>) {
+    let dir = fixture_dir(kind);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     files.sort();
     assert!(!files.is_empty());
-    files
+    (dir, files)
 }
+
+/// The refusal of a file other users can read; only the fixtures about
+/// file modes may show it, so no other fixture fails for that reason.
+const OPEN_TO_OTHERS: &str = "other users (mode";
 
 fn expected_error(path: &PathBuf) -> String {
     let text = std::fs::read_to_string(path).unwrap();
@@ -36,7 +43,7 @@ fn expected_error(path: &PathBuf) -> String {
 
 #[test]
 fn every_shipped_and_valid_config_passes_check() {
-    let mut files = fixtures("valid");
+    let (_dir, mut files) = fixtures("valid");
     files.push(repo_path("proxy.toml"));
     for f in files {
         let (code, out, err) = run_bin(&["check", "-c", f.to_str().unwrap()], &[]);
@@ -47,7 +54,8 @@ fn every_shipped_and_valid_config_passes_check() {
 
 #[test]
 fn every_invalid_config_is_rejected_by_check_with_its_key_path() {
-    for f in fixtures("invalid") {
+    let (_dir, files) = fixtures("invalid");
+    for f in files {
         let want = expected_error(&f);
         let (code, _, err) = run_bin(&["check", "-c", f.to_str().unwrap()], &[]);
         assert_eq!(code, 1, "{}: check accepted it: {err}", f.display());
@@ -56,12 +64,21 @@ fn every_invalid_config_is_rejected_by_check_with_its_key_path() {
             "{}: error does not mention {want:?}:\n{err}",
             f.display()
         );
+        let about_modes = f
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("world-readable"));
+        assert!(
+            about_modes || !err.contains(OPEN_TO_OTHERS),
+            "{}: refused for a file mode, not for what it tests:\n{err}",
+            f.display()
+        );
     }
 }
 
 #[test]
 fn every_invalid_config_stops_serve_with_its_key_path() {
-    for f in fixtures("invalid") {
+    let (_dir, files) = fixtures("invalid");
+    for f in files {
         let want = expected_error(&f);
         let (code, _, err) = run_bin(&["serve", "-c", f.to_str().unwrap()], &[]);
         assert_eq!(code, 64, "{}: serve did not stop with 64: {err}", f.display());
@@ -138,14 +155,19 @@ fn key_material_never_appears_in_check_or_config_output() {
     let secrets = [
         "Zm9yIHRlc3RzIG9ubHk6IGd1YXJkcyBub3RoaW5nISE",
         "dGVzdCBmaXh0dXJlIGhtYWMga2V5",
+        "pa55w",
     ];
+    let (valid, invalid) = (fixture_dir("valid"), fixture_dir("invalid"));
     let files = [
-        "tests/fixtures/config/valid/issue-spa.toml",
-        "tests/fixtures/config/invalid/spa-inline-secret.toml",
-        "tests/fixtures/config/invalid/spa-key-without-hmac.toml",
+        valid.path().join("issue-spa.toml"),
+        invalid.path().join("spa-inline-secret.toml"),
+        invalid.path().join("spa-key-without-hmac.toml"),
+        invalid.path().join("spa-world-readable-key.toml"),
+        invalid.path().join("spa-short-passphrase.toml"),
+        invalid.path().join("spa-shared-fwknop-keys.toml"),
     ];
-    for f in files {
-        let path = repo_path(f);
+    for path in files {
+        let f = path.file_name().unwrap().to_string_lossy();
         for cmd in ["check", "config"] {
             let (_, out, err) = run_bin(&[cmd, "-c", path.to_str().unwrap()], &[]);
             for s in secrets {
@@ -153,4 +175,81 @@ fn key_material_never_appears_in_check_or_config_output() {
             }
         }
     }
+}
+
+/// `check` and `serve` on `name` in a copy of the invalid fixtures:
+/// both refuse it with `want` in the error.
+fn refused_by_check_and_serve(name: &str, want: &dyn Fn(&Path) -> String) {
+    let dir = fixture_dir("invalid");
+    let config = dir.path().join(name);
+    let want = want(dir.path());
+    let (code, _, err) = run_bin(&["check", "-c", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "check accepted {name}: {err}");
+    assert!(err.contains(&want), "check: {want:?} missing from:\n{err}");
+    let (code, _, err) = run_bin(&["serve", "-c", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 64, "serve did not stop on {name}: {err}");
+    assert!(err.contains(&want), "serve: {want:?} missing from:\n{err}");
+}
+
+#[test]
+fn a_world_readable_key_file_fails_check_naming_the_file_and_the_fix() {
+    refused_by_check_and_serve("spa-world-readable-key.toml", &|dir| {
+        let key = dir.join("world-readable.key");
+        format!(
+            "user.fw.key_file: {} is readable by other users (mode 0644): run `chmod 600 {}`",
+            key.display(),
+            key.display()
+        )
+    });
+    refused_by_check_and_serve("admin-world-readable-token.toml", &|dir| {
+        let token = dir.join("world-readable.token");
+        format!(
+            "admin.token_file: {} is readable by other users (mode 0644): run `chmod 600 {}`",
+            token.display(),
+            token.display()
+        )
+    });
+}
+
+#[test]
+fn a_group_readable_key_file_passes_check_with_a_warning() {
+    let dir = fixture_dir("valid");
+    let config = dir.path().join("spa-group-readable-key.toml");
+    let (code, out, err) = run_bin(&["check", "-c", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let key = dir.path().join("group-readable.key");
+    let want = format!(
+        "user.fw.key_file: {} is readable by its group (mode 0640): unless the group is meant to have it, run `chmod 600 {}`",
+        key.display(),
+        key.display()
+    );
+    assert!(
+        err.contains("WARN") && err.contains(&want),
+        "{want:?} missing from:\n{err}"
+    );
+    // The same fixtures at 0600: no warning at all.
+    let (code, _, err) = run_bin(
+        &["check", "-c", dir.path().join("issue-spa.toml").to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("WARN"), "{err}");
+}
+
+#[test]
+fn a_short_passphrase_is_refused() {
+    refused_by_check_and_serve("spa-short-passphrase.toml", &|_| {
+        "user.fw.key_file: the fwknop encryption key is 5 bytes; keys need at least 16".to_string()
+    });
+}
+
+#[test]
+fn two_users_with_the_same_fwknop_keys_are_refused_naming_both_files() {
+    refused_by_check_and_serve("spa-shared-fwknop-keys.toml", &|dir| {
+        format!(
+            "user.fw2.key_file: the same fwknop HMAC key as user fw ({} and {})",
+            dir.join("fw.key").display(),
+            dir.join("fw-copy.key").display()
+        )
+    });
 }

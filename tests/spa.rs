@@ -30,7 +30,7 @@ fn fwknop_keygen(dir: &Path, name: &str) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let path = dir.join(name);
-    std::fs::write(&path, &out.stdout).unwrap();
+    write_private(&path, &out.stdout);
     path
 }
 
@@ -59,7 +59,7 @@ impl Keys {
         fwknop_keygen(dir.path(), "stranger.key");
         let (code, out, err) = run_bin(&["keygen"], &[]);
         assert_eq!(code, 0, "{err}");
-        std::fs::write(dir.path().join("alice.key"), out).unwrap();
+        write_private(&dir.path().join("alice.key"), out);
         Keys { dir }
     }
 

@@ -282,7 +282,10 @@ impl Portcullis {
         let home = dir.join(name);
         std::fs::create_dir_all(&home)?;
         for (file, content) in files {
+            // Key files: the gateway refuses ones other users can read.
             std::fs::write(home.join(file), content)?;
+            let private = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+            std::fs::set_permissions(home.join(file), private)?;
         }
         let path: PathBuf = home.join("proxy.toml");
         std::fs::write(&path, config)?;

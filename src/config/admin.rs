@@ -8,11 +8,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use zeroize::Zeroize as _;
-
 use super::raw::RawAdmin;
 use super::{Service, Validator};
-use crate::secret::Secret;
+use crate::secret::{check_private, read_private, PrivateFileError, Secret};
 use crate::step::{Proto, Step};
 
 /// Where the admin endpoint listens when `[admin]` names no address.
@@ -105,6 +103,18 @@ impl Validator {
             key,
             client_ca: raw.client_ca.as_ref().map(path),
         };
+        // The private key gets the key-file rule; the endpoint's own loader
+        // reads it (and rereads it when it changes).
+        match check_private(&tls.key) {
+            Ok(Some(w)) => tracing::warn!("admin.tls_key: {w}"),
+            Ok(None) => {}
+            // A missing file is reported by the loader below.
+            Err(PrivateFileError::Read { .. }) => {}
+            Err(e) => {
+                self.problem("admin.tls_key", e.to_string());
+                return None;
+            }
+        }
         if let Err(e) = super::pem::load(&tls) {
             self.problem(format!("admin.{}", e.key), e.message);
             return None;
@@ -114,39 +124,43 @@ impl Validator {
 
     fn token(&mut self, file: &str) -> Option<Secret> {
         let path = self.base.join(file.trim());
-        let mut bytes = match std::fs::read(&path) {
-            Ok(b) => b,
+        let file = match read_private(&path) {
+            Ok(f) => f,
             Err(e) => {
-                self.problem("admin.token_file", format!("cannot read {}: {e}", path.display()));
+                self.problem("admin.token_file", e.to_string());
                 return None;
             }
         };
+        if let Some(w) = &file.warning {
+            tracing::warn!("admin.token_file: {w}");
+        }
         // Editors and `echo` end files with a newline; it is not part of
         // the token.
-        let len = bytes.trim_ascii_end().len();
-        let problem = if len < MIN_TOKEN_LEN {
-            Some(format!(
-                "the token in {} is shorter than {MIN_TOKEN_LEN} characters: make a long random one, e.g. `head -c 32 /dev/urandom | base64 > {}`",
-                path.display(),
-                path.display()
-            ))
-        } else if !bytes[..len].iter().all(|b| b.is_ascii_graphic()) {
-            Some(format!(
-                "the token in {} must be printable ASCII without spaces (it is sent in an HTTP header)",
-                path.display()
-            ))
-        } else {
-            None
-        };
-        let token = Secret::from_slice(&bytes[..len]);
-        bytes.zeroize();
-        match problem {
-            Some(p) => {
-                self.problem("admin.token_file", p);
-                None
-            }
-            None => Some(token),
+        let bytes = file.bytes.trim_ascii_end();
+        let len = bytes.len();
+        if len < MIN_TOKEN_LEN {
+            self.problem(
+                "admin.token_file",
+                format!(
+                    "the token in {} is shorter than {MIN_TOKEN_LEN} characters: make a long random one, e.g. \
+                     `(umask 077; head -c 32 /dev/urandom | base64 > {})`",
+                    path.display(),
+                    path.display()
+                ),
+            );
+            return None;
         }
+        if !bytes.iter().all(|b| b.is_ascii_graphic()) {
+            self.problem(
+                "admin.token_file",
+                format!(
+                    "the token in {} must be printable ASCII without spaces (it is sent in an HTTP header)",
+                    path.display()
+                ),
+            );
+            return None;
+        }
+        Some(Secret::from_slice(bytes))
     }
 
     /// The admin listener must not take a guarded or TCP knock endpoint.
@@ -176,6 +190,13 @@ knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"] }
         std::fs::write(&path, format!("{admin}\n{SERVICE}")).unwrap();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         validate_in(&load_with_env(&path, env)?, dir)
+    }
+
+    /// Writes a token file only its owner may read, as the rule demands.
+    fn write_private(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
     fn paths(err: ConfigError) -> Vec<String> {
@@ -214,7 +235,7 @@ knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"] }
     #[test]
     fn the_token_is_read_from_a_file_relative_to_the_config_and_trimmed() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("admin.token"), "0123456789abcdef-token\n").unwrap();
+        write_private(&dir.path().join("admin.token"), "0123456789abcdef-token\n");
         let a = load(dir.path(), "[admin]\ntoken_file = \"admin.token\"", &[])
             .unwrap()
             .admin
@@ -230,7 +251,7 @@ knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"] }
     #[test]
     fn bad_admin_settings_are_reported_with_their_key_paths() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("short.token"), "abc\n").unwrap();
+        write_private(&dir.path().join("short.token"), "abc\n");
         let cases = [
             ("[admin]\nlisten = \"localhost\"", "admin.listen"),
             ("[admin]\nlisten = \"127.0.0.1:15000\"", "admin.listen"),
@@ -249,5 +270,48 @@ knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"] }
             let err = load(dir.path(), text, &[]).unwrap_err();
             assert_eq!(paths(err.clone()), vec![want.to_string()], "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn a_token_file_other_users_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("admin.token");
+        write_private(&token, "0123456789abcdef-token\n");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load(dir.path(), "[admin]\ntoken_file = \"admin.token\"", &[]).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].path, "admin.token_file");
+        let want = format!(
+            "{} is readable by other users (mode 0644): run `chmod 600 {}`",
+            token.display(),
+            token.display()
+        );
+        assert_eq!(err.problems[0].message, want);
+        assert!(!err.to_string().contains("0123456789abcdef"), "{err}");
+
+        // Group access is allowed (with a warning in the log).
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(load(dir.path(), "[admin]\ntoken_file = \"admin.token\"", &[]).is_ok());
+    }
+
+    #[test]
+    fn a_tls_key_other_users_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("tls.key");
+        std::fs::write(&key, "not a key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let err = load(
+            dir.path(),
+            "[admin]\ntls_cert = \"tls.pem\"\ntls_key = \"tls.key\"",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(paths(err.clone()), vec!["admin.tls_key".to_string()], "{err}");
+        assert!(
+            err.to_string().contains(&format!("chmod 600 {}", key.display())),
+            "{err}"
+        );
     }
 }

@@ -8,13 +8,17 @@
 //! is never echoed in an error.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use sha2::{Digest as _, Sha256};
+use zeroize::Zeroizing;
 
 use super::raw::{RawLimits, RawRequireUsername, RawService, RawSpa, RawUser};
 use super::{Service, Validator};
+use crate::secret::read_private;
 use crate::spa::fwknop::{DigestType, EncryptionMode, FwknopKeys};
 use crate::spa::keyfile;
 use crate::spa::native::NativeKey;
@@ -54,6 +58,8 @@ pub struct User {
     /// Unix second from which this user's packets are refused (fwknopd's
     /// `ACCESS_EXPIRE`).
     pub expires_unix: Option<u64>,
+    /// Where the keys came from, for messages.
+    pub key_source: KeySource,
 }
 
 /// A service's SPA settings beyond `spa_users`.
@@ -64,6 +70,34 @@ pub struct ServiceSpa {
     pub max_open_for: Duration,
     /// The host name NAT requests may use for this service, lowercased.
     pub nat_name: Option<Arc<str>>,
+}
+
+/// Where a user's keys were read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `key_file`, resolved from the config's directory.
+    File(PathBuf),
+    /// `key_env`: the variable's name.
+    Env(String),
+}
+
+impl KeySource {
+    /// The setting in `[user.NAME]` that names this source.
+    pub fn setting(&self) -> &'static str {
+        match self {
+            KeySource::File(_) => "key_file",
+            KeySource::Env(_) => "key_env",
+        }
+    }
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::File(path) => write!(f, "{}", path.display()),
+            KeySource::Env(var) => write!(f, "environment variable {var}"),
+        }
+    }
 }
 
 impl std::fmt::Debug for User {
@@ -91,6 +125,7 @@ impl PartialEq for User {
             && self.require_source_address == other.require_source_address
             && self.require_username == other.require_username
             && self.expires_unix == other.expires_unix
+            && self.key_source == other.key_source
     }
 }
 
@@ -130,6 +165,31 @@ impl Default for Limits {
             max_tracked_sources: 100_000,
         }
     }
+}
+
+/// Shortest fwknop key accepted. fwknop takes passphrases of any length,
+/// and a short one falls to a dictionary; `fwknop --key-gen` makes 32- and
+/// 64-byte keys.
+pub const MIN_FWKNOP_KEY_LEN: usize = 16;
+
+/// Reads a key file (see [`crate::secret::read_private`]) as text; the
+/// text is wiped when dropped. Also returns a warning to log, if any.
+fn read_key_file(path: &Path) -> Result<(Zeroizing<String>, Option<String>), String> {
+    let file = read_private(path).map_err(|e| e.to_string())?;
+    let text = std::str::from_utf8(&file.bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    Ok((Zeroizing::new(text.to_string()), file.warning))
+}
+
+/// Why fwknop keys are too short to use, if they are.
+fn short_fwknop_key(keys: &FwknopKeys) -> Option<String> {
+    let short = [("encryption key", Some(keys.enc())), ("HMAC key", keys.hmac())]
+        .into_iter()
+        .find_map(|(what, key)| key.filter(|k| k.len() < MIN_FWKNOP_KEY_LEN).map(|k| (what, k.len())))?;
+    Some(format!(
+        "the fwknop {} is {} bytes; keys need at least {MIN_FWKNOP_KEY_LEN}: make new ones with `fwknop --key-gen` \
+         (or `portcullis keygen --kind fwknop`)",
+        short.0, short.1
+    ))
 }
 
 fn small(n: usize) -> u32 {
@@ -204,20 +264,27 @@ impl Validator {
                 None
             }
             (Some(file), None) => {
+                let key = format!("{base}.key_file");
                 let path = self.base.join(file);
-                match std::fs::read_to_string(&path) {
-                    Ok(t) => Some((format!("{base}.key_file"), t)),
+                match read_key_file(&path) {
+                    Ok((text, warning)) => {
+                        if let Some(w) = warning {
+                            tracing::warn!("{key}: {w}");
+                        }
+                        Some((key, KeySource::File(path), text))
+                    }
                     Err(e) => {
-                        self.problem(
-                            format!("{base}.key_file"),
-                            format!("cannot read {}: {e}", path.display()),
-                        );
+                        self.problem(key, e);
                         None
                     }
                 }
             }
             (None, Some(var)) => match std::env::var(var) {
-                Ok(t) => Some((format!("{base}.key_env"), t)),
+                Ok(t) => Some((
+                    format!("{base}.key_env"),
+                    KeySource::Env(var.clone()),
+                    Zeroizing::new(t),
+                )),
                 Err(_) => {
                     self.problem(
                         format!("{base}.key_env"),
@@ -227,7 +294,7 @@ impl Validator {
                 }
             },
         };
-        let keys = text.and_then(|(path, text)| match keyfile::parse(&text) {
+        let keys = text.and_then(|(path, source, text)| match keyfile::parse(&text) {
             Ok(k) => {
                 if k.fwknop.as_ref().is_some_and(|f| f.hmac().is_none()) {
                     self.problem(
@@ -241,7 +308,11 @@ impl Validator {
                     self.problem(&path, "holds no key");
                     return None;
                 }
-                Some(k)
+                if let Some(short) = k.fwknop.as_ref().and_then(short_fwknop_key) {
+                    self.problem(&path, short);
+                    return None;
+                }
+                Some((k, source))
             }
             Err(e) => {
                 self.problem(&path, e.to_string());
@@ -286,7 +357,7 @@ impl Validator {
         if self.problems.len() > before {
             return None;
         }
-        let keys = keys?;
+        let (keys, key_source) = keys?;
         let fwknop = match keys.fwknop {
             Some(k) => {
                 let (digest, mode) = (hmac_digest.unwrap_or(k.hmac_digest()), mode.unwrap_or(k.mode()));
@@ -310,6 +381,7 @@ impl Validator {
             name: name.into(),
             native: keys.native,
             fwknop,
+            key_source,
             allow_from,
             require_source_match: raw.require_source_match.unwrap_or(false),
             require_source_address: raw.require_source_address.unwrap_or(false),
@@ -383,11 +455,41 @@ impl Validator {
         let mut ids = std::collections::HashMap::new();
         for u in users {
             if let Some(k) = &u.native {
-                if let Some(other) = ids.insert(k.id(), u.name.clone()) {
+                if let Some(other) = ids.insert(k.id(), u) {
                     self.problem(
-                        format!("user.{}.key_file", u.name),
-                        format!("the same native key as user {other}: each user needs a key of their own"),
+                        format!("user.{}.{}", u.name, u.key_source.setting()),
+                        format!(
+                            "the same native key as user {} ({} and {}): each user needs a key of their own \
+                             (`portcullis keygen`)",
+                            other.name, other.key_source, u.key_source
+                        ),
                     );
+                }
+            }
+        }
+        // fwknop packets go to the first user whose HMAC key verifies them,
+        // so a key two users share would hand one's packets to the other.
+        // Keys are matched by a digest that lives only for this check.
+        let mut seen = std::collections::HashMap::new();
+        for u in users {
+            let Some(keys) = &u.fwknop else { continue };
+            let kinds = [("HMAC key", keys.hmac()), ("encryption key", Some(keys.enc()))];
+            for (which, key) in kinds.into_iter().filter_map(|(w, k)| Some((w, k?))) {
+                let digest: [u8; 32] = Sha256::new()
+                    .chain_update(which)
+                    .chain_update(key.expose())
+                    .finalize()
+                    .into();
+                if let Some(other) = seen.insert(digest, u) {
+                    self.problem(
+                        format!("user.{}.{}", u.name, u.key_source.setting()),
+                        format!(
+                            "the same fwknop {which} as user {} ({} and {}): each user needs keys of their own \
+                             (`fwknop --key-gen` or `portcullis keygen --kind fwknop`)",
+                            other.name, other.key_source, u.key_source
+                        ),
+                    );
+                    break;
                 }
             }
         }
@@ -439,5 +541,163 @@ mod tests {
         for bad in ["tomorrow", "2027-13-01", "31/01/2027", "", "2027-01-31T12:00:00+02:00"] {
             assert!(parse_expires(bad).is_err(), "{bad}");
         }
+    }
+
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::path::Path;
+
+    use crate::config::{load_with_env, validate_in, Config, ConfigError};
+
+    const FW_ENC: &str = "GWn6QLFeR8Ce1tYl//zGRC5rYV2w9dJMz0yUcBOtTAc=";
+    const FW_HMAC: &str = "Wd73/Nyj3iMdI92SoJoZB/deL1Ktsy7lAfmx9cRlA+yicTgdjehaf+BUQN77RLO+7WfZG8wr/Mx5J8gk3Saj6g==";
+    const OTHER_ENC: &str = "Zm9yIHRlc3RzIG9ubHk6IGd1YXJkcyBub3RoaW5nISE=";
+    const OTHER_HMAC: &str = "dGVzdCBmaXh0dXJlIGhtYWMga2V5OiBndWFyZHMgbm90aGluZywgdXNlZCBvbmx5IGJ5IHRoZSBjb25maWcgdGVzdHMgaW4gdGhpcyByZXBvISE=";
+
+    fn key(dir: &Path, name: &str, text: &str, mode: u32) {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A config whose service lets in `users`, each with `NAME.key`.
+    fn load(dir: &Path, users: &[&str]) -> Result<Config, ConfigError> {
+        let mut text = String::from("[spa]\nlisten = \"127.0.0.1:0\"\n");
+        let list: Vec<String> = users.iter().map(|u| format!("{u:?}")).collect();
+        text.push_str(&format!(
+            "[service.pg]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nspa_users = [{}]\n",
+            list.join(", ")
+        ));
+        for u in users {
+            text.push_str(&format!("[user.{u}]\nkey_file = \"{u}.key\"\n"));
+        }
+        let path = dir.join("proxy.toml");
+        std::fs::write(&path, text).unwrap();
+        validate_in(&load_with_env(&path, Default::default())?, dir)
+    }
+
+    fn problems(err: ConfigError) -> Vec<(String, String)> {
+        err.problems.into_iter().map(|p| (p.path, p.message)).collect()
+    }
+
+    #[test]
+    fn a_key_file_other_users_can_access_is_refused_and_a_group_one_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("KEY_BASE64: {FW_ENC}\nHMAC_KEY_BASE64: {FW_HMAC}\n");
+        let path = dir.path().join("fw.key");
+        for mode in [0o644, 0o604, 0o602, 0o666] {
+            key(dir.path(), "fw.key", &text, mode);
+            let err = load(dir.path(), &["fw"]).unwrap_err();
+            let got = problems(err);
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert_eq!(got[0].0, "user.fw.key_file");
+            assert!(got[0].1.starts_with(&format!("{} is ", path.display())), "{}", got[0].1);
+            assert!(
+                got[0].1.ends_with(&format!("run `chmod 600 {}`", path.display())),
+                "{}",
+                got[0].1
+            );
+            assert!(!got[0].1.contains("GWn6"), "key material in {}", got[0].1);
+        }
+        for mode in [0o600, 0o400, 0o640, 0o660] {
+            key(dir.path(), "fw.key", &text, mode);
+            let config = load(dir.path(), &["fw"]).unwrap();
+            assert_eq!(config.users[0].key_source, super::KeySource::File(path.clone()));
+        }
+    }
+
+    #[test]
+    fn short_fwknop_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                format!("KEY: x\nHMAC_KEY_BASE64: {FW_HMAC}\n"),
+                "encryption key is 1 bytes",
+            ),
+            (
+                format!("KEY: fifteen-bytes!!\nHMAC_KEY_BASE64: {FW_HMAC}\n"),
+                "encryption key is 15 bytes",
+            ),
+            (
+                format!("KEY_BASE64: {FW_ENC}\nHMAC_KEY: short\n"),
+                "HMAC key is 5 bytes",
+            ),
+            (
+                format!("KEY_BASE64: c2hvcnQ=\nHMAC_KEY_BASE64: {FW_HMAC}\n"),
+                "encryption key is 5 bytes",
+            ),
+        ];
+        for (text, want) in cases {
+            key(dir.path(), "fw.key", &text, 0o600);
+            let got = problems(load(dir.path(), &["fw"]).unwrap_err());
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert_eq!(got[0].0, "user.fw.key_file");
+            assert!(got[0].1.contains(want), "{text}: {}", got[0].1);
+            assert!(got[0].1.contains("at least 16"), "{}", got[0].1);
+        }
+        key(
+            dir.path(),
+            "fw.key",
+            "KEY: sixteen-bytes-ok\nHMAC_KEY: sixteen-bytes-ok2\n",
+            0o600,
+        );
+        load(dir.path(), &["fw"]).expect("16-byte passphrases pass");
+    }
+
+    #[test]
+    fn users_sharing_fwknop_keys_are_refused_naming_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = format!("KEY_BASE64: {FW_ENC}\nHMAC_KEY_BASE64: {FW_HMAC}\n");
+        let cases = [
+            (mine.clone(), "HMAC key"),
+            (
+                format!("KEY_BASE64: {OTHER_ENC}\nHMAC_KEY_BASE64: {FW_HMAC}\n"),
+                "HMAC key",
+            ),
+            (
+                format!("KEY_BASE64: {FW_ENC}\nHMAC_KEY_BASE64: {OTHER_HMAC}\n"),
+                "encryption key",
+            ),
+        ];
+        for (theirs, which) in cases {
+            key(dir.path(), "alice.key", &mine, 0o600);
+            key(dir.path(), "bob.key", &theirs, 0o600);
+            let got = problems(load(dir.path(), &["alice", "bob"]).unwrap_err());
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert_eq!(got[0].0, "user.bob.key_file");
+            let (a, b) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+            let want = format!(
+                "the same fwknop {which} as user alice ({} and {})",
+                a.display(),
+                b.display()
+            );
+            assert!(got[0].1.starts_with(&want), "{}", got[0].1);
+        }
+        key(
+            dir.path(),
+            "bob.key",
+            &format!("KEY_BASE64: {OTHER_ENC}\nHMAC_KEY_BASE64: {OTHER_HMAC}\n"),
+            0o600,
+        );
+        assert_eq!(load(dir.path(), &["alice", "bob"]).unwrap().users.len(), 2);
+    }
+
+    #[test]
+    fn users_sharing_a_native_key_are_refused_naming_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "PORTCULLIS_KEY_BASE64: AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n";
+        key(dir.path(), "alice.key", text, 0o600);
+        key(dir.path(), "bob.key", text, 0o600);
+        let got = problems(load(dir.path(), &["alice", "bob"]).unwrap_err());
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, "user.bob.key_file");
+        assert!(
+            got[0].1.contains(&format!(
+                "{} and {}",
+                dir.path().join("alice.key").display(),
+                dir.path().join("bob.key").display()
+            )),
+            "{}",
+            got[0].1
+        );
     }
 }

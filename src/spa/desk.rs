@@ -327,6 +327,10 @@ mod tests {
         let bob = keyfile::generate(KeyKind::Native, &mut rng);
         std::fs::write(dir.path().join("alice.key"), &*keyfile::render(&alice)).unwrap();
         std::fs::write(dir.path().join("bob.key"), &*keyfile::render(&bob)).unwrap();
+        for key in ["alice.key", "bob.key"] {
+            let private = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+            std::fs::set_permissions(dir.path().join(key), private).unwrap();
+        }
         let raw: crate::config::raw::RawConfig = toml::from_str(
             r#"
 [spa]

@@ -194,7 +194,7 @@ impl Gateway {
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, config).expect("write config");
         for (name, content) in files {
-            std::fs::write(dir.path().join(name), content).expect("write file beside the config");
+            write_private(&dir.path().join(name), content);
         }
         let mut cmd = Command::new(BIN);
         cmd.args(["--log-format", "json", "serve", "-c"])
@@ -422,4 +422,40 @@ pub fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Writes `content` to `path` readable by its owner only, as the gateway
+/// demands of key and token files (ssh's rule).
+pub fn write_private(path: &Path, content: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, content).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", path.display()));
+}
+
+/// A copy of `tests/fixtures/config/{kind}` in a temporary directory with
+/// the file modes the fixtures mean: git checks files out 0644, which the
+/// gateway refuses for key and token files. Every file becomes 0600, except
+/// those whose names say otherwise: `world-readable*` 0644 and
+/// `group-readable*` 0640.
+pub fn fixture_dir(kind: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let from = repo_path(&format!("tests/fixtures/config/{kind}"));
+    for entry in std::fs::read_dir(&from).unwrap_or_else(|e| panic!("{}: {e}", from.display())) {
+        let entry = entry.expect("fixture entry");
+        let name = entry.file_name();
+        let to = dir.path().join(&name);
+        write_private(&to, std::fs::read(entry.path()).expect("read fixture"));
+        let name = name.to_string_lossy();
+        let mode = if name.starts_with("world-readable") {
+            0o644
+        } else if name.starts_with("group-readable") {
+            0o640
+        } else {
+            continue;
+        };
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode)).expect("chmod fixture");
+    }
+    dir
 }
