@@ -143,7 +143,9 @@ impl ConfigMount {
         std::fs::create_dir(&data).unwrap();
         for e in std::fs::read_dir(files).unwrap() {
             let e = e.unwrap();
-            std::fs::copy(e.path(), data.join(e.file_name())).unwrap();
+            let copied = data.join(e.file_name());
+            std::fs::copy(e.path(), &copied).unwrap();
+            keep_private(&copied);
             let top = self.dir.join(e.file_name());
             if !top.exists() {
                 symlink(Path::new("..data").join(e.file_name()), top).unwrap();
@@ -346,6 +348,7 @@ fn the_sidecar_pod_guards_postgres_reloads_live_and_drains_on_sigterm() {
     for e in std::fs::read_dir(&v1).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), v2.join(e.file_name())).unwrap();
+        keep_private(&v2.join(e.file_name()));
     }
     std::fs::write(v2.join("proxy.toml"), &updated).unwrap();
     mount.update(&v2);
@@ -430,4 +433,13 @@ fn the_sidecar_pod_guards_postgres_reloads_live_and_drains_on_sigterm() {
 
 fn quote(steps: &[&str]) -> String {
     steps.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
+}
+
+/// A volume's files as the manifest's `defaultMode: 0440` and `fsGroup`
+/// lay them out: owner root, group the pod's, read-only, nothing for
+/// others (the gateway refuses keys others can read).
+fn keep_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::os::unix::fs::chown(path, None, Some(deploy::UID)).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o440)).unwrap();
 }

@@ -454,7 +454,7 @@ fn the_credentials_drop_in_feeds_the_postgres_example_its_key() {
             assert!(source.starts_with("/etc/portcullis/"), "{source}");
             let (code, key, err) = run_bin(&["keygen"], &[]);
             assert_eq!(code, 0, "{err}");
-            std::fs::write(creds.path().join(id), key).unwrap();
+            write_private(&creds.path().join(id), key);
         }
         if let Some(v) = line.strip_prefix("Environment=") {
             let (k, v) = v.split_once('=').expect("KEY=VALUE");

@@ -132,7 +132,7 @@ fn start() -> Setup {
             }
         }
         let path = keys.path().join(format!("{}.key", u.name));
-        std::fs::write(&path, text).unwrap();
+        write_private(&path, text);
         user_tables.push_str(&format!(
             "[user.{}]\nkey_file = {:?}\n{table}{}\n\n",
             u.name,

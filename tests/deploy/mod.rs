@@ -40,7 +40,7 @@ pub fn lay_out(dir: &Path, name: &str, config: &str) -> PathBuf {
         assert!(!rel.starts_with('/'), "{name}: {rel} must be relative to the config");
         let path = dir.join(&rel);
         std::fs::create_dir_all(path.parent().expect("a file has a parent")).unwrap();
-        std::fs::write(path, content).unwrap();
+        super::common::write_private(&path, content);
     }
     let path = dir.join(name);
     std::fs::write(&path, config).unwrap();
