@@ -58,6 +58,31 @@ pub struct Gateway {
     pub max_blackholed: usize,
     /// Most knock attempts in progress at once.
     pub max_knock_attempts: usize,
+    /// How knock steps and the SPA port are observed.
+    pub sensor: Sensor,
+}
+
+/// How knock steps and the SPA port are observed (`gateway.sensor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sensor {
+    /// Bound sockets: needs nothing, but the ports answer unlike unused ones.
+    #[default]
+    Socket,
+    /// Raw sockets (CAP_NET_RAW): nothing is bound, the ports answer like
+    /// unused ones, and other ports a knocking source touches reset it.
+    Raw,
+    /// Raw when CAP_NET_RAW is held, else socket (with a warning).
+    Auto,
+}
+
+impl Sensor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sensor::Socket => "socket",
+            Sensor::Raw => "raw",
+            Sensor::Auto => "auto",
+        }
+    }
 }
 
 impl Default for Gateway {
@@ -69,6 +94,7 @@ impl Default for Gateway {
             blackhole_hold: Duration::from_secs(30),
             max_blackholed: 1_024,
             max_knock_attempts: 65_536,
+            sensor: Sensor::Socket,
         }
     }
 }
@@ -364,6 +390,20 @@ impl Validator {
                 raw.max_knock_attempts.as_ref(),
                 d.max_knock_attempts,
             ),
+            sensor: self.sensor(raw.sensor.as_deref(), d.sensor),
+        }
+    }
+
+    fn sensor(&mut self, raw: Option<&str>, default: Sensor) -> Sensor {
+        match raw.map(str::trim) {
+            None => default,
+            Some("socket") => Sensor::Socket,
+            Some("raw") => Sensor::Raw,
+            Some("auto") => Sensor::Auto,
+            Some(other) => {
+                self.problem("gateway.sensor", format!("{other:?} is not socket, raw or auto"));
+                default
+            }
         }
     }
 

@@ -29,6 +29,7 @@ use crate::metrics::{self, ListenerKind};
 use crate::net;
 use crate::step::Step;
 
+pub mod raw;
 pub mod spa;
 
 /// Where knocks go: the gate driver, behind the per-source guard.

@@ -8,6 +8,9 @@
 //! a knock step on the same address, or the SPA port at the same
 //! configured address. Keeping a socket keeps the connections waiting in
 //! its backlog.
+//!
+//! With the raw sensor, knock steps and the SPA port are not bound: one
+//! [`Endpoint::Raw`] stands for the sensor's raw sockets instead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -18,6 +21,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use crate::config::{Config, Service};
 use crate::net;
+use crate::sensor::raw::{self, RawSockets};
 use crate::step::{Proto, Step};
 
 /// One socket a config needs, as the config names it (port 0 included).
@@ -30,6 +34,9 @@ pub enum Endpoint {
     },
     Knock(Step),
     Spa(SocketAddr),
+    /// The raw sensor's sockets, which see every knock step and the SPA
+    /// port without binding them.
+    Raw,
 }
 
 impl Endpoint {
@@ -54,6 +61,7 @@ impl Endpoint {
 pub enum Socket {
     Tcp(TcpListener),
     Udp(Arc<UdpSocket>),
+    Raw(RawSockets),
 }
 
 impl Socket {
@@ -61,16 +69,25 @@ impl Socket {
         match self {
             Socket::Tcp(l) => l.local_addr(),
             Socket::Udp(s) => s.local_addr(),
+            Socket::Raw(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "the raw sensor has no address",
+            )),
         }
     }
 }
 
 /// Every endpoint `config` needs, each with the config key it comes from
 /// (for error messages). Steps shared by several services appear once.
-pub fn endpoints(config: &Config) -> Vec<(Endpoint, String)> {
+/// With the `raw` sensor, knock steps and the SPA port are left to it.
+pub fn endpoints(config: &Config, raw: bool) -> Vec<(Endpoint, String)> {
     let mut out = Vec::new();
     for s in &config.services {
         out.push((guarded(s), format!("service.{}.listen", s.name)));
+    }
+    if raw {
+        out.push((Endpoint::Raw, "gateway.sensor".to_owned()));
+        return out;
     }
     let mut steps: BTreeMap<Step, String> = BTreeMap::new();
     for s in &config.services {
@@ -153,6 +170,10 @@ fn bind(endpoint: &Endpoint) -> std::io::Result<Socket> {
             addr,
         }) => Socket::Udp(Arc::new(net::bind_udp_timestamped(*addr)?)),
         Endpoint::Spa(addr) => Socket::Udp(Arc::new(net::bind_udp_sensor(*addr)?)),
+        Endpoint::Raw => Socket::Raw(raw::open().map_err(|e| match e {
+            raw::OpenError::Io(e) => e,
+            e => std::io::Error::new(std::io::ErrorKind::PermissionDenied, e),
+        })?),
     })
 }
 
@@ -170,6 +191,7 @@ pub fn bind_all(which: &[Endpoint], paths: &[(Endpoint, String)]) -> anyhow::Res
                 Endpoint::Guarded { listen, .. } => format!("cannot listen on {path} ({listen})"),
                 Endpoint::Knock(step) => format!("cannot listen on {step} from {path}"),
                 Endpoint::Spa(addr) => format!("cannot listen on {path} ({addr})"),
+                Endpoint::Raw => format!("cannot open the raw sensor ({path})"),
             }
         })?;
         bound.insert(e.clone(), socket);
