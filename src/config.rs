@@ -613,6 +613,21 @@ knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"], step_timeout = "5s
     }
 
     #[test]
+    fn the_sensor_is_socket_unless_the_config_says_raw_or_auto() {
+        assert_eq!(load_str(ECHO, &[]).unwrap().gateway.sensor, Sensor::Socket);
+        for (text, want) in [
+            ("raw", Sensor::Raw),
+            ("auto", Sensor::Auto),
+            (" socket ", Sensor::Socket),
+        ] {
+            let c = load_str(ECHO, &[("PORTCULLIS__GATEWAY__SENSOR", text)]).unwrap();
+            assert_eq!(c.gateway.sensor, want, "{text:?}");
+        }
+        let err = load_str(ECHO, &[("PORTCULLIS__GATEWAY__SENSOR", "pcap")]).unwrap_err();
+        assert_eq!(paths(err), vec!["gateway.sensor"]);
+    }
+
+    #[test]
     fn the_issue_config_is_accepted_as_written() {
         let c = load_str(ECHO, &[]).unwrap();
         let s = &c.services[0];

@@ -6,6 +6,12 @@
 //!
 //! Needs root (CI runs as root) and nmap; the unprivileged cases drop
 //! privileges with `setpriv`.
+//!
+//! A raw sensor sees every packet on the host, other tests' too: a source
+//! with a knock in progress that sends anything to another port resets
+//! it. So each test knocks from 127.77.0.x sources no other test uses; the
+//! stock clients cannot choose theirs (127.0.0.1), and their steps follow
+//! each other within a millisecond.
 
 #![allow(
     clippy::unwrap_used,
@@ -183,7 +189,7 @@ fn nmap_sees_knock_trap_and_spa_ports_as_it_sees_an_unused_port() {
         .iter()
         .map(|i| p[*i])
         .collect();
-    let states = nmap("-sU", "127.0.0.61", &udp);
+    let states = nmap("-sU", "127.77.0.61", &udp);
     let unused = states[&p[UNUSED]].clone();
     assert_eq!(unused.0, "closed", "an unused port: {unused:?}");
     for port in &udp {
@@ -193,15 +199,15 @@ fn nmap_sees_knock_trap_and_spa_ports_as_it_sees_an_unused_port() {
         .iter()
         .map(|i| p[*i])
         .collect();
-    let states = nmap("-sS", "127.0.0.62", &tcp);
+    let states = nmap("-sS", "127.77.0.62", &tcp);
     let unused = states[&p[UNUSED]].clone();
     assert_eq!(unused.0, "closed", "an unused port: {unused:?}");
     for port in &tcp {
         assert_eq!(states[port], unused, "tcp {port}: {states:?}");
     }
     // The sensor saw the probes all the same.
-    s.gw.wait_knock("echo", "127.0.0.61", p[UDP_SEQ[0]]);
-    s.gw.wait_knock("tcp", "127.0.0.62", p[TCP_SEQ[0]]);
+    s.gw.wait_knock("echo", "127.77.0.61", p[UDP_SEQ[0]]);
+    s.gw.wait_knock("tcp", "127.77.0.62", p[TCP_SEQ[0]]);
 }
 
 #[test]
@@ -289,7 +295,7 @@ fn other_ports_between_two_steps_reset_the_attempt_and_a_trap_ends_it() {
     };
 
     // A datagram to another port between two steps.
-    let source = "127.0.0.71";
+    let source = "127.77.0.71";
     knock_udp(&[a, b], source);
     assert_eq!(s.gw.wait_knock("echo", source, b), "advanced");
     udp_from(source, SocketAddr::from(([127, 0, 0, 1], p[OTHER])), b"x");
@@ -302,7 +308,7 @@ fn other_ports_between_two_steps_reset_the_attempt_and_a_trap_ends_it() {
     );
 
     // A SYN scan (nmap) of other ports between two steps.
-    let source = "127.0.0.72";
+    let source = "127.77.0.72";
     knock_udp(&[a], source);
     assert_eq!(s.gw.wait_knock("echo", source, a), "advanced");
     nmap("-sS", source, &[p[OTHER], p[UNUSED]]);
@@ -317,7 +323,7 @@ fn other_ports_between_two_steps_reset_the_attempt_and_a_trap_ends_it() {
     assert!(echo_works(source, echo));
 
     // A trap port ends the attempt.
-    let source = "127.0.0.73";
+    let source = "127.77.0.73";
     knock_udp(&[a, b], source);
     assert_eq!(s.gw.wait_knock("echo", source, b), "advanced");
     knock_udp(&[p[TRAP]], source);
@@ -415,4 +421,43 @@ fn raw_without_cap_net_raw_does_not_start_and_auto_falls_back_with_a_warning() {
     let (code, out, err) = run_bin(&["check", "-c", repo_path("proxy.toml").to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("gateway.sensor: socket"), "{out}");
+}
+
+#[test]
+fn a_reload_watches_the_new_sequence_with_the_same_raw_sockets() {
+    if !is_root() {
+        eprintln!("skipped: the raw sensor needs root");
+        return;
+    }
+    let s = start();
+    let p = &s.p;
+    let echo = s.gw.addr("echo");
+    // The old sequence opens (which also gives the process the moment it
+    // needs to start watching for SIGHUP after `ready`).
+    knock_and_wait(&s.gw, "echo", &UDP_SEQ.map(|i| p[i]), "127.77.0.80");
+    // The new sequence takes two unused ports and an old step; the other
+    // old steps become other ports.
+    let new = [p[OTHER], p[UDP_SEQ[2]], p[UNUSED]];
+    let quoted = |ports: &[u16]| {
+        ports
+            .iter()
+            .map(|p| format!("\"{p}/udp\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let old = quoted(&UDP_SEQ.map(|i| p[i]));
+    let text = std::fs::read_to_string(&s.gw.config_path).unwrap();
+    assert!(text.contains(&old), "{text}");
+    std::fs::write(&s.gw.config_path, text.replace(&old, &quoted(&new))).unwrap();
+    s.gw.signal(nix::sys::signal::Signal::SIGHUP);
+    s.gw.wait_for(|l| msg(l) == "config reloaded");
+    s.gw.wait_for_nth(2, |l| {
+        msg(l) == "raw sensor watching: knock and spa ports are not bound"
+    });
+    let source = "127.77.0.81";
+    knock_and_wait(&s.gw, "echo", &new, source);
+    assert!(echo_works(source, echo));
+    // The ports are still unbound: nmap sees them as before.
+    let states = nmap("-sU", "127.77.0.82", &[p[OTHER], p[UNUSED]]);
+    assert!(states.values().all(|(state, _)| state == "closed"), "{states:?}");
 }

@@ -333,6 +333,17 @@ mod tests {
                 close: vec![],
             },
             Case {
+                name: "the raw sensor's sockets are kept across a reload",
+                running: vec![tcp("pg", "0.0.0.0:5432"), Endpoint::Raw],
+                wanted: vec![tcp("pg", "0.0.0.0:5432"), Endpoint::Raw],
+                keep: vec![
+                    (tcp("pg", "0.0.0.0:5432"), tcp("pg", "0.0.0.0:5432")),
+                    (Endpoint::Raw, Endpoint::Raw),
+                ],
+                bind: vec![],
+                close: vec![],
+            },
+            Case {
                 name: "a knock step on another protocol is another socket",
                 running: vec![knock(7000, Proto::Udp)],
                 wanted: vec![knock(7000, Proto::Tcp)],
@@ -354,6 +365,32 @@ mod tests {
                 c.name
             );
         }
+    }
+
+    #[test]
+    fn with_the_raw_sensor_knock_steps_and_the_spa_port_are_not_bound() {
+        let raw: crate::config::raw::RawConfig = toml::from_str(
+            r#"
+[spa]
+listen = "0.0.0.0:62201"
+[service.pg]
+listen = "127.0.0.1:5432"
+upstream = "127.0.0.1:15432"
+knock = { sequence = ["7001/udp", "7003/tcp", "7002/udp"], trap_ports = ["7009/udp"] }
+"#,
+        )
+        .unwrap();
+        let config = crate::config::validate(&raw).unwrap();
+        let socket: Vec<Endpoint> = endpoints(&config, false).into_iter().map(|(e, _)| e).collect();
+        assert_eq!(socket.len(), 6, "{socket:?}");
+        let raw: Vec<(Endpoint, String)> = endpoints(&config, true);
+        assert_eq!(
+            raw,
+            vec![
+                (tcp("pg", "127.0.0.1:5432"), "service.pg.listen".to_owned()),
+                (Endpoint::Raw, "gateway.sensor".to_owned()),
+            ]
+        );
     }
 
     #[tokio::test]
