@@ -69,7 +69,10 @@ pub fn resolve(wanted: Sensor) -> Result<bool, OpenError> {
         Sensor::Socket => Ok(false),
         Sensor::Raw => capable().map(|()| true),
         Sensor::Auto => match capable() {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                tracing::info!("gateway.sensor = \"auto\": CAP_NET_RAW is held, using the raw sensor");
+                Ok(true)
+            }
             Err(e) => {
                 tracing::warn!(
                     reason = %e,
@@ -517,14 +520,19 @@ mod tests {
             .unwrap();
         let mut buf = vec![0u8; BUF];
         let mut cmsg = nix::cmsg_space!(TimeSpec, nix::libc::in6_pktinfo);
-        let (at, source, payload) = loop {
-            v4.fd.readable().await.unwrap().clear_ready();
-            if let Ok(Some((at, seen))) = v4.recv(&mut buf, &mut cmsg) {
-                if seen.dest.port() == port {
-                    break (at, seen.source, seen.payload.to_vec());
+        let wait = std::time::Duration::from_secs(5);
+        let (at, source, payload) = tokio::time::timeout(wait, async {
+            loop {
+                v4.fd.readable().await.unwrap().clear_ready();
+                if let Ok(Some((at, seen))) = v4.recv(&mut buf, &mut cmsg) {
+                    if seen.dest.port() == port {
+                        break (at, seen.source, seen.payload.to_vec());
+                    }
                 }
             }
-        };
+        })
+        .await
+        .expect("the datagram passes the filter");
         assert!(at.tv_sec() > 0, "kernel receive time");
         assert_eq!(source, IpAddr::from([127, 0, 0, 3]));
         assert_eq!(payload, b"spa?");
@@ -535,15 +543,19 @@ mod tests {
         {
             if let Ok(sender) = std::net::UdpSocket::bind("[::1]:0") {
                 sender.send_to(b"six", ("::1", port)).unwrap();
-                loop {
-                    v6.fd.readable().await.unwrap().clear_ready();
-                    if let Ok(Some((_, seen))) = v6.recv(&mut buf, &mut cmsg) {
-                        assert_eq!(seen.source, "::1".parse::<IpAddr>().unwrap());
-                        assert_eq!(seen.dest, SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
-                        assert_eq!(seen.payload, b"six");
-                        break;
+                tokio::time::timeout(wait, async {
+                    loop {
+                        v6.fd.readable().await.unwrap().clear_ready();
+                        if let Ok(Some((_, seen))) = v6.recv(&mut buf, &mut cmsg) {
+                            assert_eq!(seen.source, "::1".parse::<IpAddr>().unwrap());
+                            assert_eq!(seen.dest, SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
+                            assert_eq!(seen.payload, b"six");
+                            break;
+                        }
                     }
-                }
+                })
+                .await
+                .expect("the IPv6 datagram passes the filter (at its transport header)");
             }
         }
     }
