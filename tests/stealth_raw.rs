@@ -461,3 +461,49 @@ fn a_reload_watches_the_new_sequence_with_the_same_raw_sockets() {
     let states = nmap("-sU", "127.77.0.82", &[p[OTHER], p[UNUSED]]);
     assert!(states.values().all(|(state, _)| state == "closed"), "{states:?}");
 }
+
+#[test]
+fn over_ipv6_the_ports_look_unused_and_a_knock_opens() {
+    if !is_root() {
+        eprintln!("skipped: the raw sensor needs root");
+        return;
+    }
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback");
+        return;
+    }
+    let upstream = echo_server("[::1]:0");
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(PORTS, |p| {
+            let steps: Vec<String> = UDP_SEQ.iter().map(|i| format!("\"{}/udp\"", p[*i])).collect();
+            format!(
+                "[gateway]\nsensor = \"raw\"\n\n[service.echo]\nlisten = \"[::1]:0\"\nupstream = \"{upstream}\"\n\
+                 unauthorized = \"refuse\"\nknock = {{ sequence = [{}] }}\n",
+                steps.join(", ")
+            )
+        })
+        .start_on_ports();
+    let echo = gw.addr("echo");
+    let list: Vec<String> = [UDP_SEQ[0], UDP_SEQ[1], UDP_SEQ[2], UNUSED]
+        .iter()
+        .map(|i| p[*i].to_string())
+        .collect();
+    let out = Command::new("nmap")
+        .args(["-6", "-sU", "-Pn", "-n", "-p", &list.join(","), "::1"])
+        .output()
+        .expect("nmap");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let closed = text
+        .lines()
+        .filter(|l| l.contains("/udp") && l.contains(" closed "))
+        .count();
+    assert_eq!(closed, list.len(), "every port closed, as the unused one: {text}");
+
+    assert!(!echo_works("::1", echo), "open before any knock");
+    let steps: Vec<String> = UDP_SEQ.iter().map(|i| format!("{}/udp", p[*i])).collect();
+    let mut args = vec!["::1", "-b", "::1"];
+    args.extend(steps.iter().map(String::as_str));
+    portcullis_knock(&args);
+    gw.wait_grant("echo", "::1");
+    assert!(echo_works("::1", echo), "closed after an IPv6 knock");
+}
