@@ -323,6 +323,9 @@ impl Runtime {
                 tracing::warn!(section, "changes to this section take effect at the next restart");
             }
         }
+        if self.parts.raw {
+            sensor::raw::fixed_ports(&new)?;
+        }
         let summary = summarize(self.config(), &new);
         let wanted = handover::endpoints(&new, self.parts.raw);
         let wanted_endpoints: Vec<Endpoint> = wanted.iter().map(|(e, _)| e.clone()).collect();
