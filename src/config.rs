@@ -279,6 +279,12 @@ pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> 
     v.spa_users(&services, &users, spa.as_ref(), &user_names);
     if let Some(s) = &spa {
         v.spa_endpoint(s, &services);
+        if gateway.sensor == Sensor::Raw && s.listen.port() == 0 {
+            v.problem(
+                "spa.listen",
+                "the raw sensor watches a fixed port, and port 0 names none: give the SPA port",
+            );
+        }
     }
     if v.problems.is_empty() {
         Ok(Config {
