@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use nix::sys::time::TimeSpec;
 use tokio_util::sync::CancellationToken;
 
-pub use socket::{capable, open, OpenError, RawSockets};
+pub use socket::{capable, OpenError};
 
 use super::spa::{self, SpaSensor};
 use super::Intake;
@@ -229,15 +229,38 @@ struct Packet {
     payload: Vec<u8>,
 }
 
+/// The raw sensor's sockets (IPv4, and IPv6 where the host has it) and
+/// what it remembers across reloads: who knocked recently.
+#[derive(Debug)]
+pub struct RawSockets {
+    sockets: Vec<socket::RawSocket>,
+    recent: Recent,
+}
+
+/// Opens the raw sensor's sockets; nothing passes their filters until
+/// [`watch`] says what to watch.
+pub fn open() -> Result<RawSockets, OpenError> {
+    Ok(RawSockets {
+        sockets: socket::open_all()?,
+        recent: Recent::new(Duration::ZERO),
+    })
+}
+
 /// The sources that knocked within the window, so that other-port packets
 /// of everyone else stop here and the gate is not asked about them.
 #[derive(Debug)]
 struct Recent {
     window: Duration,
     until: HashMap<IpAddr, Instant>,
-    /// The table was full: every source is treated as recent.
+    /// The table was full at the last purge: every source is treated as
+    /// recent until the next one.
     overflow: bool,
+    /// When a full table may next be purged (a purge walks it all).
+    next_purge: Option<Instant>,
 }
+
+/// Shortest time between two purges of a full table.
+const PURGE_EVERY: Duration = Duration::from_secs(1);
 
 impl Recent {
     fn new(window: Duration) -> Self {
@@ -245,14 +268,25 @@ impl Recent {
             window,
             until: HashMap::new(),
             overflow: false,
+            next_purge: None,
         }
+    }
+
+    /// Drops the entries that ran out, at most once per [`PURGE_EVERY`].
+    fn purge(&mut self, now: Instant) {
+        if self.next_purge.is_some_and(|at| now < at) {
+            return;
+        }
+        self.until.retain(|_, until| *until > now);
+        self.overflow = self.until.len() >= MAX_RECENT;
+        self.next_purge = Some(crate::clock::later(now, PURGE_EVERY));
     }
 
     fn knocked(&mut self, source: IpAddr, now: Instant) {
         if self.until.len() >= MAX_RECENT && !self.until.contains_key(&source) {
-            self.until.retain(|_, until| *until > now);
-            self.overflow = self.until.len() >= MAX_RECENT;
-            if self.overflow {
+            self.purge(now);
+            if self.until.len() >= MAX_RECENT {
+                self.overflow = true;
                 return;
             }
         }
@@ -261,9 +295,10 @@ impl Recent {
 
     fn may_have_attempt(&mut self, source: IpAddr, now: Instant) -> bool {
         if self.overflow {
-            self.until.retain(|_, until| *until > now);
-            self.overflow = self.until.len() >= MAX_RECENT;
-            return true;
+            self.purge(now);
+            if self.overflow {
+                return true;
+            }
         }
         self.until.get(&source).is_some_and(|until| *until > now)
     }
@@ -298,13 +333,14 @@ pub fn watch(sockets: &RawSockets, plan: &Plan) -> io::Result<()> {
 /// `intake`, SPA datagrams to `spa` when there is an SPA port. Returns the
 /// sockets, for the next config.
 pub async fn run(
-    sockets: RawSockets,
+    mut sockets: RawSockets,
     plan: Plan,
     intake: Intake,
     spa: Option<SpaSensor>,
     cancel: CancellationToken,
 ) -> RawSockets {
-    let mut recent = Recent::new(plan.window);
+    // Who knocked before a reload still may have an attempt in progress.
+    sockets.recent.window = plan.window;
     let mut batch: Vec<Packet> = Vec::with_capacity(64);
     let mut buf = vec![0u8; BUF];
     let mut cmsg = nix::cmsg_space!(TimeSpec, nix::libc::in6_pktinfo);
@@ -347,7 +383,7 @@ pub async fn run(
         }
         batch.sort_by_key(|p| p.at);
         for p in batch.drain(..) {
-            dispatch(p, &intake, spa.as_ref(), &mut recent);
+            dispatch(p, &intake, spa.as_ref(), &mut sockets.recent);
         }
     }
 }
@@ -490,6 +526,31 @@ mod tests {
         assert!(!r.may_have_attempt(b, clock.now()));
         clock.advance(Duration::from_secs(15));
         assert!(!r.may_have_attempt(a, clock.now()), "the window is over");
+    }
+
+    #[test]
+    fn a_full_table_treats_everyone_as_recent_until_it_empties() {
+        use crate::clock::Clock;
+        let clock = crate::clock::ManualClock::new();
+        let window = Duration::from_secs(15);
+        let mut r = Recent::new(window);
+        let many = |i: usize| IpAddr::from(std::net::Ipv6Addr::from(i as u128 + 1));
+        for i in 0..MAX_RECENT {
+            r.knocked(many(i), clock.now());
+        }
+        let stranger = IpAddr::from([10, 9, 9, 9]);
+        assert!(!r.may_have_attempt(stranger, clock.now()));
+        // One more while all are live: the table stays bounded, and
+        // nobody's other-port packets stop here any more.
+        r.knocked(IpAddr::from([10, 0, 0, 1]), clock.now());
+        assert_eq!(r.until.len(), MAX_RECENT);
+        assert!(r.may_have_attempt(stranger, clock.now()));
+        // Once the window is over the next purge empties it.
+        clock.advance(window + PURGE_EVERY);
+        assert!(!r.may_have_attempt(stranger, clock.now()));
+        assert!(r.until.is_empty());
+        r.knocked(stranger, clock.now());
+        assert!(r.may_have_attempt(stranger, clock.now()));
     }
 
     #[test]

@@ -39,12 +39,6 @@ pub(crate) struct RawSocket {
     pub proto: Proto,
 }
 
-/// Every raw socket of the sensor: IPv4, and IPv6 where the host has it.
-#[derive(Debug)]
-pub struct RawSockets {
-    pub(crate) sockets: Vec<RawSocket>,
-}
-
 /// Whether this process may open raw sockets (it holds CAP_NET_RAW in its
 /// network namespace).
 pub fn capable() -> Result<(), OpenError> {
@@ -60,7 +54,7 @@ fn raw(domain: Domain, protocol: Protocol) -> Result<Socket, OpenError> {
 
 /// Opens the sensor's sockets. IPv6 ones are left out when the host has
 /// no IPv6.
-pub fn open() -> Result<RawSockets, OpenError> {
+pub(crate) fn open_all() -> Result<Vec<RawSocket>, OpenError> {
     let mut sockets = Vec::with_capacity(4);
     for (domain, header) in [(Domain::IPV4, RawHeader::Ipv4), (Domain::IPV6, RawHeader::Transport)] {
         for proto in [Proto::Udp, Proto::Tcp] {
@@ -81,7 +75,7 @@ pub fn open() -> Result<RawSockets, OpenError> {
             sockets.push(prepare(socket, header, proto)?);
         }
     }
-    Ok(RawSockets { sockets })
+    Ok(sockets)
 }
 
 fn prepare(socket: Socket, header: RawHeader, proto: Proto) -> Result<RawSocket, OpenError> {
