@@ -27,6 +27,8 @@
 mod load;
 #[path = "compare/procs.rs"]
 mod procs;
+#[path = "compare/raw.rs"]
+mod raw;
 #[path = "compare/report.rs"]
 mod report;
 
@@ -73,8 +75,8 @@ struct Opts {
 }
 
 /// The sections `--only` may name.
-const SECTIONS: [&str; 9] = [
-    "exact", "bulk", "conn", "latency", "udp", "refusals", "opens", "flood", "memory",
+const SECTIONS: [&str; 10] = [
+    "exact", "bulk", "conn", "latency", "udp", "refusals", "opens", "flood", "memory", "raw",
 ];
 
 impl Opts {
@@ -324,6 +326,8 @@ struct Results {
     flood: Option<Flood>,
     memory: Vec<Memory>,
     exact: Option<String>,
+    /// The raw sensor on vs off.
+    raw: raw::RawResults,
 }
 
 struct Bench {
@@ -453,6 +457,11 @@ impl Bench {
         ));
         if let Err(e) = self.main_phase() {
             self.fail("setup", e);
+        }
+        if self.opts.wants("raw") {
+            if let Err(e) = self.raw_sensor() {
+                self.fail("raw sensor", e);
+            }
         }
         if self.opts.wants("flood") {
             if let Err(e) = self.knock_flood() {
@@ -1358,6 +1367,9 @@ impl Bench {
         ));
         for e in &self.errors {
             notes.push(format!("ERROR: {e}"));
+        }
+        if self.opts.wants("raw") {
+            rows.extend(self.raw_rows());
         }
         let title = "portcullis benchmark: direct vs portcullis vs HAProxy";
         (report::render(title, &header, &rows, &notes), failures)

@@ -58,6 +58,31 @@ pub struct Gateway {
     pub max_blackholed: usize,
     /// Most knock attempts in progress at once.
     pub max_knock_attempts: usize,
+    /// How knock steps and the SPA port are observed.
+    pub sensor: Sensor,
+}
+
+/// How knock steps and the SPA port are observed (`gateway.sensor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sensor {
+    /// Bound sockets: needs nothing, but the ports answer unlike unused ones.
+    #[default]
+    Socket,
+    /// Raw sockets (CAP_NET_RAW): nothing is bound, the ports answer like
+    /// unused ones, and other ports a knocking source touches reset it.
+    Raw,
+    /// Raw when CAP_NET_RAW is held, else socket (with a warning).
+    Auto,
+}
+
+impl Sensor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sensor::Socket => "socket",
+            Sensor::Raw => "raw",
+            Sensor::Auto => "auto",
+        }
+    }
 }
 
 impl Default for Gateway {
@@ -69,6 +94,7 @@ impl Default for Gateway {
             blackhole_hold: Duration::from_secs(30),
             max_blackholed: 1_024,
             max_knock_attempts: 65_536,
+            sensor: Sensor::Socket,
         }
     }
 }
@@ -279,6 +305,12 @@ pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> 
     v.spa_users(&services, &users, spa.as_ref(), &user_names);
     if let Some(s) = &spa {
         v.spa_endpoint(s, &services);
+        if gateway.sensor == Sensor::Raw && s.listen.port() == 0 {
+            v.problem(
+                "spa.listen",
+                "the raw sensor watches a fixed port, and port 0 names none: give the SPA port",
+            );
+        }
     }
     if v.problems.is_empty() {
         Ok(Config {
@@ -390,6 +422,20 @@ impl Validator {
                 raw.max_knock_attempts.as_ref(),
                 d.max_knock_attempts,
             ),
+            sensor: self.sensor(raw.sensor.as_deref(), d.sensor),
+        }
+    }
+
+    fn sensor(&mut self, raw: Option<&str>, default: Sensor) -> Sensor {
+        match raw.map(str::trim) {
+            None => default,
+            Some("socket") => Sensor::Socket,
+            Some("raw") => Sensor::Raw,
+            Some("auto") => Sensor::Auto,
+            Some(other) => {
+                self.problem("gateway.sensor", format!("{other:?} is not socket, raw or auto"));
+                default
+            }
         }
     }
 
@@ -595,6 +641,21 @@ knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"], step_timeout = "5s
 
     fn paths(err: ConfigError) -> Vec<String> {
         err.problems.into_iter().map(|p| p.path).collect()
+    }
+
+    #[test]
+    fn the_sensor_is_socket_unless_the_config_says_raw_or_auto() {
+        assert_eq!(load_str(ECHO, &[]).unwrap().gateway.sensor, Sensor::Socket);
+        for (text, want) in [
+            ("raw", Sensor::Raw),
+            ("auto", Sensor::Auto),
+            (" socket ", Sensor::Socket),
+        ] {
+            let c = load_str(ECHO, &[("PORTCULLIS__GATEWAY__SENSOR", text)]).unwrap();
+            assert_eq!(c.gateway.sensor, want, "{text:?}");
+        }
+        let err = load_str(ECHO, &[("PORTCULLIS__GATEWAY__SENSOR", "pcap")]).unwrap_err();
+        assert_eq!(paths(err), vec!["gateway.sensor"]);
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! Classic BPF socket filters that admit a set of source addresses.
+//! Classic BPF socket filters: one that admits a set of source addresses,
+//! and the raw sensor's, which passes only what the sensor needs
+//! ([`raw_sensor`]).
 //!
 //! [`admit`] builds the program a guarded listener attaches with
 //! `SO_ATTACH_FILTER` so that the kernel drops datagrams from every other
@@ -45,6 +47,27 @@ const JMP_JA: u16 = 0x05;
 const JMP_JEQ_K: u16 = 0x15;
 /// `BPF_RET | BPF_K`: return k (bytes of the packet to keep).
 const RET_K: u16 = 0x06;
+/// `BPF_LDX | BPF_B | BPF_MSH`: X = 4 * (the byte at k & 0xf), an IPv4
+/// header's length.
+const LDX_MSH: u16 = 0xb1;
+/// `BPF_LDX | BPF_W | BPF_IMM`: X = k.
+const LDX_IMM: u16 = 0x01;
+/// `BPF_LD | BPF_H | BPF_IND`: A = the 16-bit word at X + k.
+const LD_H_IND: u16 = 0x48;
+/// `BPF_LD | BPF_B | BPF_IND`: A = the byte at X + k.
+const LD_B_IND: u16 = 0x50;
+/// `BPF_JMP | BPF_JGT | BPF_K`: skip jt if A > k, else jf.
+const JMP_JGT_K: u16 = 0x25;
+/// `BPF_JMP | BPF_JGE | BPF_K`: skip jt if A >= k, else jf.
+const JMP_JGE_K: u16 = 0x35;
+
+/// Offset of the kernel's ancillary data in absolute loads (`SKF_AD_OFF`).
+const AD_OFF: i32 = -0x1000;
+/// The packet type (`SKF_AD_PKTTYPE`): `PACKET_HOST` and the others.
+const AD_PKTTYPE: i32 = 4;
+/// A packet addressed to this host (`PACKET_HOST`), not a broadcast or a
+/// multicast one.
+const PACKET_HOST: u32 = 0;
 
 /// Return value that keeps the whole packet.
 pub const ACCEPT: u32 = u32::MAX;
@@ -93,6 +116,9 @@ impl Insn {
 /// The program that passes everything: what a listener attaches when its
 /// sources do not fit, so that userspace filters alone.
 pub const ACCEPT_ALL: [Insn; 1] = [Insn::new(RET_K, ACCEPT)];
+
+/// The program that drops everything.
+pub const DROP_ALL: [Insn; 1] = [Insn::new(RET_K, DROP)];
 
 /// The address family of the listener the program is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +256,11 @@ fn words(a: &Ipv6Addr) -> [u32; 4] {
 /// by the `ret accept` its tests jump to; a test that misses goes on to
 /// the next, the chunk's last past that `ret`.
 fn chunked<T>(asm: &mut Asm, items: &[T], per_chunk: usize, test: impl Fn(&mut Asm, &T, Label, Label)) {
+    chunked_ret(asm, items, per_chunk, ACCEPT, test);
+}
+
+/// [`chunked`], each chunk's `ret` returning `hit`.
+fn chunked_ret<T>(asm: &mut Asm, items: &[T], per_chunk: usize, hit: u32, test: impl Fn(&mut Asm, &T, Label, Label)) {
     for chunk in items.chunks(per_chunk) {
         let accept = asm.label();
         for (i, item) in chunk.iter().enumerate() {
@@ -237,11 +268,122 @@ fn chunked<T>(asm: &mut Asm, items: &[T], per_chunk: usize, test: impl Fn(&mut A
             test(asm, item, accept, miss);
             if i + 1 == chunk.len() {
                 asm.bind(accept);
-                asm.ret(ACCEPT);
+                asm.ret(hit);
             }
             asm.bind(miss);
         }
     }
+}
+
+/// Where a raw socket's packets start when its filter runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawHeader {
+    /// At the IPv4 header (an `AF_INET` raw socket).
+    Ipv4,
+    /// At the transport header (an `AF_INET6` raw socket: the kernel has
+    /// pulled the IPv6 header and its extension headers off).
+    Transport,
+}
+
+/// The transport protocol of a raw socket's packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawProto {
+    /// Only SYNs without ACK pass: new connection attempts.
+    Tcp,
+    Udp,
+}
+
+/// What the raw sensor's program passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawWatch {
+    /// Destination ports the sensor watches (knock steps, traps, SPA).
+    pub ports: BTreeSet<u16>,
+    /// Other destination ports that pass too (for resets), when wanted.
+    pub others: Option<OtherPorts>,
+}
+
+/// The other ports the raw sensor sees: every port outside the local
+/// ephemeral range (where replies to this host's own connections land),
+/// except `except` (the guarded services and their upstreams, whose
+/// traffic is the proxy's), and only in packets addressed to this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherPorts {
+    pub ephemeral: std::ops::RangeInclusive<u16>,
+    pub except: BTreeSet<u16>,
+}
+
+/// Port comparisons per chunk: one `jeq` each, as for IPv4 sources.
+const PORTS_PER_CHUNK: usize = 256;
+
+/// The program of one raw socket of the sensor: TCP SYNs without ACK (for
+/// [`RawProto::Tcp`]) or UDP datagrams whose destination port is watched,
+/// or is one of the other ports; everything else (the proxied traffic
+/// above all) is dropped in the kernel and never copied to userspace.
+pub fn raw_sensor(header: RawHeader, proto: RawProto, watch: &RawWatch) -> Result<Vec<Insn>, TooLarge> {
+    let except = watch.others.as_ref().map_or(0, |o| o.except.len());
+    let needed = raw_length(proto, watch.ports.len(), watch.others.is_some(), except);
+    if needed > MAX_INSNS {
+        return Err(TooLarge {
+            sources: watch.ports.len() + except,
+            needed,
+        });
+    }
+    let mut asm = Asm::default();
+    // X = where the transport header starts.
+    match header {
+        RawHeader::Ipv4 => asm.emit(LDX_MSH, 0),
+        RawHeader::Transport => asm.emit(LDX_IMM, 0),
+    }
+    // Every miss below drops at a `ret` right after its test, so no
+    // branch has to reach past the port lists.
+    if proto == RawProto::Tcp {
+        // Flags at 13: SYN (0x02) set, ACK (0x10) clear.
+        let (syn, not) = (asm.label(), asm.label());
+        asm.emit(LD_B_IND, 13);
+        asm.emit(ALU_AND_K, 0x12);
+        asm.jeq(0x02, syn, not);
+        asm.bind(not);
+        asm.ret(DROP);
+        asm.bind(syn);
+    }
+    // The destination port, at 2.
+    asm.emit(LD_H_IND, 2);
+    let ports: Vec<u16> = watch.ports.iter().copied().collect();
+    chunked(&mut asm, &ports, PORTS_PER_CHUNK, |asm, port, hit, miss| {
+        asm.jeq(u32::from(*port), hit, miss);
+    });
+    if let Some(others) = &watch.others {
+        let (inside, ephemeral, outside) = (asm.label(), asm.label(), asm.label());
+        asm.jump(JMP_JGE_K, u32::from(*others.ephemeral.start()), inside, outside);
+        asm.bind(inside);
+        asm.jump(JMP_JGT_K, u32::from(*others.ephemeral.end()), outside, ephemeral);
+        asm.bind(ephemeral);
+        asm.ret(DROP);
+        asm.bind(outside);
+        let except: Vec<u16> = others.except.iter().copied().collect();
+        chunked_ret(&mut asm, &except, PORTS_PER_CHUNK, DROP, |asm, port, hit, miss| {
+            asm.jeq(u32::from(*port), hit, miss);
+        });
+        // Addressed to this host, not broadcast or multicast.
+        let (host, not) = (asm.label(), asm.label());
+        asm.emit(LD_W_ABS, (AD_OFF + AD_PKTTYPE) as u32);
+        asm.jeq(PACKET_HOST, host, not);
+        asm.bind(host);
+        asm.ret(ACCEPT);
+        asm.bind(not);
+    }
+    asm.ret(DROP);
+    let program = asm.finish();
+    debug_assert_eq!(program.len(), needed, "raw_length() disagrees with the program");
+    Ok(program)
+}
+
+/// Instructions [`raw_sensor`] emits.
+fn raw_length(proto: RawProto, ports: usize, others: bool, except: usize) -> usize {
+    let tcp = if proto == RawProto::Tcp { 4 } else { 0 };
+    let list = |n: usize| n + n.div_ceil(PORTS_PER_CHUNK);
+    let others = if others { 3 + list(except) + 3 } else { 0 };
+    1 + tcp + 1 + list(ports) + others + 1
 }
 
 /// `k` of an absolute load at `offset` into the network header.
@@ -283,8 +425,12 @@ impl Asm {
     }
 
     fn jeq(&mut self, k: u32, yes: Label, no: Label) {
+        self.jump(JMP_JEQ_K, k, yes, no);
+    }
+
+    fn jump(&mut self, code: u16, k: u32, yes: Label, no: Label) {
         self.jumps.push((self.insns.len(), yes, no));
-        self.emit(JMP_JEQ_K, k);
+        self.emit(code, k);
     }
 
     fn ja(&mut self, to: Label) {
@@ -589,6 +735,190 @@ mod tests {
         assert_eq!(RET_K, c(libc::BPF_RET | libc::BPF_K));
         assert_eq!(MAX_INSNS, libc::BPF_MAXINSNS as usize);
         assert_eq!(NET_OFF, libc::SKF_NET_OFF);
+    }
+
+    /// Runs a raw sensor program the way the kernel does on a packet whose
+    /// data starts at `data`, of type `pkttype`. Supports the opcodes
+    /// [`raw_sensor`] emits; a load outside the packet ends with 0.
+    fn run_raw(program: &[Insn], data: &[u8], pkttype: u32) -> u32 {
+        let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
+        let load = |off: u32, size: usize| -> Option<u32> {
+            let off = usize::try_from(off).ok()?;
+            let bytes = data.get(off..off.checked_add(size)?)?;
+            Some(bytes.iter().fold(0u32, |acc, b| acc << 8 | u32::from(*b)))
+        };
+        loop {
+            let insn = program[pc];
+            pc += 1;
+            match insn.code {
+                LDX_MSH => match load(insn.k, 1) {
+                    Some(v) => x = 4 * (v & 0xf),
+                    None => return 0,
+                },
+                LDX_IMM => x = insn.k,
+                LD_B_IND => match load(x + insn.k, 1) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                LD_H_IND => match load(x + insn.k, 2) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                LD_W_ABS if insn.k == (AD_OFF + AD_PKTTYPE) as u32 => a = pkttype,
+                ALU_AND_K => a &= insn.k,
+                JMP_JEQ_K => pc += usize::from(if a == insn.k { insn.jt } else { insn.jf }),
+                JMP_JGT_K => pc += usize::from(if a > insn.k { insn.jt } else { insn.jf }),
+                JMP_JGE_K => pc += usize::from(if a >= insn.k { insn.jt } else { insn.jf }),
+                RET_K => return insn.k,
+                other => panic!("unexpected opcode {other:#x}"),
+            }
+        }
+    }
+
+    /// A transport header to `port` with TCP `flags` (UDP ignores them).
+    fn transport(port: u16, flags: u8) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+        t[2..4].copy_from_slice(&port.to_be_bytes());
+        t[13] = flags;
+        t
+    }
+
+    /// An IPv4 packet (with `options` words of IP options) around `t`.
+    fn v4_packet(options: usize, t: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20 + 4 * options];
+        p[0] = 0x40 | (5 + options as u8);
+        p.extend_from_slice(t);
+        p
+    }
+
+    const SYN: u8 = 0x02;
+    const SYN_ACK: u8 = 0x12;
+    const ACK: u8 = 0x10;
+    const BROADCAST: u32 = 1;
+
+    fn watch(ports: &[u16], others: Option<&[u16]>) -> RawWatch {
+        RawWatch {
+            ports: ports.iter().copied().collect(),
+            others: others.map(|except| OtherPorts {
+                ephemeral: 32768..=60999,
+                except: except.iter().copied().collect(),
+            }),
+        }
+    }
+
+    #[test]
+    fn the_raw_sensor_program_passes_syns_and_datagrams_to_watched_ports() {
+        let w = watch(&[7000, 7001, 62201], None);
+        for header in [RawHeader::Ipv4, RawHeader::Transport] {
+            let wrap = |t: Vec<u8>, options: usize| match header {
+                RawHeader::Ipv4 => v4_packet(options, &t),
+                RawHeader::Transport => t,
+            };
+            let tcp = raw_sensor(header, RawProto::Tcp, &w).unwrap();
+            let udp = raw_sensor(header, RawProto::Udp, &w).unwrap();
+            check(&tcp);
+            check(&udp);
+            // (program, packet, pkttype, passes, name)
+            type Case<'a> = (&'a [Insn], Vec<u8>, u32, bool, &'a str);
+            let cases: Vec<Case> = vec![
+                (
+                    &tcp,
+                    wrap(transport(7000, SYN), 0),
+                    PACKET_HOST,
+                    true,
+                    "a syn to a step",
+                ),
+                (&tcp, wrap(transport(7001, SYN), 3), PACKET_HOST, true, "ip options"),
+                (&tcp, wrap(transport(7000, SYN_ACK), 0), PACKET_HOST, false, "a syn-ack"),
+                (&tcp, wrap(transport(7000, ACK), 0), PACKET_HOST, false, "data"),
+                (&tcp, wrap(transport(7000, 0x18), 0), PACKET_HOST, false, "psh-ack"),
+                (&tcp, wrap(transport(7002, SYN), 0), PACKET_HOST, false, "another port"),
+                (&tcp, wrap(transport(40000, SYN), 0), PACKET_HOST, false, "ephemeral"),
+                (&udp, wrap(transport(62201, 0), 0), PACKET_HOST, true, "spa"),
+                (&udp, wrap(transport(7001, 0), 0), BROADCAST, true, "a broadcast knock"),
+                (&udp, wrap(transport(5432, 0), 0), PACKET_HOST, false, "a service"),
+                (
+                    &udp,
+                    wrap(transport(7000, 0)[..3].to_vec(), 0),
+                    PACKET_HOST,
+                    false,
+                    "truncated",
+                ),
+            ];
+            for (program, packet, pkttype, passes, name) in cases {
+                assert_eq!(
+                    run_raw(program, &packet, pkttype) == ACCEPT,
+                    passes,
+                    "{name} ({header:?})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn other_ports_pass_outside_the_ephemeral_range_except_the_proxys() {
+        let w = watch(&[7000], Some(&[5432, 15432]));
+        let p = raw_sensor(RawHeader::Ipv4, RawProto::Tcp, &w).unwrap();
+        check(&p);
+        for (port, flags, pkttype, passes) in [
+            (7000, SYN, PACKET_HOST, true),
+            (22, SYN, PACKET_HOST, true),
+            (1, SYN, PACKET_HOST, true),
+            (32767, SYN, PACKET_HOST, true),
+            (32768, SYN, PACKET_HOST, false),
+            (60999, SYN, PACKET_HOST, false),
+            (61000, SYN, PACKET_HOST, true),
+            (65535, SYN, PACKET_HOST, true),
+            (5432, SYN, PACKET_HOST, false),
+            (15432, SYN, PACKET_HOST, false),
+            (22, ACK, PACKET_HOST, false),
+            (22, SYN, BROADCAST, false),
+            (7000, SYN, BROADCAST, true),
+        ] {
+            let packet = v4_packet(0, &transport(port, flags));
+            assert_eq!(
+                run_raw(&p, &packet, pkttype) == ACCEPT,
+                passes,
+                "port {port} flags {flags:#x} type {pkttype}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_port_lists_keep_every_branch_in_reach() {
+        let ports: Vec<u16> = (1000..1700).collect();
+        let except: Vec<u16> = (2000..2600).collect();
+        let w = watch(&ports, Some(&except));
+        for proto in [RawProto::Tcp, RawProto::Udp] {
+            let p = raw_sensor(RawHeader::Transport, proto, &w).unwrap();
+            check(&p);
+            for port in [1000, 1255, 1256, 1699, 1800, 2000, 2599, 2600] {
+                let passes = !(2000..2600).contains(&port);
+                assert_eq!(
+                    run_raw(&p, &transport(port, SYN), PACKET_HOST) == ACCEPT,
+                    passes,
+                    "{port}"
+                );
+            }
+        }
+        let too_many = watch(&(1..5000).collect::<Vec<u16>>(), None);
+        assert!(raw_sensor(RawHeader::Ipv4, RawProto::Udp, &too_many).is_err());
+    }
+
+    #[test]
+    fn raw_opcodes_match_the_kernel_headers() {
+        use nix::libc;
+        let c = |x: u32| u16::try_from(x).unwrap();
+        assert_eq!(LDX_MSH, c(libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH));
+        assert_eq!(LDX_IMM, c(libc::BPF_LDX | libc::BPF_W | libc::BPF_IMM));
+        assert_eq!(LD_H_IND, c(libc::BPF_LD | libc::BPF_H | libc::BPF_IND));
+        assert_eq!(LD_B_IND, c(libc::BPF_LD | libc::BPF_B | libc::BPF_IND));
+        assert_eq!(JMP_JGT_K, c(libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K));
+        assert_eq!(JMP_JGE_K, c(libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K));
+        assert_eq!(AD_OFF, libc::SKF_AD_OFF);
+        assert_eq!(AD_PKTTYPE, libc::SKF_AD_PKTTYPE);
+        assert_eq!(PACKET_HOST, u32::from(libc::PACKET_HOST));
     }
 
     fn any_source() -> impl Strategy<Value = IpAddr> {

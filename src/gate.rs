@@ -164,13 +164,17 @@ pub enum ExpiryCause {
     SequenceTimeout,
     /// A reload changed or removed the service's knock rule.
     Reconfigured,
+    /// The source touched a port no service uses (the raw sensor sees
+    /// them): a scan between two steps ends the attempt.
+    OtherPort,
 }
 
 impl ExpiryCause {
-    pub const ALL: [ExpiryCause; 3] = [
+    pub const ALL: [ExpiryCause; 4] = [
         ExpiryCause::StepTimeout,
         ExpiryCause::SequenceTimeout,
         ExpiryCause::Reconfigured,
+        ExpiryCause::OtherPort,
     ];
 
     pub fn as_label(self) -> &'static str {
@@ -178,6 +182,7 @@ impl ExpiryCause {
             ExpiryCause::StepTimeout => "step_timeout",
             ExpiryCause::SequenceTimeout => "sequence_timeout",
             ExpiryCause::Reconfigured => "reconfigured",
+            ExpiryCause::OtherPort => "other_port",
         }
     }
 }
@@ -404,6 +409,7 @@ impl Gate {
     fn knock(&mut self, knock: Knock, now: Instant, out: &mut Vec<Event>) {
         self.handle_timeout(now, out);
         let Some(targets) = self.by_step.get(&knock.step) else {
+            self.other_port(knock.source, out);
             return;
         };
         // The list is small (services sharing one endpoint); cloning it
@@ -455,6 +461,23 @@ impl Gate {
         let grant = self.grants.remove(&(idx, source))?;
         self.grant_deadlines.remove(&(grant.expires_at, (idx, source)));
         Some(grant)
+    }
+
+    /// A knock on an endpoint no service uses (only the raw sensor sends
+    /// them: it sees every port): every attempt of the source ends, so no
+    /// scan order can walk a sequence. It is no wrong step and no trap, so
+    /// it counts no strike: a user who talks to other services of the host
+    /// between two steps just starts over.
+    fn other_port(&mut self, source: IpAddr, out: &mut Vec<Event>) {
+        for idx in 0..self.services.len() {
+            if self.remove_attempt((idx, source)).is_some() {
+                out.push(Event::AttemptExpired {
+                    service: self.services[idx].name.clone(),
+                    source,
+                    cause: ExpiryCause::OtherPort,
+                });
+            }
+        }
     }
 
     /// A trap hit ends any attempt of the source, and is reported as a
@@ -996,5 +1019,74 @@ mod tests {
         let mut h = Harness::new(vec![rule("echo", &[1, 3, 2], &[])]);
         h.run(&[Knock(1, 99)]);
         assert!(h.events.is_empty());
+    }
+
+    #[test]
+    fn another_port_ends_the_attempts_of_its_source_only() {
+        // (name, script, sources granted "a", attempts ended by another port)
+        let table: Vec<(&str, Vec<Op>, Vec<u8>, usize)> = vec![
+            (
+                "another port between two steps resets",
+                vec![Knock(1, 1), Knock(1, 3), Knock(1, 99), Knock(1, 2)],
+                vec![],
+                1,
+            ),
+            (
+                "a fresh start after it opens",
+                vec![Knock(1, 1), Knock(1, 99), Knock(1, 1), Knock(1, 3), Knock(1, 2)],
+                vec![1],
+                1,
+            ),
+            (
+                "another source's port does not touch the attempt",
+                vec![Knock(1, 1), Knock(1, 3), Knock(2, 99), Knock(1, 2)],
+                vec![1],
+                0,
+            ),
+            (
+                "without an attempt it does nothing",
+                vec![Knock(1, 99), Knock(1, 1), Wait(MS(10)), Knock(1, 3), Knock(1, 2)],
+                vec![1],
+                0,
+            ),
+            (
+                "it ends the attempts on every service",
+                vec![Knock(1, 1), Knock(1, 4), Knock(1, 99), Knock(1, 3), Knock(1, 2)],
+                vec![],
+                2,
+            ),
+        ];
+        for (name, script, want, ended) in table {
+            let mut h = Harness::new(vec![rule("a", &[1, 3, 2], &[7]), rule("b", &[4, 6, 5], &[])]);
+            h.run(&script);
+            let got: Vec<u8> = h
+                .granted()
+                .into_iter()
+                .filter(|(s, _)| s == "a")
+                .map(|(_, s)| s)
+                .collect();
+            assert_eq!(got, want, "case: {name}");
+            let other = h
+                .events
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e,
+                        Event::AttemptExpired {
+                            cause: ExpiryCause::OtherPort,
+                            ..
+                        }
+                    )
+                })
+                .count();
+            assert_eq!(other, ended, "case: {name}");
+            // No knock result for another port: nothing a strike could count.
+            assert!(
+                !h.events
+                    .iter()
+                    .any(|e| matches!(e, Event::Knock { step, .. } if step.addr.port() == 99)),
+                "case: {name}"
+            );
+        }
     }
 }

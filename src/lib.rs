@@ -17,7 +17,8 @@
 //!                             │ no:  refuse / blackhole / allow (audit)
 //! ```
 //!
-//! - [`sensor`]: knock and SPA listeners; they own sockets and nothing else.
+//! - [`sensor`]: knock and SPA listeners (bound sockets, or the raw sensor's
+//!   raw sockets); they own sockets and nothing else.
 //! - [`driver`]: the only code that talks to the gate; applies its events to
 //!   the store, audit log, metrics and lockouts; the replication seam.
 //! - [`gate`]: knock progress, grants and expiries; pure logic, time passed in.

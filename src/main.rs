@@ -21,6 +21,10 @@ fn main() -> ExitCode {
         Command::Check(args) => match config::from_file(&args.config) {
             Ok(c) => {
                 println!("{}: ok ({} service(s))", args.config.display(), c.services.len());
+                println!(
+                    "gateway.sensor: {}",
+                    portcullis::sensor::raw::describe(c.gateway.sensor)
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -1,6 +1,7 @@
 //! Knock sensors: they own the knock sockets, turn what arrives into
 //! [`Knock`]s for the gate, and do nothing else. Nothing is ever sent back
-//! to a knock sender.
+//! to a knock sender. [`raw`] watches the knock and SPA ports through raw
+//! sockets instead of binding them.
 //!
 //! UDP knock sockets are read by one task, in passes until every socket is
 //! empty; each batch is put back in arrival order by the kernel's receive
@@ -29,6 +30,7 @@ use crate::metrics::{self, ListenerKind};
 use crate::net;
 use crate::step::Step;
 
+pub mod raw;
 pub mod spa;
 
 /// Where knocks go: the gate driver, behind the per-source guard.

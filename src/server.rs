@@ -27,7 +27,8 @@ use crate::gate::Gate;
 use crate::guard::SourceGuard;
 use crate::metrics::{self, ReloadResult};
 use crate::store::{GrantStore, MemoryStore};
-use crate::{proxy, udp};
+use crate::{proxy, sensor, udp};
+use anyhow::Context as _;
 use handover::{Endpoint, Socket};
 pub use runtime::ReloadSummary;
 
@@ -38,13 +39,19 @@ pub struct Bound {
     sockets: HashMap<Endpoint, Socket>,
     admin: Option<admin::Listener>,
     readiness: Readiness,
+    /// Whether the raw sensor watches the knock and SPA ports.
+    raw: bool,
 }
 
 /// Binds every guarded listener, knock endpoint and the SPA and admin
 /// ports of `config`. Errors name the config key whose address could not
 /// be bound.
 pub fn bind(config: Config) -> anyhow::Result<Bound> {
-    let wanted = handover::endpoints(&config);
+    let raw = sensor::raw::resolve(config.gateway.sensor).context("gateway.sensor")?;
+    if raw {
+        sensor::raw::fixed_ports(&config)?;
+    }
+    let wanted = handover::endpoints(&config, raw);
     let plan = handover::plan(&[], &wanted.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>());
     let sockets = handover::bind_all(&plan.bind, &wanted)?;
     let admin = config.admin.as_ref().map(admin::bind).transpose()?;
@@ -53,6 +60,7 @@ pub fn bind(config: Config) -> anyhow::Result<Bound> {
         sockets,
         admin,
         readiness: Readiness::new(),
+        raw,
     })
 }
 
@@ -93,6 +101,7 @@ impl Bound {
             sockets,
             admin,
             readiness,
+            raw,
         } = self;
         let life = Lifecycle::new();
         let (failures_tx, mut failures) = mpsc::unbounded_channel();
@@ -148,6 +157,7 @@ impl Bound {
             guard,
             clock,
             failures: failures_tx,
+            raw,
         });
         runtime.start(sockets).await?;
         readiness.set_ready();

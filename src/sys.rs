@@ -3,7 +3,8 @@
 //! we enable) do not offer: `pipe2`, the pipe size `fcntl`s, `splice(2)`,
 //! `FIONREAD` and a plain `read(2)` on a pipe; and `recvmmsg(2)` /
 //! `sendmmsg(2)`, which move a batch of datagrams per system call for the
-//! UDP services.
+//! UDP services; and the registration of the raw sensor's sockets with
+//! tokio's reactor.
 //!
 //! Each wrapper is safe to call: it takes borrowed descriptors and slices,
 //! returns `io::Result`, and owns nothing beyond the descriptors it hands
@@ -26,6 +27,15 @@ pub(crate) const BATCH: usize = 32;
 /// zeroed and untouched, so the kernel backs only the pages datagrams
 /// actually fill: small datagrams cost a page per slot, not 64 KiB.
 pub(crate) const SLOT: usize = 64 * 1024;
+
+/// Registers an owned socket with tokio's reactor (the raw sensor's
+/// sockets, which tokio has no type for).
+pub(crate) fn async_socket(socket: socket2::Socket) -> std::io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
+    // SAFETY: the AsyncFd takes `socket` by value, so the descriptor stays
+    // open, and refers to the same socket, until the AsyncFd is dropped;
+    // socket2's `as_raw_fd` always returns that one descriptor.
+    unsafe { tokio::io::unix::AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)
+}
 
 #[cfg(not(target_os = "linux"))]
 mod portable {

@@ -84,6 +84,8 @@ pub struct RawGateway {
     pub blackhole_hold: Option<String>,
     pub max_blackholed: Option<RawCount>,
     pub max_knock_attempts: Option<RawCount>,
+    /// How knocks and SPA packets are observed: socket, raw or auto.
+    pub sensor: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -49,44 +49,49 @@ pub async fn run(
                 continue;
             }
         };
-        let source = from.ip().to_canonical();
-        let now = sensor.clock.now();
-        if let Err(r) = sensor.guard.admit(source, now) {
-            metrics::source_refused("spa", r.as_label());
-            refused(&sensor, None, Refusal::Guard(r), source, None);
-            continue;
-        }
-        let packet = &buf[..len];
-        let now_unix = unix_secs(&*sensor.clock);
-        match sensor.desk.verify(packet, source, now_unix, now, &*sensor.store) {
-            Ok(accepted) => {
-                metrics::spa_packet(accepted.format.as_label(), "accepted");
-                let services: Vec<&str> = accepted.grants.iter().map(|(s, _)| &**s).collect();
-                tracing::info!(
-                    user = %accepted.user,
-                    %source,
-                    grantee = %accepted.grantee,
-                    format = accepted.format.as_label(),
-                    services = ?services,
-                    "spa accepted"
-                );
-                for (service, duration) in accepted.grants {
-                    let method = Method::Spa {
-                        user: accepted.user.clone(),
-                    };
-                    if driver.authorize(service, accepted.grantee, method, duration).is_err() {
-                        tracing::warn!(%source, "gate busy: spa grant dropped");
-                    }
+        decide(&sensor, &driver, &buf[..len], from.ip().to_canonical());
+    }
+}
+
+/// Decides one SPA datagram from `source` (the guard, then the
+/// [`SpaDesk`]) and hands an accepted request's grants to `driver`. The
+/// socket sensor and the raw sensor alike come here.
+pub fn decide(sensor: &SpaSensor, driver: &DriverHandle, packet: &[u8], source: IpAddr) {
+    let now = sensor.clock.now();
+    if let Err(r) = sensor.guard.admit(source, now) {
+        metrics::source_refused("spa", r.as_label());
+        refused(sensor, None, Refusal::Guard(r), source, None);
+        return;
+    }
+    let now_unix = unix_secs(&*sensor.clock);
+    match sensor.desk.verify(packet, source, now_unix, now, &*sensor.store) {
+        Ok(accepted) => {
+            metrics::spa_packet(accepted.format.as_label(), "accepted");
+            let services: Vec<&str> = accepted.grants.iter().map(|(s, _)| &**s).collect();
+            tracing::info!(
+                user = %accepted.user,
+                %source,
+                grantee = %accepted.grantee,
+                format = accepted.format.as_label(),
+                services = ?services,
+                "spa accepted"
+            );
+            for (service, duration) in accepted.grants {
+                let method = Method::Spa {
+                    user: accepted.user.clone(),
+                };
+                if driver.authorize(service, accepted.grantee, method, duration).is_err() {
+                    tracing::warn!(%source, "gate busy: spa grant dropped");
                 }
             }
-            Err(refusal) => {
-                sensor.guard.strike_and_report(source, now, StrikeKind::Spa);
-                let skew = match refusal {
-                    Refusal::Packet(Reject::Stale { skew_secs, .. }) => Some(skew_secs),
-                    _ => None,
-                };
-                refused(&sensor, spa::detect(packet), refusal, source, skew);
-            }
+        }
+        Err(refusal) => {
+            sensor.guard.strike_and_report(source, now, StrikeKind::Spa);
+            let skew = match refusal {
+                Refusal::Packet(Reject::Stale { skew_secs, .. }) => Some(skew_secs),
+                _ => None,
+            };
+            refused(sensor, spa::detect(packet), refusal, source, skew);
         }
     }
 }

@@ -8,6 +8,9 @@
 //! a knock step on the same address, or the SPA port at the same
 //! configured address. Keeping a socket keeps the connections waiting in
 //! its backlog.
+//!
+//! With the raw sensor, knock steps and the SPA port are not bound: one
+//! [`Endpoint::Raw`] stands for the sensor's raw sockets instead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -18,6 +21,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use crate::config::{Config, Service};
 use crate::net;
+use crate::sensor::raw::{self, RawSockets};
 use crate::step::{Proto, Step};
 
 /// One socket a config needs, as the config names it (port 0 included).
@@ -30,6 +34,9 @@ pub enum Endpoint {
     },
     Knock(Step),
     Spa(SocketAddr),
+    /// The raw sensor's sockets, which see every knock step and the SPA
+    /// port without binding them.
+    Raw,
 }
 
 impl Endpoint {
@@ -59,6 +66,7 @@ pub enum Socket {
     /// A TCP knock step's listener.
     Tcp(TcpListener),
     Udp(Arc<UdpSocket>),
+    Raw(RawSockets),
 }
 
 impl Socket {
@@ -67,16 +75,25 @@ impl Socket {
             Socket::Guarded(l) => l.local_addr(),
             Socket::Tcp(l) => l.local_addr(),
             Socket::Udp(s) => s.local_addr(),
+            Socket::Raw(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "the raw sensor has no address",
+            )),
         }
     }
 }
 
 /// Every endpoint `config` needs, each with the config key it comes from
 /// (for error messages). Steps shared by several services appear once.
-pub fn endpoints(config: &Config) -> Vec<(Endpoint, String)> {
+/// With the `raw` sensor, knock steps and the SPA port are left to it.
+pub fn endpoints(config: &Config, raw: bool) -> Vec<(Endpoint, String)> {
     let mut out = Vec::new();
     for s in &config.services {
         out.push((guarded(s), format!("service.{}.listen", s.name)));
+    }
+    if raw {
+        out.push((Endpoint::Raw, "gateway.sensor".to_owned()));
+        return out;
     }
     let mut steps: BTreeMap<Step, String> = BTreeMap::new();
     for s in &config.services {
@@ -159,6 +176,10 @@ fn bind(endpoint: &Endpoint) -> std::io::Result<Socket> {
             addr,
         }) => Socket::Udp(Arc::new(net::bind_udp_timestamped(*addr)?)),
         Endpoint::Spa(addr) => Socket::Udp(Arc::new(net::bind_udp_sensor(*addr)?)),
+        Endpoint::Raw => Socket::Raw(raw::open().map_err(|e| match e {
+            raw::OpenError::Io(e) => e,
+            e => std::io::Error::new(std::io::ErrorKind::PermissionDenied, e),
+        })?),
     })
 }
 
@@ -176,6 +197,7 @@ pub fn bind_all(which: &[Endpoint], paths: &[(Endpoint, String)]) -> anyhow::Res
                 Endpoint::Guarded { listen, .. } => format!("cannot listen on {path} ({listen})"),
                 Endpoint::Knock(step) => format!("cannot listen on {step} from {path}"),
                 Endpoint::Spa(addr) => format!("cannot listen on {path} ({addr})"),
+                Endpoint::Raw => format!("cannot open the raw sensor ({path})"),
             }
         })?;
         bound.insert(e.clone(), socket);
@@ -317,6 +339,17 @@ mod tests {
                 close: vec![],
             },
             Case {
+                name: "the raw sensor's sockets are kept across a reload",
+                running: vec![tcp("pg", "0.0.0.0:5432"), Endpoint::Raw],
+                wanted: vec![tcp("pg", "0.0.0.0:5432"), Endpoint::Raw],
+                keep: vec![
+                    (tcp("pg", "0.0.0.0:5432"), tcp("pg", "0.0.0.0:5432")),
+                    (Endpoint::Raw, Endpoint::Raw),
+                ],
+                bind: vec![],
+                close: vec![],
+            },
+            Case {
                 name: "a knock step on another protocol is another socket",
                 running: vec![knock(7000, Proto::Udp)],
                 wanted: vec![knock(7000, Proto::Tcp)],
@@ -338,6 +371,32 @@ mod tests {
                 c.name
             );
         }
+    }
+
+    #[test]
+    fn with_the_raw_sensor_knock_steps_and_the_spa_port_are_not_bound() {
+        let raw: crate::config::raw::RawConfig = toml::from_str(
+            r#"
+[spa]
+listen = "0.0.0.0:62201"
+[service.pg]
+listen = "127.0.0.1:5432"
+upstream = "127.0.0.1:15432"
+knock = { sequence = ["7001/udp", "7003/tcp", "7002/udp"], trap_ports = ["7009/udp"] }
+"#,
+        )
+        .unwrap();
+        let config = crate::config::validate(&raw).unwrap();
+        let socket: Vec<Endpoint> = endpoints(&config, false).into_iter().map(|(e, _)| e).collect();
+        assert_eq!(socket.len(), 6, "{socket:?}");
+        let raw: Vec<(Endpoint, String)> = endpoints(&config, true);
+        assert_eq!(
+            raw,
+            vec![
+                (tcp("pg", "127.0.0.1:5432"), "service.pg.listen".to_owned()),
+                (Endpoint::Raw, "gateway.sensor".to_owned()),
+            ]
+        );
     }
 
     #[tokio::test]

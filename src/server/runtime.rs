@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -140,6 +141,9 @@ pub(super) struct Parts {
     pub guard: Arc<SourceGuard>,
     pub clock: Arc<dyn Clock>,
     pub failures: Failures,
+    /// Whether the raw sensor watches the knock and SPA ports (chosen at
+    /// start, kept across reloads).
+    pub raw: bool,
 }
 
 /// The running data plane of one config.
@@ -200,31 +204,30 @@ impl Runtime {
         let mut udp_knocks = Vec::new();
         let mut tcp_knocks = Vec::new();
         let mut spa = None;
+        let mut raw = None;
         for (endpoint, socket) in sockets {
             match (endpoint, socket) {
                 (Endpoint::Knock(step), Socket::Udp(s)) => udp_knocks.push((s, step)),
                 (Endpoint::Knock(step), Socket::Tcp(l)) => tcp_knocks.push((l, step)),
                 (Endpoint::Spa(configured), Socket::Udp(s)) => spa = Some((configured, s)),
+                (Endpoint::Raw, Socket::Raw(r)) => raw = Some(r),
                 (endpoint, _) => anyhow::bail!("a socket of the wrong kind for {endpoint:?}"),
             }
+        }
+        if let Some(sockets) = raw {
+            let plan = sensor::raw::Plan::new(self.config(), sensor::raw::ephemeral_range());
+            sensor::raw::watch(&sockets, &plan).context("the raw sensor's filter was refused")?;
+            let spa_sensor = self.config().spa.is_some().then(|| self.spa_sensor(&bound));
+            let intake = intake.clone();
+            self.spawn("raw sensor".into(), move |stop| async move {
+                let sockets = sensor::raw::run(sockets, plan, intake, spa_sensor, stop).await;
+                vec![(Endpoint::Raw, Socket::Raw(sockets))]
+            });
         }
         if let Some((configured, socket)) = spa {
             let addr = socket.local_addr()?;
             tracing::info!(kind = "spa", %addr, users = self.config().users.len(), "listening");
-            let config = self.config();
-            let spa_sensor = sensor::spa::SpaSensor {
-                desk: SpaDesk::new(
-                    config.spa.as_ref(),
-                    &config.users,
-                    &config.services,
-                    &bound,
-                    self.started_unix,
-                ),
-                guard: self.parts.guard.clone(),
-                store: self.parts.proxy.store.clone(),
-                clock: self.parts.clock.clone(),
-                log_limit: governor::RateLimiter::direct(governor::Quota::per_second(SPA_LOG_RATE)),
-            };
+            let spa_sensor = self.spa_sensor(&bound);
             let driver = self.parts.driver.clone();
             // Keyed by the configured address, as a reloaded config names it
             // (port 0 included), not by the port the kernel chose.
@@ -256,6 +259,24 @@ impl Runtime {
             });
         }
         Ok(())
+    }
+
+    /// The SPA sensor's desk and limits for the running config.
+    fn spa_sensor(&self, bound: &[(Arc<str>, SocketAddr)]) -> sensor::spa::SpaSensor {
+        let config = self.config();
+        sensor::spa::SpaSensor {
+            desk: SpaDesk::new(
+                config.spa.as_ref(),
+                &config.users,
+                &config.services,
+                bound,
+                self.started_unix,
+            ),
+            guard: self.parts.guard.clone(),
+            store: self.parts.proxy.store.clone(),
+            clock: self.parts.clock.clone(),
+            log_limit: governor::RateLimiter::direct(governor::Quota::per_second(SPA_LOG_RATE)),
+        }
     }
 
     /// Spawns a supervised task that runs until its stop token (a child of
@@ -302,6 +323,13 @@ impl Runtime {
                     let socket = udp::serve(socket, sessions, service, shared, stop).await;
                     vec![(endpoint, Socket::Udp(socket))]
                 });
+            }
+            // Only Endpoint::Raw binds raw sockets; never a service's.
+            Socket::Raw(_) => {
+                let _ = self
+                    .parts
+                    .failures
+                    .send(format!("{what}: handed the raw sensor's sockets"));
             }
         }
     }
@@ -369,8 +397,11 @@ impl Runtime {
                 tracing::warn!(section, "changes to this section take effect at the next restart");
             }
         }
+        if self.parts.raw {
+            sensor::raw::fixed_ports(&new)?;
+        }
         let summary = summarize(self.config(), &new);
-        let wanted = handover::endpoints(&new);
+        let wanted = handover::endpoints(&new, self.parts.raw);
         let wanted_endpoints: Vec<Endpoint> = wanted.iter().map(|(e, _)| e.clone()).collect();
         let plan = handover::plan(&self.running, &wanted_endpoints);
         let fresh = handover::bind_all(&plan.bind, &wanted)?;
