@@ -74,6 +74,7 @@ fn knock_step(c: &mut Criterion) {
         knock: Some(KnockRule {
             sequence: vec![udp(7001), udp(7003), udp(7002)],
             trap: vec![],
+            trap_lockout: true,
             step_timeout: Duration::from_secs(5),
             sequence_timeout: Duration::from_secs(15),
         }),

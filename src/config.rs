@@ -8,6 +8,7 @@
 
 mod admin;
 mod knock;
+pub use knock::{random_pass_chance, sequence_report, SequenceReport, RANDOM_PASS_WARN};
 pub mod pem;
 pub mod raw;
 mod spa;

@@ -274,7 +274,9 @@ impl Driver {
         let now = self.effects.clock.now();
         self.gate.handle(input, now, &mut self.events);
         if let Some(source) = knocker {
-            if is_bad_knock(&self.events, source) {
+            if self.events.iter().any(|e| matches!(e, Event::Trapped { .. })) {
+                self.effects.guard.lock_out(source, now);
+            } else if is_bad_knock(&self.events, source) {
                 self.effects.guard.strike_and_report(source, now, StrikeKind::Knock);
             }
         }
@@ -446,6 +448,9 @@ fn apply_progress(event: Event) {
             metrics::attempt_expired(&service, cause);
             tracing::debug!(%service, %source, cause = cause.as_label(), "knock attempt ended");
         }
+        Event::Trapped { service, source } => {
+            tracing::debug!(%service, %source, "trap port hit");
+        }
         Event::Granted(_) | Event::GrantExpired(_) | Event::Revoked(_) => {}
     }
 }
@@ -499,6 +504,7 @@ mod tests {
             knock: Some(KnockRule {
                 sequence: vec![udp(7001), udp(7003), udp(7002)],
                 trap: vec![udp(7009)],
+                trap_lockout: true,
                 step_timeout: Duration::from_secs(5),
                 sequence_timeout: Duration::from_secs(15),
             }),

@@ -28,8 +28,12 @@ use crate::step::Step;
 pub struct KnockRule {
     /// Steps in order; validated to hold at least three, non-monotonic.
     pub sequence: Vec<Step>,
-    /// Endpoints that only reset progress.
+    /// Endpoints that end the source's attempt and, with `trap_lockout`,
+    /// lock the source out.
     pub trap: Vec<Step>,
+    /// Whether a trap hit locks its source out (the default), not only
+    /// resets it: a random-order scan then has one pass at the sequence.
+    pub trap_lockout: bool,
     /// Longest gap between two consecutive steps.
     pub step_timeout: Duration,
     /// Longest time from the first step to the last.
@@ -201,6 +205,12 @@ pub enum Event {
         source: IpAddr,
         cause: ExpiryCause,
     },
+    /// A trap of a service whose traps lock out was hit: the source is to
+    /// be locked out.
+    Trapped {
+        service: Arc<str>,
+        source: IpAddr,
+    },
     Granted(Grant),
     GrantExpired(Grant),
     Revoked(Grant),
@@ -234,7 +244,7 @@ struct Attempt {
 }
 
 /// Where a step appears in a service's rule.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     Sequence,
     Trap,
@@ -426,6 +436,13 @@ impl Gate {
                 step: knock.step,
                 result,
             });
+            let locks_out = self.services[idx].knock.as_ref().is_some_and(|k| k.trap_lockout);
+            if role == Role::Trap && locks_out {
+                out.push(Event::Trapped {
+                    service: self.services[idx].name.clone(),
+                    source: knock.source,
+                });
+            }
             if let KnockResult::Advanced { step, of } = result {
                 if step == of {
                     self.remove_attempt((idx, knock.source));
@@ -605,6 +622,7 @@ mod tests {
             knock: Some(KnockRule {
                 sequence: ports.iter().map(|p| udp(*p)).collect(),
                 trap: trap.iter().map(|p| udp(*p)).collect(),
+                trap_lockout: true,
                 step_timeout: STEP,
                 sequence_timeout: SEQ,
             }),

@@ -130,6 +130,35 @@ impl SourceGuard {
         StrikeOutcome::Counted
     }
 
+    /// Locks `source` out for `lockout_for` at once (a trap port was hit),
+    /// and counts and logs it. A source the full table cannot record is
+    /// refused by the rate limiter instead (see the module doc).
+    pub fn lock_out(&self, source: IpAddr, now: Instant) {
+        let until = crate::clock::later(now, self.limits.lockout_for);
+        if !self.strikes.contains_key(&source) && self.strikes.len() >= self.limits.max_tracked_sources {
+            self.strikes.retain(|_, s| s.locked_until.is_some_and(|u| u > now));
+            if self.strikes.len() >= self.limits.max_tracked_sources {
+                return;
+            }
+        }
+        let mut entry = self.strikes.entry(source).or_insert(Strikes {
+            count: 0,
+            since: until,
+            locked_until: None,
+        });
+        let s = entry.value_mut();
+        let already = s.locked_until.is_some_and(|u| u > now);
+        *s = Strikes {
+            count: 0,
+            since: until,
+            locked_until: Some(until),
+        };
+        if !already {
+            crate::metrics::lockout();
+            tracing::warn!(%source, "source locked out: it hit a trap port");
+        }
+    }
+
     /// The one strike path: counts a bad packet of `kind` from `source`,
     /// and counts and logs the lockout it may cause.
     pub fn strike_and_report(&self, source: IpAddr, now: Instant, kind: StrikeKind) -> StrikeOutcome {

@@ -25,6 +25,34 @@ fn main() -> ExitCode {
                     "gateway.sensor: {}",
                     portcullis::sensor::raw::describe(c.gateway.sensor)
                 );
+                for r in config::sequence_report(&c.services) {
+                    println!(
+                        "{}: one random-order scan of its {} step(s) and {} trap port(s) opens it with a chance of 1 in {:.0}",
+                        r.path,
+                        r.steps,
+                        r.traps,
+                        1.0 / r.chance
+                    );
+                    if let Some((traps, with_a_step)) = r.add_traps {
+                        eprintln!(
+                            "warning: {}: above 1 in {:.0}: add {traps} trap port(s), or one step and {with_a_step} trap port(s); or use SPA",
+                            r.path,
+                            1.0 / config::RANDOM_PASS_WARN
+                        );
+                    }
+                }
+                for s in c
+                    .services
+                    .iter()
+                    .filter(|s| s.unauthorized == config::Unauthorized::Dark)
+                {
+                    if !portcullis::proxy::dark::has_net_admin() {
+                        eprintln!(
+                            "warning: service.{}.unauthorized: dark needs CAP_NET_ADMIN, which this process lacks: it would run as closed",
+                            s.name
+                        );
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

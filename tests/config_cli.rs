@@ -131,20 +131,19 @@ fn an_invalid_environment_override_is_reported_with_its_key_path() {
 fn the_example_config_serves_and_stops_on_sigterm() {
     // proxy.toml binds fixed ports; move them to free ones via the
     // environment, as an operator would.
-    let ports = free_ports(8);
-    let text = std::fs::read_to_string(repo_path("proxy.toml")).unwrap();
+    let ports = free_ports(16);
+    let mut text = std::fs::read_to_string(repo_path("proxy.toml")).unwrap();
     let p = |i: usize| ports[i].to_string();
+    // Knock steps and traps 7301..=7312 to ports 1..=12, in order.
+    for i in (1..=12).rev() {
+        text = text.replace(&format!("\"{}/udp\"", 7300 + i), &format!("\"{}/udp\"", p(i)));
+    }
     let text = text
         .replace("127.0.0.1:15432", &format!("127.0.0.1:{}", p(0)))
-        .replace("7301/udp", &format!("{}/udp", p(1)))
-        .replace("7305/udp", &format!("{}/udp", p(5)))
-        .replace("7302/udp", &format!("{}/udp", p(2)))
-        .replace("7303/udp", &format!("{}/udp", p(3)))
-        .replace("7304/udp", &format!("{}/udp", p(4)))
-        .replace("127.0.0.1:9464", &format!("127.0.0.1:{}", p(6)));
+        .replace("127.0.0.1:9464", &format!("127.0.0.1:{}", p(13)));
     let mut gw = Gateway::builder().config(&text).start();
     assert_eq!(gw.addr("postgres").port(), ports[0]);
-    assert_eq!(gw.admin.map(|a| a.port()), Some(ports[6]));
+    assert_eq!(gw.admin.map(|a| a.port()), Some(ports[13]));
     assert_eq!(gw.http("GET", "/readyz", &[]).status, 200);
     gw.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(gw.wait_exit().success());

@@ -66,7 +66,7 @@ fn fwknop_keygen(dir: &Path, name: &str) {
         "fwknop --key-gen: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::write(dir.join(name), &out.stdout).unwrap();
+    write_private(&dir.join(name), &out.stdout);
 }
 
 fn key_value(file: &Path, name: &str) -> String {

@@ -71,6 +71,7 @@ impl Validator {
         Some(KnockRule {
             sequence: sequence?,
             trap: trap?,
+            trap_lockout: raw.trap_lockout.unwrap_or(true),
             step_timeout,
             sequence_timeout,
         })
@@ -81,6 +82,16 @@ impl Validator {
             self.problem(
                 path,
                 format!("{} step(s) are too easy to guess: use at least 3, in an order that is neither ascending nor descending", seq.len()),
+            );
+            return;
+        }
+        let distinct = distinct_steps(seq);
+        if distinct < 3 {
+            self.problem(
+                path,
+                format!(
+                    "{distinct} distinct port(s) are too easy to guess (a random scan opens A, B, A about once in 2 passes): use at least 3 different ports"
+                ),
             );
             return;
         }
@@ -187,4 +198,82 @@ fn collides(a: &Step, b: &Step) -> bool {
 /// IPv4 wildcard covers IPv4 addresses, a dual-stack IPv6 one covers all.
 fn covers(wild: IpAddr, other: IpAddr) -> bool {
     wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+}
+
+fn distinct_steps(seq: &[Step]) -> usize {
+    let mut seen: Vec<&Step> = Vec::with_capacity(seq.len());
+    for s in seq {
+        if !seen.contains(&s) {
+            seen.push(s);
+        }
+    }
+    seen.len()
+}
+
+/// The chance above which `check` warns that a random-order scan may open
+/// a sequence.
+pub const RANDOM_PASS_WARN: f64 = 1e-4;
+
+/// The chance that one random-order pass over a service's knock ports (its
+/// `steps` distinct steps and `traps` trap ports, each hit once, in a
+/// random order, as a scanner that randomises ports does) opens the
+/// service. With traps that lock out, every step must come before any
+/// trap and in order: `1 / ((T+1)(T+2)...(T+S))`; with traps that only
+/// reset, no trap may fall between the first step and the last:
+/// `1 / ((T+2)...(T+S))`.
+///
+/// ```
+/// use portcullis::config::random_pass_chance;
+/// assert_eq!(random_pass_chance(3, 0, true), 1.0 / 6.0);
+/// assert_eq!(random_pass_chance(3, 2, true), 1.0 / 60.0);
+/// assert_eq!(random_pass_chance(3, 2, false), 1.0 / 20.0);
+/// ```
+pub fn random_pass_chance(steps: usize, traps: usize, trap_lockout: bool) -> f64 {
+    let first = if trap_lockout { traps + 1 } else { traps + 2 };
+    let mut odds = 1.0f64;
+    for k in first..=traps + steps {
+        odds *= k as f64;
+    }
+    1.0 / odds
+}
+
+/// One line of `check`'s report on a knock sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequenceReport {
+    /// `service.NAME.knock`.
+    pub path: String,
+    pub steps: usize,
+    pub traps: usize,
+    pub chance: f64,
+    /// Trap ports to add to get below [`RANDOM_PASS_WARN`], when above it:
+    /// with the steps as they are, and with one step more.
+    pub add_traps: Option<(usize, usize)>,
+}
+
+/// How likely one random-order scan is to open each knock sequence of
+/// `services` (socket sensor; the raw sensor makes every other port reset
+/// an attempt, which is far stricter).
+pub fn sequence_report(services: &[Service]) -> Vec<SequenceReport> {
+    services
+        .iter()
+        .filter_map(|s| {
+            let k = s.knock.as_ref()?;
+            let steps = distinct_steps(&k.sequence);
+            let traps = k.trap.len();
+            let chance = random_pass_chance(steps, traps, k.trap_lockout);
+            let needed = |steps: usize| {
+                (0..)
+                    .find(|more| random_pass_chance(steps, traps + more, k.trap_lockout) <= RANDOM_PASS_WARN)
+                    .unwrap_or(usize::MAX)
+            };
+            let add_traps = (chance > RANDOM_PASS_WARN).then(|| (needed(steps), needed(steps + 1)));
+            Some(SequenceReport {
+                path: format!("service.{}.knock", s.name),
+                steps,
+                traps,
+                chance,
+                add_traps,
+            })
+        })
+        .collect()
 }

@@ -129,6 +129,8 @@ pub struct RawKnock {
     pub sequence: Vec<RawStep>,
     #[serde(default)]
     pub trap_ports: Vec<RawStep>,
+    /// Whether a trap hit locks the source out (default true).
+    pub trap_lockout: Option<bool>,
     pub step_timeout: Option<String>,
     pub sequence_timeout: Option<String>,
 }

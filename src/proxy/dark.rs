@@ -96,6 +96,21 @@ impl Dark {
     }
 }
 
+/// Whether this process holds CAP_NET_ADMIN in its effective set (read
+/// from `/proc/self/status`), which `dark` needs. For `check`: serving
+/// finds out by attaching.
+pub fn has_net_admin() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
 /// Takes any filter off a listener that is not (or no longer) dark.
 pub fn detach(listener: &std::net::TcpListener) {
     // ENOENT when there is none: nothing to do.
