@@ -33,6 +33,7 @@ pub struct RawLimits {
     pub lockout_after: Option<RawCount>,
     pub lockout_for: Option<String>,
     pub max_tracked_sources: Option<RawCount>,
+    pub ipv6_prefix: Option<RawCount>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
