@@ -18,14 +18,32 @@
 //! briefly without awaiting: the grant store, the [`Readiness`] latch, the
 //! metrics recorder, and the gate's input channel.
 //!
-//! # Who may change things
+//! # Who may change and read things
 //!
-//! Reading is open to whoever can reach the listener. The mutating
-//! endpoints (revoking a grant) are allowed when the listener is bound to a
-//! loopback address (unless `allow_loopback_mutations = false`), or with
-//! the configured bearer token (`Authorization: Bearer ...`, compared in
+//! The mutating endpoints (revoking a grant) are allowed with the
+//! configured bearer token (`Authorization: Bearer ...`, compared in
 //! constant time), or over TLS with a client certificate verified against
-//! `client_ca`. Anything else gets 403.
+//! `client_ca`. A configured token is required everywhere, loopback
+//! included; only when no token is configured does a loopback-bound
+//! listener trust whoever reaches it (unless `allow_loopback_mutations =
+//! false`). Anything else gets 403. Reads (`/metrics`, `/v1/grants`) are
+//! open unless `require_token_for_reads = true`, which asks them for the
+//! same credentials (401 without); the probes are always open.
+//!
+//! A listener bound to loopback answers only requests whose `Host` is
+//! `localhost` (or under `.localhost`) or a loopback address: a web page
+//! in a local browser could otherwise reach it through a DNS name rebound
+//! to 127.0.0.1 (403).
+//!
+//! # Probes under load
+//!
+//! A connection must send its first byte within [`FIRST_BYTE_TIMEOUT`] and
+//! its headers within [`HEADER_READ_TIMEOUT`] (which also ends idle
+//! keep-alive connections); one peer holds at most [`MAX_PER_PEER`] of the
+//! [`MAX_CONNECTIONS`]. Past those, [`PROBE_RESERVE`] more connections are
+//! accepted that answer only `/healthz` and `/readyz` (503 otherwise, and
+//! closed after one request), so idle or slow connections cannot make a
+//! liveness probe fail. Anything beyond is closed at once.
 //!
 //! This module does not decide anything about grants: a revocation is an
 //! revocation handed to the gate driver, which answers once it is applied.
@@ -33,9 +51,10 @@
 mod api;
 pub mod tls;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -57,13 +76,20 @@ use crate::metrics::{self, ListenerKind};
 use crate::net;
 use crate::store::GrantStore;
 
-/// Admin connections served at once; more wait in the kernel's backlog.
+/// Admin connections served at once for any request.
 const MAX_CONNECTIONS: usize = 64;
+/// Connections one peer address may hold of [`MAX_CONNECTIONS`].
+const MAX_PER_PEER: usize = 16;
+/// Connections past the others that answer only the probes.
+const PROBE_RESERVE: usize = 16;
 const BACKLOG: i32 = 128;
+/// Longest a new connection may stay silent.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a client may take to send a request's headers, or leave a
+/// keep-alive connection idle between requests.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the metrics recorder's housekeeping runs.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// How long requests in flight may finish once the endpoint stops.
@@ -254,16 +280,17 @@ async fn serve(listener: Listener, context: Context, stop: CancellationToken) {
     });
     let tracker = TaskTracker::new();
     tracker.spawn(upkeep(stop.clone()));
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let admission = Admission::new();
     net::accept_loop(
         &listener,
         ListenerKind::Admin,
-        Some(&permits),
+        None,
         &stop,
-        |stream, peer, permit| {
-            if let Some(permit) = permit {
-                tracker.spawn(connection(stream, peer, shared.clone(), permit));
+        |stream, peer, _| match admission.admit(peer.ip()) {
+            Some(slot) => {
+                tracker.spawn(connection(stream, peer, shared.clone(), slot));
             }
+            None => tracing::debug!(%peer, "admin connection closed: every slot is taken"),
         },
     )
     .await;
@@ -284,14 +311,87 @@ async fn upkeep(stop: CancellationToken) {
     }
 }
 
+/// Who gets an admin connection (see "Probes under load" in the module
+/// doc). Only the endpoint's one thread uses it.
+#[derive(Debug)]
+struct Admission {
+    general: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+    peers: PeerCounts,
+}
+
+/// Connections held per peer address.
+type PeerCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// A connection's place, given back when it ends.
+#[derive(Debug)]
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    probes_only: bool,
+    peer: Option<(IpAddr, PeerCounts)>,
+}
+
+impl Admission {
+    fn new() -> Self {
+        Self {
+            general: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            reserve: Arc::new(Semaphore::new(PROBE_RESERVE)),
+            peers: Arc::default(),
+        }
+    }
+
+    fn admit(&self, peer: IpAddr) -> Option<Slot> {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = peers.get(&peer).copied().unwrap_or(0);
+        if held < MAX_PER_PEER {
+            if let Ok(permit) = self.general.clone().try_acquire_owned() {
+                peers.insert(peer, held + 1);
+                return Some(Slot {
+                    _permit: permit,
+                    probes_only: false,
+                    peer: Some((peer, self.peers.clone())),
+                });
+            }
+        }
+        let permit = self.reserve.clone().try_acquire_owned().ok()?;
+        Some(Slot {
+            _permit: permit,
+            probes_only: true,
+            peer: None,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((peer, peers)) = &self.peer {
+            let mut peers = peers.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = peers.get_mut(peer) {
+                *n -= 1;
+                if *n == 0 {
+                    peers.remove(peer);
+                }
+            }
+        }
+    }
+}
+
 /// One admin connection: the TLS handshake (if any) happens here, in the
 /// connection's task, never in the accept loop.
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slot: Slot) {
     let _ = stream.set_nodelay(true);
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(_) => return,
+        Err(_) => return tracing::debug!(%peer, "admin connection closed: nothing sent"),
+    }
+    let probes_only = slot.probes_only;
     let Some(tls) = &shared.tls else {
         let conn = api::Conn {
             peer,
             client_verified: false,
+            probes_only,
         };
         return http(stream, conn, shared.clone()).await;
     };
@@ -305,7 +405,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _p
     // The verifier rejects a certificate it cannot verify during the
     // handshake, so a certificate that is present here was verified.
     let client_verified = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
-    let conn = api::Conn { peer, client_verified };
+    let conn = api::Conn {
+        peer,
+        client_verified,
+        probes_only,
+    };
     http(stream, conn, shared.clone()).await
 }
 
@@ -324,7 +428,8 @@ where
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(!conn.probes_only);
     let served = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(served);
     let result = tokio::select! {

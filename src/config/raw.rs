@@ -76,6 +76,7 @@ pub struct RawAdmin {
     /// A path: the token itself never passes through the config.
     pub token_file: Option<String>,
     pub allow_loopback_mutations: Option<bool>,
+    pub require_token_for_reads: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
