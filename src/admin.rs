@@ -42,8 +42,9 @@
 //! keep-alive connections); one peer holds at most [`MAX_PER_PEER`] of the
 //! [`MAX_CONNECTIONS`]. Past those, [`PROBE_RESERVE`] more connections are
 //! accepted that answer only `/healthz` and `/readyz` (503 otherwise, and
-//! closed after one request), so idle or slow connections cannot make a
-//! liveness probe fail. Anything beyond is closed at once.
+//! closed after one request). When even those are taken, a new connection
+//! takes the place of the oldest one that has sent nothing yet, so idle
+//! connections cannot make a liveness probe fail however many there are.
 //!
 //! This module does not decide anything about grants: a revocation is an
 //! revocation handed to the gate driver, which answers once it is applied.
@@ -51,9 +52,9 @@
 mod api;
 pub mod tls;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -260,6 +261,7 @@ struct Shared {
     auth: api::Auth,
     tls: Option<tls::Reloading>,
     stop: CancellationToken,
+    admission: Admission,
 }
 
 async fn serve(listener: Listener, context: Context, stop: CancellationToken) {
@@ -277,22 +279,13 @@ async fn serve(listener: Listener, context: Context, stop: CancellationToken) {
         auth: api::Auth::new(&config, local),
         tls,
         stop: stop.clone(),
+        admission: Admission::new(),
     });
     let tracker = TaskTracker::new();
     tracker.spawn(upkeep(stop.clone()));
-    let admission = Admission::new();
-    net::accept_loop(
-        &listener,
-        ListenerKind::Admin,
-        None,
-        &stop,
-        |stream, peer, _| match admission.admit(peer.ip()) {
-            Some(slot) => {
-                tracker.spawn(connection(stream, peer, shared.clone(), slot));
-            }
-            None => tracing::debug!(%peer, "admin connection closed: every slot is taken"),
-        },
-    )
+    net::accept_loop(&listener, ListenerKind::Admin, None, &stop, |stream, peer, _| {
+        tracker.spawn(connection(stream, peer, shared.clone()));
+    })
     .await;
     drop(listener);
     tracker.close();
@@ -312,12 +305,17 @@ async fn upkeep(stop: CancellationToken) {
 }
 
 /// Who gets an admin connection (see "Probes under load" in the module
-/// doc). Only the endpoint's one thread uses it.
+/// doc).
 #[derive(Debug)]
 struct Admission {
     general: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
     peers: PeerCounts,
+    /// Connections waiting for a silent one to be evicted.
+    waiting: Arc<Semaphore>,
+    /// Admitted connections that have not sent a byte yet, oldest first.
+    silent: Mutex<BTreeMap<u64, CancellationToken>>,
+    next_id: AtomicU64,
 }
 
 /// Connections held per peer address.
@@ -331,16 +329,45 @@ struct Slot {
     peer: Option<(IpAddr, PeerCounts)>,
 }
 
+/// Connections that may wait at once for an evicted one's place.
+const MAX_WAITING: usize = 16;
+/// How long such a connection waits.
+const EVICTION_WAIT: Duration = Duration::from_millis(500);
+
 impl Admission {
     fn new() -> Self {
         Self {
             general: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             reserve: Arc::new(Semaphore::new(PROBE_RESERVE)),
             peers: Arc::default(),
+            waiting: Arc::new(Semaphore::new(MAX_WAITING)),
+            silent: Mutex::default(),
+            next_id: AtomicU64::new(0),
         }
     }
 
-    fn admit(&self, peer: IpAddr) -> Option<Slot> {
+    /// A place for a connection from `peer`. When every place is taken,
+    /// the oldest connection that has sent nothing yet is closed and its
+    /// place taken: a silent connection is the one kind no client needs.
+    async fn admit(&self, peer: IpAddr) -> Option<Slot> {
+        if let Some(slot) = self.admit_now(peer) {
+            return Some(slot);
+        }
+        let _waiting = self.waiting.clone().try_acquire_owned().ok()?;
+        let oldest = self.lock_silent().pop_first();
+        oldest?.1.cancel();
+        let wait = async {
+            loop {
+                if let Some(slot) = self.admit_now(peer) {
+                    return slot;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(EVICTION_WAIT, wait).await.ok()
+    }
+
+    fn admit_now(&self, peer: IpAddr) -> Option<Slot> {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         let held = peers.get(&peer).copied().unwrap_or(0);
         if held < MAX_PER_PEER {
@@ -360,6 +387,31 @@ impl Admission {
             peer: None,
         })
     }
+
+    fn lock_silent(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, CancellationToken>> {
+        self.silent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a connection as silent until the guard is dropped; the
+    /// token is cancelled if it is evicted meanwhile.
+    fn silent(&self) -> (Silent<'_>, CancellationToken) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        self.lock_silent().insert(id, token.clone());
+        (Silent { admission: self, id }, token)
+    }
+}
+
+/// A connection on the silent list (see [`Admission::silent`]).
+struct Silent<'a> {
+    admission: &'a Admission,
+    id: u64,
+}
+
+impl Drop for Silent<'_> {
+    fn drop(&mut self) {
+        self.admission.lock_silent().remove(&self.id);
+    }
 }
 
 impl Drop for Slot {
@@ -378,13 +430,22 @@ impl Drop for Slot {
 
 /// One admin connection: the TLS handshake (if any) happens here, in the
 /// connection's task, never in the accept loop.
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slot: Slot) {
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let Some(slot) = shared.admission.admit(peer.ip()).await else {
+        return tracing::debug!(%peer, "admin connection closed: every place is taken");
+    };
     let _ = stream.set_nodelay(true);
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)).await {
-        Ok(Ok(n)) if n > 0 => {}
-        Ok(_) => return,
-        Err(_) => return tracing::debug!(%peer, "admin connection closed: nothing sent"),
+    {
+        let (_silent, evicted) = shared.admission.silent();
+        let mut first = [0u8; 1];
+        tokio::select! {
+            r = tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)) => match r {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return,
+                Err(_) => return tracing::debug!(%peer, "admin connection closed: nothing sent"),
+            },
+            _ = evicted.cancelled() => return tracing::debug!(%peer, "admin connection closed: silent, and its place was needed"),
+        }
     }
     let probes_only = slot.probes_only;
     let Some(tls) = &shared.tls else {
