@@ -936,7 +936,9 @@ impl Bench {
              spa_users = [\"bench\"]\n"
                 .to_string()
         })?;
-        let admin = gw.admin.ok_or_else(|| anyhow!("the gateway logged no admin listener"))?;
+        let admin = gw
+            .admin
+            .ok_or_else(|| anyhow!("the gateway logged no admin listener"))?;
         let spa = match gw.spa {
             Some(SocketAddr::V4(a)) => a,
             _ => bail!("the gateway logged no IPv4 SPA listener"),
@@ -959,12 +961,18 @@ impl Bench {
                 Ok(p)
             })
             .collect::<Result<_>>()?;
-        forged.extend([vec![0u8; 64], b"QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB".to_vec()]);
+        forged.extend([
+            vec![0u8; 64],
+            b"QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB".to_vec(),
+        ]);
         let fallback: Vec<IpAddr> = (0..250).map(|i| source(7, i)).collect();
         let mut forger = load::Forger::new(&fallback)?;
         let raw = forger.is_raw();
         let counted = || -> Result<f64> {
-            Ok(load::metric_sum(&load::http_get(admin, "/metrics")?, "portcullis_spa_packets_total"))
+            Ok(load::metric_sum(
+                &load::http_get(admin, "/metrics")?,
+                "portcullis_spa_packets_total",
+            ))
         };
         let before = counted()?;
         let meter = CpuMeter::start(gw.pid())?;

@@ -17,7 +17,11 @@
 //! locked-out source sits on the highest. A flood of forged sources, each
 //! seen once, therefore only churns the lowest list: sources the table
 //! already counts keep being counted, and a locked-out source is evicted
-//! only once every entry below it is gone.
+//! only once every entry below it is gone. The upper lists have quotas
+//! (half the table for sources seen again, a quarter for lockouts; past
+//! it their least recent entry moves down a list, still counted), so a
+//! forger who pays for many repeat or locked-out sources cannot leave new
+//! sources without room to be counted in.
 //!
 //! # IPv6
 //!
@@ -220,10 +224,28 @@ const NIL: u32 = u32::MAX;
 struct Table<V> {
     index: HashMap<IpAddr, u32, RandomState>,
     slots: Vec<Slot<V>>,
-    /// Per list: (least recent, most recent).
-    lists: [(u32, u32); 3],
+    lists: [List; 3],
+    /// Most entries each list may hold before its least recent entry is
+    /// moved down a list: whatever the lists above hold, a quarter of the
+    /// table is left for sources seen once.
+    quotas: [usize; 3],
     cap: usize,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct List {
+    /// Least recent entry.
+    head: u32,
+    /// Most recent entry.
+    tail: u32,
+    len: usize,
+}
+
+const EMPTY: List = List {
+    head: NIL,
+    tail: NIL,
+    len: 0,
+};
 
 #[derive(Debug)]
 struct Slot<V> {
@@ -241,7 +263,8 @@ impl<V> Table<V> {
         Self {
             index: HashMap::default(),
             slots: Vec::new(),
-            lists: [(NIL, NIL); 3],
+            lists: [EMPTY; 3],
+            quotas: [cap, (cap / 2).max(1), (cap / 4).max(1)],
             cap,
         }
     }
@@ -306,23 +329,39 @@ impl<V> Table<V> {
 
     /// The least recent entry of the lowest list that has one.
     fn evictable(&self) -> Option<u32> {
-        self.lists.iter().map(|&(head, _)| head).find(|&head| head != NIL)
+        self.lists.iter().map(|l| l.head).find(|&head| head != NIL)
     }
 
     fn unlink(&mut self, i: u32) {
         let Slot { list, prev, next, .. } = self.slots[i as usize];
         match prev {
-            NIL => self.lists[list].0 = next,
+            NIL => self.lists[list].head = next,
             p => self.slots[p as usize].next = next,
         }
         match next {
-            NIL => self.lists[list].1 = prev,
+            NIL => self.lists[list].tail = prev,
             n => self.slots[n as usize].prev = prev,
+        }
+        self.lists[list].len -= 1;
+    }
+
+    /// Links `i` as the most recent entry of `list`; past its quota, a
+    /// list hands its least recent entry down (at most one move per list,
+    /// as each push adds one entry).
+    fn push(&mut self, i: u32, list: usize) {
+        self.push_only(i, list);
+        let mut at = list;
+        while at > 0 && self.lists[at].len > self.quotas[at] {
+            let head = self.lists[at].head;
+            self.unlink(head);
+            at -= 1;
+            self.push_only(head, at);
         }
     }
 
-    fn push(&mut self, i: u32, list: usize) {
-        let tail = self.lists[list].1;
+    /// Links `i` as the most recent entry of `list`, quotas aside.
+    fn push_only(&mut self, i: u32, list: usize) {
+        let tail = self.lists[list].tail;
         {
             let slot = &mut self.slots[i as usize];
             slot.list = list;
@@ -330,10 +369,11 @@ impl<V> Table<V> {
             slot.next = NIL;
         }
         match tail {
-            NIL => self.lists[list].0 = i,
+            NIL => self.lists[list].head = i,
             t => self.slots[t as usize].next = i,
         }
-        self.lists[list].1 = i;
+        self.lists[list].tail = i;
+        self.lists[list].len += 1;
     }
 }
 
@@ -518,11 +558,26 @@ mod tests {
         assert!(t.peek(k(3)).is_none());
         assert_eq!(t.peek(k(0)), Some(&0));
         assert_eq!(t.slots.len(), 3);
-        // Only the upper list is left to evict from once the lowest is empty.
-        t.touch(k(4), LOCKED);
-        t.touch(k(5), LOCKED);
-        t.get_or_insert(k(6), 6);
-        assert!(t.peek(k(0)).is_none(), "the lowest non-empty list goes first");
         assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn upper_lists_over_their_quota_hand_entries_down() {
+        let mut t: Table<u32> = Table::new(8);
+        let k = |i: u8| IpAddr::from([10, 0, 0, i]);
+        for i in 0..8 {
+            t.get_or_insert(k(i), u32::from(i));
+            t.touch(k(i), LOCKED);
+        }
+        // A quarter locked, a half above that, the rest seen once.
+        assert_eq!(t.lists.map(|l| l.len), [2, 4, 2]);
+        let at = |t: &Table<u32>, i: u8| t.slots[t.index[&k(i)] as usize].list;
+        assert_eq!((at(&t, 7), at(&t, 6)), (LOCKED, LOCKED));
+        assert_eq!((at(&t, 0), at(&t, 1)), (SEEN_ONCE, SEEN_ONCE));
+        // A new source evicts the oldest of those, never a recent lockout.
+        t.get_or_insert(k(8), 8);
+        assert!(t.peek(k(0)).is_none());
+        assert_eq!(t.peek(k(7)), Some(&7));
+        assert_eq!(t.lists.map(|l| l.len), [2, 4, 2]);
     }
 }

@@ -250,6 +250,7 @@ fn a_forged_flood_over_a_saturated_lockout_table_stops_neither_spa_nor_lockouts(
     s.wait_counter("portcullis_knocks_total", sources as f64 * 0.9);
 
     // 2. The flood: forged SPA packets and wrong knocks from random sources.
+    let cpu_before = s.total("process_cpu_seconds_total");
     let forged = forgeries(&s.valid(), &mut rng);
     let spa = s.spa;
     let flood = std::thread::spawn(move || {
@@ -295,6 +296,7 @@ fn a_forged_flood_over_a_saturated_lockout_table_stops_neither_spa_nor_lockouts(
         std::thread::sleep(VALID_EVERY);
     }
     let (flooded, took) = flood.join().unwrap();
+    let cpu = s.total("process_cpu_seconds_total") - cpu_before;
     let rate = flooded as f64 / took.as_secs_f64();
     assert!(rate >= 20_000.0, "the flood reached only {rate:.0} packets/s");
 
@@ -323,7 +325,7 @@ fn a_forged_flood_over_a_saturated_lockout_table_stops_neither_spa_nor_lockouts(
     }
     let granted = sent_at.len() - late.len();
     eprintln!(
-        "flood: {flooded} forged packets in {took:?} ({rate:.0}/s); {granted} of {} valid packets granted within 100 ms",
+        "flood: {flooded} forged packets in {took:?} ({rate:.0}/s, gateway CPU {cpu:.2} s); {granted} of {} valid packets granted within 100 ms",
         sent_at.len()
     );
     assert!(sent_at.len() >= 100, "only {} valid packets were sent", sent_at.len());

@@ -8,15 +8,15 @@
 //! consulted, and no lockout applies to SPA: source addresses are
 //! spoofable, so a forged packet "from" a real user must cost that user
 //! nothing. The codecs' own cheap checks (size, framing, key id) come
-//! before any MAC. A refused packet is counted; it is logged only while
-//! its source is within the per-source rate and under the global log
-//! rate, so a flood costs neither the log nor other sources' lines.
+//! before any MAC. A refused packet is counted, and logged under a global
+//! rate; the per-source guard is not consulted at all.
 //!
 //! An accepted packet first reserves room for its grants in the driver's
 //! queue (room knocks cannot take), then has its replay digest recorded,
 //! then its grants are queued in that room: it cannot be lost in between,
 //! and the sensor never waits on the driver.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::driver::DriverHandle;
 use crate::gate::Method;
-use crate::guard::SourceGuard;
 use crate::metrics;
 use crate::spa::desk::{unix_secs, Accepted, Refusal, SpaDesk};
 use crate::spa::{self, Format, Reject};
@@ -45,9 +44,6 @@ const MAX_BATCH: usize = 256;
 #[derive(Debug)]
 pub struct SpaSensor {
     pub desk: SpaDesk,
-    /// The per-source rate that bounds how many of a source's refusals
-    /// are logged; its lockouts do not apply to SPA.
-    pub guard: Arc<SourceGuard>,
     pub store: Arc<dyn GrantStore>,
     pub clock: Arc<dyn Clock>,
     /// Limits how many rejections are logged per second; the rest are
@@ -64,6 +60,7 @@ pub async fn run(
 ) -> Arc<UdpSocket> {
     enlarge_receive_buffer(&socket);
     let mut buf = vec![0u8; spa::MAX_PACKET_LEN + 1];
+    let mut counters = Counters::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return socket,
@@ -81,16 +78,16 @@ pub async fn run(
                     continue;
                 }
             };
-            sensor.decide(&buf[..len], from.ip().to_canonical(), &driver);
+            sensor.decide(&buf[..len], from.ip().to_canonical(), &driver, &mut counters);
         }
     }
 }
 
 impl SpaSensor {
-    fn decide(&self, packet: &[u8], source: IpAddr, driver: &DriverHandle) {
+    fn decide(&self, packet: &[u8], source: IpAddr, driver: &DriverHandle, counters: &mut Counters) {
         let now_unix = unix_secs(&*self.clock);
         let refusal = match self.desk.verify(packet, source, now_unix) {
-            Ok(accepted) => match self.grant(accepted, source, driver) {
+            Ok(accepted) => match self.grant(accepted, source, driver, counters) {
                 Ok(()) => return,
                 Err(r) => r,
             },
@@ -100,16 +97,22 @@ impl SpaSensor {
             Refusal::Packet(Reject::Stale { skew_secs, .. }) => Some(skew_secs),
             _ => None,
         };
-        self.refused(spa::detect(packet), refusal, source, skew);
+        self.refused(spa::detect(packet), refusal, source, skew, counters);
     }
 
     /// Reserves room for the grants, records the digest, queues the grants.
-    fn grant(&self, accepted: Accepted, source: IpAddr, driver: &DriverHandle) -> Result<(), Refusal> {
+    fn grant(
+        &self,
+        accepted: Accepted,
+        source: IpAddr,
+        driver: &DriverHandle,
+        counters: &mut Counters,
+    ) -> Result<(), Refusal> {
         let Ok(mut room) = driver.reserve_grants(accepted.grants.len()) else {
             return Err(Refusal::Busy);
         };
         self.desk.remember(&accepted, self.clock.now(), &*self.store)?;
-        metrics::spa_packet(accepted.format.as_label(), "accepted");
+        counters.count(accepted.format.as_label(), "accepted");
         let services: Vec<&str> = accepted.grants.iter().map(|(s, _)| &**s).collect();
         tracing::info!(
             user = %accepted.user,
@@ -129,9 +132,16 @@ impl SpaSensor {
         Ok(())
     }
 
-    fn refused(&self, format: Option<Format>, refusal: Refusal, source: IpAddr, skew: Option<i64>) {
-        metrics::spa_packet(format.map_or("unknown", Format::as_label), refusal.as_label());
-        if !self.guard.within_rate(source, self.clock.now()) || self.log_limit.check().is_err() {
+    fn refused(
+        &self,
+        format: Option<Format>,
+        refusal: Refusal,
+        source: IpAddr,
+        skew: Option<i64>,
+        counters: &mut Counters,
+    ) {
+        counters.count(format.map_or("unknown", Format::as_label), refusal.as_label());
+        if self.log_limit.check().is_err() {
             return;
         }
         if refusal == Refusal::Busy {
@@ -144,6 +154,20 @@ impl SpaSensor {
             skew_secs = skew,
             "spa packet rejected"
         );
+    }
+}
+
+/// The `portcullis_spa_packets_total` series by (format, result) label,
+/// looked up once each: a flood counts every packet.
+#[derive(Default)]
+struct Counters(HashMap<(&'static str, &'static str), ::metrics::Counter>);
+
+impl Counters {
+    fn count(&mut self, format: &'static str, result: &'static str) {
+        self.0
+            .entry((format, result))
+            .or_insert_with(|| metrics::spa_packet_counter(format, result))
+            .increment(1);
     }
 }
 
