@@ -37,10 +37,10 @@
 //!
 //! # Probes under load
 //!
-//! A connection must send its first byte within [`FIRST_BYTE_TIMEOUT`] and
-//! its headers within [`HEADER_READ_TIMEOUT`] (which also ends idle
-//! keep-alive connections); one peer holds at most [`MAX_PER_PEER`] of the
-//! [`MAX_CONNECTIONS`]. Past those, [`PROBE_RESERVE`] more connections are
+//! A connection must send its first byte within 2 s and its headers
+//! within 5 s (which also ends idle keep-alive connections); one peer
+//! address holds at most 16 of the 64 connections. Past those, 16 more
+//! connections are
 //! accepted that answer only `/healthz` and `/readyz` (503 otherwise, and
 //! closed after one request). When even those are taken, a new connection
 //! takes the place of the oldest one that has sent nothing yet, so idle

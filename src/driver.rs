@@ -30,13 +30,13 @@ use crate::guard::{SourceGuard, StrikeKind};
 use crate::metrics;
 use crate::store::GrantStore;
 
-/// Requests queued between the sensors and the driver; past it knocks and
-/// SPA grants are refused at once (counted), never waited for.
+/// Requests queued between the sensors and the driver; past it knocks are
+/// refused at once (counted), never waited for.
 pub const QUEUE: usize = 4096;
 
-/// Room in the queue that knocks may not take: kept for verified SPA
-/// grants, so a knock flood (forged sources pass any per-source limit)
-/// cannot crowd out an authenticated request.
+/// Room in the queue beyond [`QUEUE`] that knocks may not take: kept for
+/// verified SPA grants, so a knock flood (forged sources pass any
+/// per-source limit) cannot crowd out an authenticated request.
 pub const RESERVED_FOR_GRANTS: usize = 512;
 
 /// Where audit lines (grants, expiries, revocations) are logged.
@@ -81,7 +81,7 @@ impl DriverHandle {
     /// A handle and the receiving end of its queue, for a [`Driver`] (or a
     /// test that plays one).
     pub fn channel() -> (Self, mpsc::Receiver<Request>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = mpsc::channel(QUEUE + RESERVED_FOR_GRANTS);
         (Self { tx }, rx)
     }
 
@@ -607,7 +607,7 @@ mod tests {
         while handle.knock(knock("10.0.0.1", 7001)).is_ok() {
             queued += 1;
         }
-        assert_eq!(queued, QUEUE - RESERVED_FOR_GRANTS);
+        assert_eq!(queued, QUEUE);
         let mut room = handle.reserve_grants(2).unwrap();
         assert!(room.authorize("pg".into(), "10.0.0.2".parse().unwrap(), Method::Knock, OPEN));
         assert!(room.authorize("pg".into(), "10.0.0.3".parse().unwrap(), Method::Knock, OPEN));
