@@ -18,14 +18,33 @@
 //! briefly without awaiting: the grant store, the [`Readiness`] latch, the
 //! metrics recorder, and the gate's input channel.
 //!
-//! # Who may change things
+//! # Who may change and read things
 //!
-//! Reading is open to whoever can reach the listener. The mutating
-//! endpoints (revoking a grant) are allowed when the listener is bound to a
-//! loopback address (unless `allow_loopback_mutations = false`), or with
-//! the configured bearer token (`Authorization: Bearer ...`, compared in
+//! The mutating endpoints (revoking a grant) are allowed with the
+//! configured bearer token (`Authorization: Bearer ...`, compared in
 //! constant time), or over TLS with a client certificate verified against
-//! `client_ca`. Anything else gets 403.
+//! `client_ca`. A configured token is required everywhere, loopback
+//! included; only when no token is configured does a loopback-bound
+//! listener trust whoever reaches it (unless `allow_loopback_mutations =
+//! false`). Anything else gets 403. Reads (`/metrics`, `/v1/grants`) are
+//! open unless `require_token_for_reads = true`, which asks them for the
+//! same credentials (401 without); the probes are always open.
+//!
+//! A listener bound to loopback answers only requests whose `Host` is
+//! `localhost` (or under `.localhost`) or a loopback address: a web page
+//! in a local browser could otherwise reach it through a DNS name rebound
+//! to 127.0.0.1 (403).
+//!
+//! # Probes under load
+//!
+//! A connection must send its first byte within 2 s and its headers
+//! within 5 s (which also ends idle keep-alive connections); one peer
+//! address holds at most 16 of the 64 connections. Past those, 16 more
+//! connections are
+//! accepted that answer only `/healthz` and `/readyz` (503 otherwise, and
+//! closed after one request). When even those are taken, a new connection
+//! takes the place of the oldest one that has sent nothing yet, so idle
+//! connections cannot make a liveness probe fail however many there are.
 //!
 //! This module does not decide anything about grants: a revocation is an
 //! revocation handed to the gate driver, which answers once it is applied.
@@ -33,9 +52,10 @@
 mod api;
 pub mod tls;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -57,13 +77,20 @@ use crate::metrics::{self, ListenerKind};
 use crate::net;
 use crate::store::GrantStore;
 
-/// Admin connections served at once; more wait in the kernel's backlog.
+/// Admin connections served at once for any request.
 const MAX_CONNECTIONS: usize = 64;
+/// Connections one peer address may hold of [`MAX_CONNECTIONS`].
+const MAX_PER_PEER: usize = 16;
+/// Connections past the others that answer only the probes.
+const PROBE_RESERVE: usize = 16;
 const BACKLOG: i32 = 128;
+/// Longest a new connection may stay silent.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a client may take to send a request's headers, or leave a
+/// keep-alive connection idle between requests.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the metrics recorder's housekeeping runs.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// How long requests in flight may finish once the endpoint stops.
@@ -234,6 +261,7 @@ struct Shared {
     auth: api::Auth,
     tls: Option<tls::Reloading>,
     stop: CancellationToken,
+    admission: Admission,
 }
 
 async fn serve(listener: Listener, context: Context, stop: CancellationToken) {
@@ -251,21 +279,13 @@ async fn serve(listener: Listener, context: Context, stop: CancellationToken) {
         auth: api::Auth::new(&config, local),
         tls,
         stop: stop.clone(),
+        admission: Admission::new(),
     });
     let tracker = TaskTracker::new();
     tracker.spawn(upkeep(stop.clone()));
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    net::accept_loop(
-        &listener,
-        ListenerKind::Admin,
-        Some(&permits),
-        &stop,
-        |stream, peer, permit| {
-            if let Some(permit) = permit {
-                tracker.spawn(connection(stream, peer, shared.clone(), permit));
-            }
-        },
-    )
+    net::accept_loop(&listener, ListenerKind::Admin, None, &stop, |stream, peer, _| {
+        tracker.spawn(connection(stream, peer, shared.clone()));
+    })
     .await;
     drop(listener);
     tracker.close();
@@ -284,14 +304,155 @@ async fn upkeep(stop: CancellationToken) {
     }
 }
 
+/// Who gets an admin connection (see "Probes under load" in the module
+/// doc).
+#[derive(Debug)]
+struct Admission {
+    general: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+    peers: PeerCounts,
+    /// Connections waiting for a silent one to be evicted.
+    waiting: Arc<Semaphore>,
+    /// Admitted connections that have not sent a byte yet, oldest first.
+    silent: Mutex<BTreeMap<u64, CancellationToken>>,
+    next_id: AtomicU64,
+}
+
+/// Connections held per peer address.
+type PeerCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// A connection's place, given back when it ends.
+#[derive(Debug)]
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    probes_only: bool,
+    peer: Option<(IpAddr, PeerCounts)>,
+}
+
+/// Connections that may wait at once for an evicted one's place.
+const MAX_WAITING: usize = 16;
+/// How long such a connection waits.
+const EVICTION_WAIT: Duration = Duration::from_millis(500);
+
+impl Admission {
+    fn new() -> Self {
+        Self {
+            general: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            reserve: Arc::new(Semaphore::new(PROBE_RESERVE)),
+            peers: Arc::default(),
+            waiting: Arc::new(Semaphore::new(MAX_WAITING)),
+            silent: Mutex::default(),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// A place for a connection from `peer`. When every place is taken,
+    /// the oldest connection that has sent nothing yet is closed and its
+    /// place taken: a silent connection is the one kind no client needs.
+    async fn admit(&self, peer: IpAddr) -> Option<Slot> {
+        if let Some(slot) = self.admit_now(peer) {
+            return Some(slot);
+        }
+        let _waiting = self.waiting.clone().try_acquire_owned().ok()?;
+        let oldest = self.lock_silent().pop_first();
+        oldest?.1.cancel();
+        let wait = async {
+            loop {
+                if let Some(slot) = self.admit_now(peer) {
+                    return slot;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(EVICTION_WAIT, wait).await.ok()
+    }
+
+    fn admit_now(&self, peer: IpAddr) -> Option<Slot> {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = peers.get(&peer).copied().unwrap_or(0);
+        if held < MAX_PER_PEER {
+            if let Ok(permit) = self.general.clone().try_acquire_owned() {
+                peers.insert(peer, held + 1);
+                return Some(Slot {
+                    _permit: permit,
+                    probes_only: false,
+                    peer: Some((peer, self.peers.clone())),
+                });
+            }
+        }
+        let permit = self.reserve.clone().try_acquire_owned().ok()?;
+        Some(Slot {
+            _permit: permit,
+            probes_only: true,
+            peer: None,
+        })
+    }
+
+    fn lock_silent(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, CancellationToken>> {
+        self.silent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a connection as silent until the guard is dropped; the
+    /// token is cancelled if it is evicted meanwhile.
+    fn silent(&self) -> (Silent<'_>, CancellationToken) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        self.lock_silent().insert(id, token.clone());
+        (Silent { admission: self, id }, token)
+    }
+}
+
+/// A connection on the silent list (see [`Admission::silent`]).
+struct Silent<'a> {
+    admission: &'a Admission,
+    id: u64,
+}
+
+impl Drop for Silent<'_> {
+    fn drop(&mut self) {
+        self.admission.lock_silent().remove(&self.id);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((peer, peers)) = &self.peer {
+            let mut peers = peers.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = peers.get_mut(peer) {
+                *n -= 1;
+                if *n == 0 {
+                    peers.remove(peer);
+                }
+            }
+        }
+    }
+}
+
 /// One admin connection: the TLS handshake (if any) happens here, in the
 /// connection's task, never in the accept loop.
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let Some(slot) = shared.admission.admit(peer.ip()).await else {
+        return tracing::debug!(%peer, "admin connection closed: every place is taken");
+    };
     let _ = stream.set_nodelay(true);
+    {
+        let (_silent, evicted) = shared.admission.silent();
+        let mut first = [0u8; 1];
+        tokio::select! {
+            r = tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)) => match r {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return,
+                Err(_) => return tracing::debug!(%peer, "admin connection closed: nothing sent"),
+            },
+            _ = evicted.cancelled() => return tracing::debug!(%peer, "admin connection closed: silent, and its place was needed"),
+        }
+    }
+    let probes_only = slot.probes_only;
     let Some(tls) = &shared.tls else {
         let conn = api::Conn {
             peer,
             client_verified: false,
+            probes_only,
         };
         return http(stream, conn, shared.clone()).await;
     };
@@ -305,7 +466,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _p
     // The verifier rejects a certificate it cannot verify during the
     // handshake, so a certificate that is present here was verified.
     let client_verified = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
-    let conn = api::Conn { peer, client_verified };
+    let conn = api::Conn {
+        peer,
+        client_verified,
+        probes_only,
+    };
     http(stream, conn, shared.clone()).await
 }
 
@@ -324,7 +489,8 @@ where
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(!conn.probes_only);
     let served = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(served);
     let result = tokio::select! {

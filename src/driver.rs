@@ -31,9 +31,14 @@ use crate::guard::{SourceGuard, StrikeKind};
 use crate::metrics;
 use crate::store::GrantStore;
 
-/// Requests queued between the sensors and the driver; past it knocks and
-/// SPA grants are refused at once (counted), never waited for.
+/// Requests queued between the sensors and the driver; past it knocks are
+/// refused at once (counted), never waited for.
 pub const QUEUE: usize = 4096;
+
+/// Room in the queue beyond [`QUEUE`] that knocks may not take: kept for
+/// verified SPA grants, so a knock flood (forged sources pass any
+/// per-source limit) cannot crowd out an authenticated request.
+pub const RESERVED_FOR_GRANTS: usize = 512;
 
 /// Where audit lines (grants, expiries, revocations) are logged.
 pub const AUDIT_TARGET: &str = "portcullis::audit";
@@ -83,13 +88,27 @@ impl DriverHandle {
     /// A handle and the receiving end of its queue, for a [`Driver`] (or a
     /// test that plays one).
     pub fn channel() -> (Self, mpsc::Receiver<Request>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = mpsc::channel(QUEUE + RESERVED_FOR_GRANTS);
         (Self { tx }, rx)
     }
 
-    /// Queues a knock; never waits.
+    /// Queues a knock; never waits, and never takes the room kept for
+    /// grants ([`RESERVED_FOR_GRANTS`]).
     pub fn knock(&self, knock: Knock) -> Result<(), DriverError> {
+        if self.tx.capacity() <= RESERVED_FOR_GRANTS && !self.tx.is_closed() {
+            return Err(DriverError::Busy);
+        }
         self.try_send(Request::Input(Input::Knock(knock)))
+    }
+
+    /// Reserves room for `n` authorizations, or fails at once: taken
+    /// before a verified SPA packet's replay digest is recorded, so an
+    /// accepted packet cannot be lost to a full queue afterwards.
+    pub fn reserve_grants(&self, n: usize) -> Result<Reserved<'_>, DriverError> {
+        self.tx.try_reserve_many(n).map(Reserved).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => DriverError::Busy,
+            mpsc::error::TrySendError::Closed(_) => DriverError::Stopped,
+        })
     }
 
     /// Queues a verified authorization; never waits.
@@ -155,6 +174,25 @@ impl DriverHandle {
         };
         self.tx.send(request).await.map_err(|_| DriverError::Stopped)?;
         answer.await.map_err(|_| DriverError::Stopped)
+    }
+}
+
+/// Room reserved in the driver's queue by [`DriverHandle::reserve_grants`].
+#[derive(Debug)]
+pub struct Reserved<'a>(mpsc::PermitIterator<'a, Request>);
+
+impl Reserved<'_> {
+    /// Queues a verified authorization in reserved room; false when every
+    /// reserved place was used already.
+    pub fn authorize(&mut self, service: Arc<str>, source: IpAddr, method: Method, duration: Duration) -> bool {
+        let Some(permit) = self.0.next() else { return false };
+        permit.send(Request::Input(Input::Authorize {
+            service,
+            source,
+            method,
+            duration,
+        }));
+        true
     }
 }
 
@@ -529,6 +567,7 @@ mod tests {
             lockout_after: 2,
             lockout_for: Duration::from_secs(60),
             max_tracked_sources: 16,
+            ipv6_prefix: 64,
         }));
         let (handle, rx) = DriverHandle::channel();
         let effects = Effects {
@@ -652,6 +691,26 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), expired)
             .await
             .expect("the grant expires at its deadline");
+    }
+
+    #[test]
+    fn knocks_cannot_take_the_room_kept_for_grants() {
+        let (handle, _requests) = DriverHandle::channel();
+        let mut queued = 0;
+        while handle.knock(knock("10.0.0.1", 7001)).is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, QUEUE);
+        let mut room = handle.reserve_grants(2).unwrap();
+        assert!(room.authorize("pg".into(), "10.0.0.2".parse().unwrap(), Method::Knock, OPEN));
+        assert!(room.authorize("pg".into(), "10.0.0.3".parse().unwrap(), Method::Knock, OPEN));
+        assert!(!room.authorize("pg".into(), "10.0.0.4".parse().unwrap(), Method::Knock, OPEN));
+        drop(room);
+        assert!(handle.reserve_grants(RESERVED_FOR_GRANTS - 2).is_ok());
+        assert_eq!(
+            handle.reserve_grants(RESERVED_FOR_GRANTS - 1).err(),
+            Some(DriverError::Busy)
+        );
     }
 
     #[tokio::test]

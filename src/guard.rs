@@ -1,18 +1,38 @@
-//! Per-source limits in front of the knock and SPA sensors: a rate limit
-//! (`governor`) and a lockout after repeated bad packets.
+//! Per-source limits in front of the knock sensors, and the per-source
+//! rate that bounds what failed SPA packets may cost: a rate limit (a
+//! token bucket per source) and a lockout after repeated wrong knocks.
 //!
-//! Sources are spoofable, so both tables are bounded: past
-//! `max_tracked_sources`, stale entries are purged, and if the table is
-//! still full a new source is refused by the rate limiter (fail closed)
-//! while the lockout table stops recording new sources (a spoofed flood
-//! cannot evict a locked-out attacker).
+//! SPA packets never meet the lockout: a packet is verified first, and one
+//! whose MAC verifies is honoured whatever its source did before, so a
+//! forged packet costs a real user nothing (see `sensor::spa`).
+//!
+//! # Spoofed sources
+//!
+//! Sources are spoofable, so both tables are bounded by
+//! `max_tracked_sources` and never scanned. Each is a hash map over a slab
+//! of entries threaded on a few recency lists: a lookup, an insertion and
+//! an eviction are O(1), and a full table makes room for a new source by
+//! evicting the least recently seen entry of the lowest list that has one.
+//! A source seen once sits on the lowest list; one seen again moves up; a
+//! locked-out source sits on the highest. A flood of forged sources, each
+//! seen once, therefore only churns the lowest list: sources the table
+//! already counts keep being counted, and a locked-out source is evicted
+//! only once every entry below it is gone. The upper lists have quotas
+//! (half the table for sources seen again, a quarter for lockouts; past
+//! it their least recent entry moves down a list, still counted), so a
+//! forger who pays for many repeat or locked-out sources cannot leave new
+//! sources without room to be counted in.
+//!
+//! # IPv6
+//!
+//! Anyone holding an IPv6 prefix holds every address in it, so both tables
+//! key an IPv6 source by its first `ipv6_prefix` bits (a /64 by default).
+//! Grants stay per address: only limits and lockouts are per prefix.
 
-use std::net::IpAddr;
-use std::num::NonZeroU32;
-use std::time::Instant;
-
-use dashmap::DashMap;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::collections::hash_map::{Entry, HashMap, RandomState};
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::config::Limits;
 
@@ -40,12 +60,23 @@ struct Strikes {
     locked_until: Option<Instant>,
 }
 
+/// A token bucket in its GCRA form: the time at which the bucket is full
+/// again ("theoretical arrival time").
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tat: Instant,
+}
+
 /// The shared per-source guard.
 #[derive(Debug)]
 pub struct SourceGuard {
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
-    strikes: DashMap<IpAddr, Strikes>,
+    rates: Mutex<Table<Bucket>>,
+    strikes: Mutex<Table<Strikes>>,
     limits: Limits,
+    /// Time one packet takes from a bucket.
+    emission: Duration,
+    /// How far ahead of now a bucket's `tat` may run: the burst.
+    tolerance: Duration,
 }
 
 /// What kind of bad packet a strike counts.
@@ -53,8 +84,6 @@ pub struct SourceGuard {
 pub enum StrikeKind {
     /// A knock that moved no service forward.
     Knock,
-    /// An SPA packet that was refused.
-    Spa,
 }
 
 /// What [`SourceGuard::strike`] did.
@@ -63,61 +92,94 @@ pub enum StrikeOutcome {
     Counted,
     /// This strike locked the source out.
     LockedOut,
-    /// The table was full; not recorded.
-    Untracked,
 }
+
+/// Recency lists of the tables, lowest evicted first.
+const SEEN_ONCE: usize = 0;
+const SEEN_AGAIN: usize = 1;
+const LOCKED: usize = 2;
 
 impl SourceGuard {
     pub fn new(limits: Limits) -> Self {
-        let rate = NonZeroU32::new(limits.per_source_rate).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(limits.per_source_burst).unwrap_or(NonZeroU32::MIN);
+        let rate = limits.per_source_rate.max(1);
+        let burst = limits.per_source_burst.max(1);
+        let emission = Duration::from_secs(1) / rate;
         Self {
-            limiter: RateLimiter::dashmap(Quota::per_second(rate).allow_burst(burst)),
-            strikes: DashMap::new(),
+            rates: Mutex::new(Table::new(limits.max_tracked_sources)),
+            strikes: Mutex::new(Table::new(limits.max_tracked_sources)),
             limits,
+            emission,
+            tolerance: emission.saturating_mul(burst - 1),
         }
     }
 
-    /// Whether a packet from `source` may be looked at now.
+    /// The key both tables file `source` under: the address, or its
+    /// `ipv6_prefix` for IPv6.
+    pub fn key(&self, source: IpAddr) -> IpAddr {
+        match source.to_canonical() {
+            IpAddr::V6(v6) => {
+                let bits = u32::from(self.limits.ipv6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+            v4 => v4,
+        }
+    }
+
+    /// Whether a knock from `source` may be looked at now: not locked out,
+    /// and within its rate.
     pub fn admit(&self, source: IpAddr, now: Instant) -> Result<(), Refusal> {
-        if let Some(s) = self.strikes.get(&source) {
-            if s.locked_until.is_some_and(|until| until > now) {
-                return Err(Refusal::LockedOut);
-            }
+        let key = self.key(source);
+        if self.is_locked_out(key, now) {
+            return Err(Refusal::LockedOut);
         }
-        if self.limiter.len() >= self.limits.max_tracked_sources {
-            self.limiter.retain_recent();
-            if self.limiter.len() >= self.limits.max_tracked_sources {
-                return Err(Refusal::RateLimited);
-            }
+        if self.within_rate(key, now) {
+            Ok(())
+        } else {
+            Err(Refusal::RateLimited)
         }
-        self.limiter.check_key(&source).map_err(|_| Refusal::RateLimited)
+    }
+
+    /// Takes a packet from `source`'s bucket; false when it is empty. The
+    /// lockout is not consulted.
+    pub fn within_rate(&self, source: IpAddr, now: Instant) -> bool {
+        let key = self.key(source);
+        let mut rates = self.rates.lock().unwrap_or_else(PoisonError::into_inner);
+        let (slot, fresh) = rates.get_or_insert(key, Bucket { tat: now });
+        if !fresh {
+            rates.touch(key, SEEN_AGAIN);
+        }
+        let bucket = rates.value_mut(slot);
+        let tat = bucket.tat.max(now);
+        if tat.saturating_duration_since(now) > self.tolerance {
+            return false;
+        }
+        bucket.tat = crate::clock::later(tat, self.emission);
+        true
+    }
+
+    fn is_locked_out(&self, key: IpAddr, now: Instant) -> bool {
+        let strikes = self.strikes.lock().unwrap_or_else(PoisonError::into_inner);
+        strikes
+            .peek(key)
+            .is_some_and(|s| s.locked_until.is_some_and(|until| until > now))
     }
 
     /// Counts a bad packet from `source`; enough of them within
     /// `lockout_for` lock it out for `lockout_for`.
     pub fn strike(&self, source: IpAddr, now: Instant) -> StrikeOutcome {
+        let key = self.key(source);
         let window = self.limits.lockout_for;
-        if !self.strikes.contains_key(&source) && self.strikes.len() >= self.limits.max_tracked_sources {
-            self.strikes.retain(|_, s| {
-                s.locked_until.is_some_and(|u| u > now) || now.saturating_duration_since(s.since) < window
-            });
-            if self.strikes.len() >= self.limits.max_tracked_sources {
-                return StrikeOutcome::Untracked;
-            }
-        }
-        let mut entry = self.strikes.entry(source).or_insert(Strikes {
+        let mut strikes = self.strikes.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = Strikes {
             count: 0,
             since: now,
             locked_until: None,
-        });
-        let s = entry.value_mut();
+        };
+        let (slot, _) = strikes.get_or_insert(key, fresh);
+        let s = strikes.value_mut(slot);
         if now.saturating_duration_since(s.since) >= window {
-            *s = Strikes {
-                count: 0,
-                since: now,
-                locked_until: None,
-            };
+            *s = fresh;
         }
         s.count += 1;
         if s.count >= self.limits.lockout_after && s.locked_until.is_none_or(|u| u <= now) {
@@ -125,33 +187,42 @@ impl SourceGuard {
             // A new run of strikes starts when the lockout ends.
             s.since = crate::clock::later(now, window);
             s.count = 0;
+            strikes.touch(key, LOCKED);
             return StrikeOutcome::LockedOut;
         }
+        let list = if s.locked_until.is_some_and(|u| u > now) {
+            LOCKED
+        } else if s.count > 1 {
+            SEEN_AGAIN
+        } else {
+            SEEN_ONCE
+        };
+        strikes.touch(key, list);
         StrikeOutcome::Counted
     }
 
     /// Locks `source` out for `lockout_for` at once (a trap port was hit),
-    /// and counts and logs it. A source the full table cannot record is
-    /// refused by the rate limiter instead (see the module doc).
+    /// and counts and logs it.
     pub fn lock_out(&self, source: IpAddr, now: Instant) {
+        let key = self.key(source);
         let until = crate::clock::later(now, self.limits.lockout_for);
-        if !self.strikes.contains_key(&source) && self.strikes.len() >= self.limits.max_tracked_sources {
-            self.strikes.retain(|_, s| s.locked_until.is_some_and(|u| u > now));
-            if self.strikes.len() >= self.limits.max_tracked_sources {
-                return;
-            }
-        }
-        let mut entry = self.strikes.entry(source).or_insert(Strikes {
-            count: 0,
-            since: until,
-            locked_until: None,
-        });
-        let s = entry.value_mut();
-        let already = s.locked_until.is_some_and(|u| u > now);
-        *s = Strikes {
-            count: 0,
-            since: until,
-            locked_until: Some(until),
+        let already = {
+            let mut strikes = self.strikes.lock().unwrap_or_else(PoisonError::into_inner);
+            let fresh = Strikes {
+                count: 0,
+                since: until,
+                locked_until: None,
+            };
+            let (slot, _) = strikes.get_or_insert(key, fresh);
+            let s = strikes.value_mut(slot);
+            let already = s.locked_until.is_some_and(|u| u > now);
+            *s = Strikes {
+                count: 0,
+                since: until,
+                locked_until: Some(until),
+            };
+            strikes.touch(key, LOCKED);
+            already
         };
         if !already {
             crate::metrics::lockout();
@@ -167,10 +238,171 @@ impl SourceGuard {
             crate::metrics::lockout();
             match kind {
                 StrikeKind::Knock => tracing::warn!(%source, "source locked out after repeated wrong knocks"),
-                StrikeKind::Spa => tracing::warn!(%source, "source locked out after repeated bad spa packets"),
             }
         }
         outcome
+    }
+}
+
+/// Marks the end of a list.
+const NIL: u32 = u32::MAX;
+
+/// A bounded map from source keys to values with O(1) lookup, insertion
+/// and eviction (see the module doc).
+#[derive(Debug)]
+struct Table<V> {
+    index: HashMap<IpAddr, u32, RandomState>,
+    slots: Vec<Slot<V>>,
+    lists: [List; 3],
+    /// Most entries each list may hold before its least recent entry is
+    /// moved down a list: whatever the lists above hold, a quarter of the
+    /// table is left for sources seen once.
+    quotas: [usize; 3],
+    cap: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct List {
+    /// Least recent entry.
+    head: u32,
+    /// Most recent entry.
+    tail: u32,
+    len: usize,
+}
+
+const EMPTY: List = List {
+    head: NIL,
+    tail: NIL,
+    len: 0,
+};
+
+#[derive(Debug)]
+struct Slot<V> {
+    key: IpAddr,
+    value: V,
+    list: usize,
+    prev: u32,
+    next: u32,
+}
+
+impl<V> Table<V> {
+    fn new(cap: usize) -> Self {
+        // Slots are addressed by u32; no sane config tracks more.
+        let cap = cap.clamp(1, NIL as usize - 1);
+        Self {
+            index: HashMap::default(),
+            slots: Vec::new(),
+            lists: [EMPTY; 3],
+            quotas: [cap, (cap / 2).max(1), (cap / 4).max(1)],
+            cap,
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn peek(&self, key: IpAddr) -> Option<&V> {
+        self.index.get(&key).map(|&i| &self.slots[i as usize].value)
+    }
+
+    fn value_mut(&mut self, slot: u32) -> &mut V {
+        &mut self.slots[slot as usize].value
+    }
+
+    /// The slot of `key`, inserted with `value` on the lowest list (making
+    /// room by evicting) when it was not held; true when it was inserted.
+    fn get_or_insert(&mut self, key: IpAddr, value: V) -> (u32, bool) {
+        let len = self.slots.len();
+        let full = self.index.len() >= self.cap;
+        let victim = if full { self.evictable() } else { None };
+        let i = match self.index.entry(key) {
+            Entry::Occupied(e) => return (*e.get(), false),
+            Entry::Vacant(e) => {
+                let i = match victim {
+                    Some(v) => v,
+                    None => u32::try_from(len).expect("the table's capacity fits in u32"),
+                };
+                e.insert(i);
+                i
+            }
+        };
+        if let Some(v) = victim {
+            self.unlink(v);
+            let old = self.slots[v as usize].key;
+            self.index.remove(&old);
+            let slot = &mut self.slots[v as usize];
+            slot.key = key;
+            slot.value = value;
+        } else {
+            self.slots.push(Slot {
+                key,
+                value,
+                list: SEEN_ONCE,
+                prev: NIL,
+                next: NIL,
+            });
+        }
+        self.push(i, SEEN_ONCE);
+        (i, true)
+    }
+
+    /// Makes `key` the most recent entry of `list`.
+    fn touch(&mut self, key: IpAddr, list: usize) {
+        if let Some(&i) = self.index.get(&key) {
+            self.unlink(i);
+            self.push(i, list);
+        }
+    }
+
+    /// The least recent entry of the lowest list that has one.
+    fn evictable(&self) -> Option<u32> {
+        self.lists.iter().map(|l| l.head).find(|&head| head != NIL)
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let Slot { list, prev, next, .. } = self.slots[i as usize];
+        match prev {
+            NIL => self.lists[list].head = next,
+            p => self.slots[p as usize].next = next,
+        }
+        match next {
+            NIL => self.lists[list].tail = prev,
+            n => self.slots[n as usize].prev = prev,
+        }
+        self.lists[list].len -= 1;
+    }
+
+    /// Links `i` as the most recent entry of `list`; past its quota, a
+    /// list hands its least recent entry down (at most one move per list,
+    /// as each push adds one entry).
+    fn push(&mut self, i: u32, list: usize) {
+        self.push_only(i, list);
+        let mut at = list;
+        while at > 0 && self.lists[at].len > self.quotas[at] {
+            let head = self.lists[at].head;
+            self.unlink(head);
+            at -= 1;
+            self.push_only(head, at);
+        }
+    }
+
+    /// Links `i` as the most recent entry of `list`, quotas aside.
+    fn push_only(&mut self, i: u32, list: usize) {
+        let tail = self.lists[list].tail;
+        {
+            let slot = &mut self.slots[i as usize];
+            slot.list = list;
+            slot.prev = tail;
+            slot.next = NIL;
+        }
+        match tail {
+            NIL => self.lists[list].head = i,
+            t => self.slots[t as usize].next = i,
+        }
+        self.lists[list].tail = i;
+        self.lists[list].len += 1;
     }
 }
 
@@ -187,6 +419,7 @@ mod tests {
             lockout_after: 3,
             lockout_for: Duration::from_secs(60),
             max_tracked_sources: 4,
+            ipv6_prefix: 64,
         }
     }
 
@@ -226,7 +459,7 @@ mod tests {
     }
 
     #[test]
-    fn the_rate_limit_applies_per_source() {
+    fn the_rate_limit_applies_per_source_and_refills() {
         let clock = ManualClock::new();
         let guard = SourceGuard::new(Limits {
             per_source_rate: 1,
@@ -239,6 +472,9 @@ mod tests {
         assert!(guard.admit(a, clock.now()).is_ok());
         assert_eq!(guard.admit(a, clock.now()), Err(Refusal::RateLimited));
         assert!(guard.admit(b, clock.now()).is_ok());
+        clock.advance(Duration::from_secs(1));
+        assert!(guard.admit(a, clock.now()).is_ok(), "a second refills one packet");
+        assert_eq!(guard.admit(a, clock.now()), Err(Refusal::RateLimited));
     }
 
     #[test]
@@ -249,7 +485,128 @@ mod tests {
             let _ = guard.admit(IpAddr::from([10, 0, 0, i]), clock.now());
             let _ = guard.strike(IpAddr::from([10, 0, 0, i]), clock.now());
         }
-        assert!(guard.limiter.len() <= 4);
-        assert!(guard.strikes.len() <= 4);
+        assert_eq!(guard.rates.lock().unwrap().len(), 4);
+        assert_eq!(guard.strikes.lock().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn a_full_table_keeps_counting_what_it_holds_and_keeps_lockouts() {
+        let clock = ManualClock::new();
+        let guard = SourceGuard::new(limits());
+        let locked = IpAddr::from([127, 0, 0, 9]);
+        let guessing = IpAddr::from([127, 0, 0, 8]);
+        for _ in 0..3 {
+            guard.strike(locked, clock.now());
+        }
+        guard.strike(guessing, clock.now());
+        guard.strike(guessing, clock.now());
+        // A flood of forged sources, each seen once, far past the capacity.
+        for i in 0..10_000u32 {
+            let [_, a, b, c] = i.to_be_bytes();
+            guard.strike(IpAddr::from([10, a, b, c]), clock.now());
+            let _ = guard.admit(IpAddr::from([10, a, b, c]), clock.now());
+        }
+        assert_eq!(guard.admit(locked, clock.now()), Err(Refusal::LockedOut));
+        assert_eq!(
+            guard.strike(guessing, clock.now()),
+            StrikeOutcome::LockedOut,
+            "its two earlier strikes were still counted"
+        );
+        // A fresh source is still counted and locked out.
+        let fresh = IpAddr::from([127, 0, 0, 7]);
+        for _ in 0..2 {
+            guard.strike(fresh, clock.now());
+            guard.strike(IpAddr::from([10, 9, 9, 9]), clock.now());
+        }
+        assert_eq!(guard.strike(fresh, clock.now()), StrikeOutcome::LockedOut);
+        assert_eq!(guard.admit(fresh, clock.now()), Err(Refusal::LockedOut));
+    }
+
+    #[test]
+    fn lockouts_are_evicted_last_and_oldest_first() {
+        let clock = ManualClock::new();
+        let guard = SourceGuard::new(limits());
+        let lock = |i: u8| {
+            for _ in 0..3 {
+                guard.strike(IpAddr::from([127, 0, 1, i]), clock.now());
+            }
+        };
+        for i in 0..5 {
+            lock(i);
+        }
+        assert_eq!(guard.admit(IpAddr::from([127, 0, 1, 0]), clock.now()), Ok(()));
+        for i in 1..5 {
+            assert_eq!(
+                guard.admit(IpAddr::from([127, 0, 1, i]), clock.now()),
+                Err(Refusal::LockedOut)
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_sources_are_limited_per_prefix_and_ipv4_per_address() {
+        let clock = ManualClock::new();
+        let guard = SourceGuard::new(limits());
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        for _ in 0..3 {
+            guard.strike(a, clock.now());
+        }
+        assert_eq!(guard.admit(b, clock.now()), Err(Refusal::LockedOut), "same /64");
+        assert_eq!(guard.admit(other, clock.now()), Ok(()), "another /64");
+        assert_eq!(guard.key(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(guard.key(mapped), IpAddr::from([10, 0, 0, 1]));
+
+        let whole = SourceGuard::new(Limits {
+            ipv6_prefix: 128,
+            ..limits()
+        });
+        assert_eq!(whole.key(a), a);
+        for _ in 0..3 {
+            whole.strike(a, clock.now());
+        }
+        assert_eq!(whole.admit(b, clock.now()), Ok(()));
+    }
+
+    #[test]
+    fn the_table_reuses_evicted_slots_and_keeps_its_lists_linked() {
+        let mut t: Table<u32> = Table::new(3);
+        let k = |i: u8| IpAddr::from([10, 0, 0, i]);
+        for i in 0..3 {
+            t.get_or_insert(k(i), u32::from(i));
+        }
+        t.touch(k(0), SEEN_AGAIN);
+        // Evicts 1 (least recent of the lowest list), then 2, then 3.
+        t.get_or_insert(k(3), 3);
+        assert!(t.peek(k(1)).is_none());
+        t.get_or_insert(k(4), 4);
+        assert!(t.peek(k(2)).is_none());
+        t.get_or_insert(k(5), 5);
+        assert!(t.peek(k(3)).is_none());
+        assert_eq!(t.peek(k(0)), Some(&0));
+        assert_eq!(t.slots.len(), 3);
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn upper_lists_over_their_quota_hand_entries_down() {
+        let mut t: Table<u32> = Table::new(8);
+        let k = |i: u8| IpAddr::from([10, 0, 0, i]);
+        for i in 0..8 {
+            t.get_or_insert(k(i), u32::from(i));
+            t.touch(k(i), LOCKED);
+        }
+        // A quarter locked, a half above that, the rest seen once.
+        assert_eq!(t.lists.map(|l| l.len), [2, 4, 2]);
+        let at = |t: &Table<u32>, i: u8| t.slots[t.index[&k(i)] as usize].list;
+        assert_eq!((at(&t, 7), at(&t, 6)), (LOCKED, LOCKED));
+        assert_eq!((at(&t, 0), at(&t, 1)), (SEEN_ONCE, SEEN_ONCE));
+        // A new source evicts the oldest of those, never a recent lockout.
+        t.get_or_insert(k(8), 8);
+        assert!(t.peek(k(0)).is_none());
+        assert_eq!(t.peek(k(7)), Some(&7));
+        assert_eq!(t.lists.map(|l| l.len), [2, 4, 2]);
     }
 }

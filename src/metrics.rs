@@ -500,6 +500,11 @@ pub fn spa_packet(format: &'static str, result: &'static str) {
     metrics::counter!(SPA_PACKETS_TOTAL, "format" => format, "result" => result).increment(1);
 }
 
+/// The series [`spa_packet`] counts in, for a caller that keeps it.
+pub fn spa_packet_counter(format: &'static str, result: &'static str) -> metrics::Counter {
+    metrics::counter!(SPA_PACKETS_TOTAL, "format" => format, "result" => result)
+}
+
 /// A knock or SPA packet ignored by the per-source guard; `listener` is
 /// "knock" or "spa", `reason` a `guard::Refusal` label.
 pub fn source_refused(listener: &'static str, reason: &'static str) {

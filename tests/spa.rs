@@ -334,7 +334,8 @@ fn a_garbage_flood_does_not_stop_a_valid_packet_sent_during_it() {
     flood.join().unwrap();
     s.gw.wait_grant("pg", "127.0.0.9");
     assert!(echo_works("127.0.0.9", s.gw.addr("pg")));
-    // The flooding sources were rejected, then locked out.
+    // The flooding sources were rejected, and not locked out: a lockout
+    // of forgeable sources would let a forger lock real users out.
     assert!(s.gw.count(|l| msg(l) == "spa packet rejected") > 0);
-    s.gw.wait_for(|l| msg(l) == "source locked out after repeated bad spa packets");
+    assert_eq!(s.gw.count(|l| msg(l).starts_with("source locked out")), 0);
 }

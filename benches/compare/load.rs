@@ -614,3 +614,69 @@ pub fn metric_sum(scrape: &str, name: &str) -> f64 {
         })
         .sum()
 }
+
+/// Sends datagrams with a chosen IPv4 source: whole packets on a raw
+/// socket (`IP_HDRINCL`, root only), or, without the privilege, from
+/// sockets bound to a fixed set of loopback sources.
+pub enum Forger {
+    Raw(socket2::Socket, Vec<u8>),
+    Bound(Vec<UdpSocket>),
+}
+
+impl Forger {
+    /// A raw forger, or one bound to `fallback` sources.
+    pub fn new(fallback: &[IpAddr]) -> Result<Forger> {
+        let raw = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .and_then(|s| s.set_header_included_v4(true).map(|()| s));
+        match raw {
+            Ok(s) => {
+                let _ = s.set_send_buffer_size(4 << 20);
+                Ok(Forger::Raw(s, Vec::with_capacity(1500)))
+            }
+            Err(_) => Ok(Forger::Bound(
+                fallback
+                    .iter()
+                    .map(|ip| UdpSocket::bind(SocketAddr::new(*ip, 0)))
+                    .collect::<std::io::Result<_>>()?,
+            )),
+        }
+    }
+
+    pub fn is_raw(&self) -> bool {
+        matches!(self, Forger::Raw(..))
+    }
+
+    /// One datagram to `to`, "from" `source` (raw) or from the `n`-th
+    /// bound socket; send failures are the flood's loss, not an error.
+    pub fn send(&mut self, n: u64, source: std::net::Ipv4Addr, to: std::net::SocketAddrV4, payload: &[u8]) {
+        match self {
+            Forger::Raw(socket, b) => {
+                let total = (28 + payload.len()) as u16;
+                b.clear();
+                b.extend_from_slice(&[0x45, 0]);
+                b.extend_from_slice(&total.to_be_bytes());
+                b.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+                b.extend_from_slice(&source.octets());
+                b.extend_from_slice(&to.ip().octets());
+                let mut sum: u32 = b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+                while sum > 0xffff {
+                    sum = (sum & 0xffff) + (sum >> 16);
+                }
+                b[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+                b.extend_from_slice(&40_000u16.to_be_bytes());
+                b.extend_from_slice(&to.port().to_be_bytes());
+                b.extend_from_slice(&(total - 20).to_be_bytes());
+                b.extend_from_slice(&[0, 0]);
+                b.extend_from_slice(payload);
+                let _ = socket.send_to(b, &SocketAddr::V4(to).into());
+            }
+            Forger::Bound(sockets) => {
+                let _ = sockets[(n % sockets.len() as u64) as usize].send_to(payload, to);
+            }
+        }
+    }
+}

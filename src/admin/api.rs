@@ -1,5 +1,6 @@
-//! The admin endpoint's routes and who may use the mutating ones. Pure
-//! request-to-response logic over the shared [`Context`]: no sockets.
+//! The admin endpoint's routes, who may use them, and which `Host` a
+//! loopback listener answers. Pure request-to-response logic over the
+//! shared [`Context`]: no sockets.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -31,26 +32,48 @@ pub(super) struct Conn {
     pub peer: SocketAddr,
     /// Over TLS, with a client certificate verified against `client_ca`.
     pub client_verified: bool,
+    /// Taken from the room kept for probes: only `/healthz` and `/readyz`
+    /// are answered.
+    pub probes_only: bool,
 }
 
-/// Who may use the mutating endpoints (see the module doc of `admin`).
+/// Who may use which endpoints (see the module doc of `admin`).
 #[derive(Debug)]
 pub(super) struct Auth {
-    /// The listener is on loopback and the config trusts that.
+    /// The listener is bound to a loopback address: requests must name a
+    /// loopback host (DNS rebinding).
+    loopback_listener: bool,
+    /// The listener is on loopback, the config trusts that, and no token
+    /// is configured (a configured token is required everywhere).
     loopback_trusted: bool,
     token: Option<Secret>,
+    /// `/metrics` and `/v1/grants` need what changes need, loopback trust
+    /// aside.
+    reads_need_token: bool,
 }
 
 impl Auth {
     pub(super) fn new(config: &Admin, local: SocketAddr) -> Self {
+        let loopback_listener = local.ip().to_canonical().is_loopback();
         Self {
-            loopback_trusted: config.allow_loopback_mutations && local.ip().to_canonical().is_loopback(),
+            loopback_listener,
+            loopback_trusted: config.allow_loopback_mutations && loopback_listener && config.token.is_none(),
             token: config.token.clone(),
+            reads_need_token: config.require_token_for_reads,
         }
     }
 
     fn may_mutate(&self, headers: &HeaderMap, conn: &Conn) -> bool {
-        if self.loopback_trusted || conn.client_verified {
+        self.loopback_trusted || self.authenticated(headers, conn)
+    }
+
+    fn may_read(&self, headers: &HeaderMap, conn: &Conn) -> bool {
+        !self.reads_need_token || self.authenticated(headers, conn)
+    }
+
+    /// A verified client certificate, or the bearer token.
+    fn authenticated(&self, headers: &HeaderMap, conn: &Conn) -> bool {
+        if conn.client_verified {
             return true;
         }
         match (&self.token, bearer(headers)) {
@@ -58,6 +81,47 @@ impl Auth {
             _ => false,
         }
     }
+
+    /// Whether a request may be answered on this listener: on loopback,
+    /// only one that names a loopback host. A web page a local browser
+    /// opened can reach a loopback port through a DNS name rebound to
+    /// 127.0.0.1, but its requests still carry that name. Clients that
+    /// send no `Host` at all are not browsers.
+    fn host_allowed<B>(&self, req: &Request<B>) -> bool {
+        if !self.loopback_listener {
+            return true;
+        }
+        let host = match req.uri().authority() {
+            Some(a) => Some(a.host().as_bytes()),
+            None => req.headers().get(header::HOST).map(|h| h.as_bytes()),
+        };
+        host.is_none_or(is_loopback_host)
+    }
+}
+
+/// `localhost`, a name under `.localhost` (RFC 6761: resolved locally,
+/// never through DNS), or a loopback address; a port may follow.
+fn is_loopback_host(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let host = host.trim();
+    let name = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) if port.is_empty() || port.starts_with(':') => {
+                return v6
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok_and(|a| IpAddr::V6(a).to_canonical().is_loopback());
+            }
+            _ => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return ip.is_loopback();
+    }
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
 }
 
 /// The credentials of an `Authorization: Bearer ...` header.
@@ -83,6 +147,30 @@ pub(super) async fn handle<B>(req: &Request<B>, ctx: &Context, auth: &Auth, conn
     let path = req.uri().path();
     let method = req.method();
     let read = method == Method::GET || method == Method::HEAD;
+    if !auth.host_allowed(req) {
+        tracing::info!(peer = %conn.peer, "admin: request for a host that is not loopback refused");
+        return text(
+            StatusCode::FORBIDDEN,
+            "forbidden: this admin endpoint listens on loopback and answers only requests for localhost or a loopback address\n",
+        );
+    }
+    let probe = path == "/healthz" || path == "/readyz";
+    if conn.probes_only && !probe {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy: every admin connection is taken; only /healthz and /readyz are answered now\n",
+        );
+    }
+    if read && (path == "/metrics" || path == "/v1/grants") && !auth.may_read(req.headers(), conn) {
+        let mut response = text(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized: reads need the bearer token or a verified client certificate\n",
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
     match path {
         "/metrics" | "/healthz" | "/readyz" | "/v1/grants" if !read => not_allowed("GET, HEAD"),
         "/metrics" => match crate::metrics::render() {
@@ -256,6 +344,7 @@ mod tests {
             tls: None,
             token: token.map(|t| Secret::from_slice(t.as_bytes())),
             allow_loopback_mutations,
+            require_token_for_reads: false,
         }
     }
 
@@ -265,6 +354,7 @@ mod tests {
         Conn {
             peer: "127.0.0.1:40000".parse().unwrap(),
             client_verified,
+            probes_only: false,
         }
     }
 
@@ -416,7 +506,20 @@ mod tests {
             let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
             request("DELETE", "/v1/grants/echo/127.0.0.1", &headers)
         };
-        let cases: [(Auth, Option<String>, bool, StatusCode); 9] = [
+        let cases: [(Auth, Option<String>, bool, StatusCode); 11] = [
+            // A configured token is required on loopback too.
+            (
+                Auth::new(&admin(true, Some(token)), LOOPBACK.parse().unwrap()),
+                None,
+                false,
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                Auth::new(&admin(true, Some(token)), LOOPBACK.parse().unwrap()),
+                Some(format!("Bearer {token}")),
+                false,
+                StatusCode::NOT_FOUND,
+            ),
             (
                 Auth::new(&admin(true, None), LOOPBACK.parse().unwrap()),
                 None,
@@ -485,6 +588,99 @@ mod tests {
         assert_eq!(
             call(&f, &auth, &c, request("GET", "/v1/grants", &[])).await.0,
             StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn a_loopback_listener_answers_only_loopback_hosts() {
+        let f = fixture();
+        let c = conn(false);
+        let loopback = Auth::new(&admin(true, None), LOOPBACK.parse().unwrap());
+        let public = Auth::new(&admin(true, None), "0.0.0.0:9464".parse().unwrap());
+        let cases = [
+            ("localhost", true),
+            ("LOCALHOST:9464", true),
+            ("localhost.", true),
+            ("admin.localhost:9464", true),
+            ("127.0.0.1:9464", true),
+            ("127.3.2.1", true),
+            ("[::1]:9464", true),
+            ("[::1]", true),
+            ("[::ffff:127.0.0.1]:1", true),
+            ("attacker.example", false),
+            ("attacker.example:9464", false),
+            ("localhost.attacker.example", false),
+            ("127.0.0.1.nip.io", false),
+            ("10.0.0.1:9464", false),
+            ("[2001:db8::1]:9464", false),
+            ("[::1", false),
+        ];
+        for (host, ok) in cases {
+            let req = request("GET", "/healthz", &[("host", host)]);
+            let (status, _, _) = call(&f, &loopback, &c, req).await;
+            let want = if ok { StatusCode::OK } else { StatusCode::FORBIDDEN };
+            assert_eq!(status, want, "Host: {host}");
+            let req = request("GET", "/healthz", &[("host", host)]);
+            assert_eq!(
+                call(&f, &public, &c, req).await.0,
+                StatusCode::OK,
+                "Host: {host} off loopback"
+            );
+        }
+        // Absolute-form targets carry the host in the URI.
+        let req = request("GET", "http://attacker.example/healthz", &[("host", "localhost")]);
+        assert_eq!(call(&f, &loopback, &c, req).await.0, StatusCode::FORBIDDEN);
+        // No Host at all (not a browser) is answered.
+        assert_eq!(
+            call(&f, &loopback, &c, request("GET", "/healthz", &[])).await.0,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn reads_may_need_the_token_and_probes_never_do() {
+        let f = fixture();
+        let token = "0123456789abcdef";
+        let config = Admin {
+            require_token_for_reads: true,
+            ..admin(true, Some(token))
+        };
+        let auth = Auth::new(&config, "0.0.0.0:9464".parse().unwrap());
+        let c = conn(false);
+        let bearer = format!("Bearer {token}");
+        for path in ["/v1/grants", "/metrics"] {
+            let (status, headers, _) = call(&f, &auth, &c, request("GET", path, &[])).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+            assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+        }
+        let with = request("GET", "/v1/grants", &[("authorization", &bearer)]);
+        assert_eq!(call(&f, &auth, &c, with).await.0, StatusCode::OK);
+        let verified = conn(true);
+        assert_eq!(
+            call(&f, &auth, &verified, request("GET", "/v1/grants", &[])).await.0,
+            StatusCode::OK
+        );
+        for path in ["/healthz", "/readyz"] {
+            let (status, _, _) = call(&f, &auth, &c, request("GET", path, &[])).await;
+            assert_ne!(status, StatusCode::UNAUTHORIZED, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_from_the_probe_reserve_is_answered_for_probes_only() {
+        let f = fixture();
+        let auth = Auth::new(&admin(true, None), LOOPBACK.parse().unwrap());
+        let c = Conn {
+            probes_only: true,
+            ..conn(false)
+        };
+        assert_eq!(
+            call(&f, &auth, &c, request("GET", "/healthz", &[])).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(&f, &auth, &c, request("GET", "/v1/grants", &[])).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
         );
     }
 

@@ -1,5 +1,6 @@
 //! The `[admin]` section: where the admin endpoint listens, its optional
-//! TLS files, and who may use its mutating endpoints.
+//! TLS files, who may use its mutating endpoints, and whether reads need
+//! the token too.
 //!
 //! Validation reads the files the section names (the token, the TLS
 //! certificate, key and client CA), so `portcullis check` reports a missing
@@ -28,8 +29,14 @@ pub struct Admin {
     /// compared in constant time.
     pub token: Option<Secret>,
     /// Whether anyone who can reach a loopback-bound admin listener may use
-    /// the mutating endpoints without a token or client certificate.
+    /// the mutating endpoints without a token or client certificate. Has no
+    /// effect once a token is configured: the token is then required
+    /// everywhere, loopback included.
     pub allow_loopback_mutations: bool,
+    /// Whether `/metrics` and `/v1/grants` need the token (or a verified
+    /// client certificate) too; the probes `/healthz` and `/readyz` stay
+    /// open.
+    pub require_token_for_reads: bool,
 }
 
 /// TLS files of the admin endpoint, resolved from the config's directory.
@@ -59,6 +66,13 @@ impl Validator {
         };
         let tls = self.admin_tls(raw);
         let token = raw.token_file.as_deref().and_then(|f| self.token(f));
+        let require_token_for_reads = raw.require_token_for_reads.unwrap_or(false);
+        if require_token_for_reads && raw.token_file.is_none() && raw.client_ca.is_none() {
+            self.problem(
+                "admin.require_token_for_reads",
+                "reads cannot need a token when none is configured: set token_file (or client_ca)",
+            );
+        }
         if self.problems.len() > before {
             return None;
         }
@@ -67,6 +81,7 @@ impl Validator {
             tls,
             token,
             allow_loopback_mutations: raw.allow_loopback_mutations.unwrap_or(true),
+            require_token_for_reads,
         })
     }
 
@@ -210,6 +225,7 @@ knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"] }
         let a = load(dir.path(), "[admin]", &[]).unwrap().admin.unwrap();
         assert_eq!(a.listen, super::DEFAULT_ADMIN_LISTEN.parse().unwrap());
         assert!(a.allow_loopback_mutations);
+        assert!(!a.require_token_for_reads);
         assert_eq!(a.token, None);
         assert_eq!(a.tls, None);
     }
@@ -265,6 +281,10 @@ knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"] }
                 "admin.tls_cert",
             ),
             ("[admin]\nbogus = 1", "admin.bogus"),
+            (
+                "[admin]\nrequire_token_for_reads = true",
+                "admin.require_token_for_reads",
+            ),
         ];
         for (text, want) in cases {
             let err = load(dir.path(), text, &[]).unwrap_err();

@@ -33,6 +33,7 @@ pub struct RawLimits {
     pub lockout_after: Option<RawCount>,
     pub lockout_for: Option<String>,
     pub max_tracked_sources: Option<RawCount>,
+    pub ipv6_prefix: Option<RawCount>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -98,6 +99,7 @@ pub struct RawAdmin {
     /// A path: the token itself never passes through the config.
     pub token_file: Option<String>,
     pub allow_loopback_mutations: Option<bool>,
+    pub require_token_for_reads: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -153,6 +153,9 @@ pub struct Limits {
     /// Sources tracked at once by the rate limiter and the lockout table;
     /// sources are spoofable, so the memory must be bounded.
     pub max_tracked_sources: usize,
+    /// Leading bits of an IPv6 source that rate limits and lockouts key
+    /// on (grants stay per address): whoever holds a /64 holds all of it.
+    pub ipv6_prefix: u8,
 }
 
 impl Default for Limits {
@@ -163,6 +166,7 @@ impl Default for Limits {
             lockout_after: 10,
             lockout_for: Duration::from_secs(300),
             max_tracked_sources: 100_000,
+            ipv6_prefix: 64,
         }
     }
 }
@@ -221,6 +225,21 @@ impl Validator {
                 raw.max_tracked_sources.as_ref(),
                 d.max_tracked_sources,
             ),
+            ipv6_prefix: self.ipv6_prefix(raw.ipv6_prefix.as_ref(), d.ipv6_prefix),
+        }
+    }
+
+    fn ipv6_prefix(&mut self, raw: Option<&super::raw::RawCount>, default: u8) -> u8 {
+        let bits = self.count("limits.ipv6_prefix", raw, usize::from(default));
+        match u8::try_from(bits) {
+            Ok(b) if b <= 128 => b,
+            _ => {
+                self.problem(
+                    "limits.ipv6_prefix",
+                    format!("{bits} is not a prefix length: 1 to 128 (64 keys on a /64)"),
+                );
+                default
+            }
         }
     }
 

@@ -20,7 +20,7 @@
 //! ends that source's attempts (see `Gate`): a scan between two steps
 //! starts the sequence over. Only trap ports count against the source.
 //! SPA datagrams are decided exactly as the socket SPA sensor decides them
-//! ([`super::spa::decide`]). Packets from all sockets are put in kernel
+//! ([`super::spa::SpaSensor::decide`]). Packets from all sockets are put in kernel
 //! receive order (`SO_TIMESTAMPNS`) before they reach the gate.
 //!
 //! This module owns the raw sockets and nothing else; it never sends.
@@ -342,6 +342,7 @@ pub async fn run(
     // Who knocked before a reload still may have an attempt in progress.
     sockets.recent.window = plan.window;
     let mut batch: Vec<Packet> = Vec::with_capacity(64);
+    let mut counters = spa::Counters::default();
     let mut buf = vec![0u8; BUF];
     let mut cmsg = nix::cmsg_space!(TimeSpec, nix::libc::in6_pktinfo);
     loop {
@@ -383,12 +384,12 @@ pub async fn run(
         }
         batch.sort_by_key(|p| p.at);
         for p in batch.drain(..) {
-            dispatch(p, &intake, spa.as_ref(), &mut sockets.recent);
+            dispatch(p, &intake, spa.as_ref(), &mut sockets.recent, &mut counters);
         }
     }
 }
 
-fn dispatch(p: Packet, intake: &Intake, spa: Option<&SpaSensor>, recent: &mut Recent) {
+fn dispatch(p: Packet, intake: &Intake, spa: Option<&SpaSensor>, recent: &mut Recent, counters: &mut spa::Counters) {
     let now = intake.clock.now();
     match p.seen {
         Seen::Knock(step) => {
@@ -397,7 +398,7 @@ fn dispatch(p: Packet, intake: &Intake, spa: Option<&SpaSensor>, recent: &mut Re
         }
         Seen::Spa => {
             if let Some(sensor) = spa {
-                spa::decide(sensor, &intake.driver, &p.payload, p.source);
+                sensor.decide(&p.payload, p.source, &intake.driver, counters);
             }
         }
         Seen::Other(step) => {

@@ -272,7 +272,6 @@ impl Runtime {
                 bound,
                 self.started_unix,
             ),
-            guard: self.parts.guard.clone(),
             store: self.parts.proxy.store.clone(),
             clock: self.parts.clock.clone(),
             log_limit: governor::RateLimiter::direct(governor::Quota::per_second(SPA_LOG_RATE)),

@@ -4,6 +4,12 @@
 //! services and permissions, and the replay cache (in the store, so a
 //! shared store shares it).
 //!
+//! Deciding ([`SpaDesk::verify`]) and remembering ([`SpaDesk::remember`])
+//! are two steps: the sensor records a packet's replay digest only once
+//! the gate driver has room for its grants, so an accepted packet is never
+//! lost between the two (and a packet refused for want of room may be
+//! sent again).
+//!
 //! The codecs beside it ([`native`], [`fwknop`], [`super::keyfile`]) know
 //! nothing of the config; the desk is the policy built on top of them from
 //! the validated `[spa]` section, the users and the services.
@@ -57,6 +63,9 @@ pub enum Refusal {
     NatNotPermitted,
     /// The per-source guard refused the packet before it was read.
     Guard(crate::guard::Refusal),
+    /// Authentic and allowed, but the gate driver had no room for its
+    /// grants; not remembered, so the same packet may be sent again.
+    Busy,
 }
 
 impl Refusal {
@@ -77,6 +86,7 @@ impl Refusal {
             Refusal::NatAmbiguousTarget => "nat_ambiguous_target",
             Refusal::NatNotPermitted => "nat_not_permitted",
             Refusal::Guard(g) => g.as_label(),
+            Refusal::Busy => "busy",
         }
     }
 
@@ -99,6 +109,8 @@ pub struct Accepted {
     /// The address the grants go to: the packet's allow-IP, or its source.
     pub grantee: IpAddr,
     pub grants: Vec<(Arc<str>, Duration)>,
+    /// The packet's replay digest, for [`SpaDesk::remember`].
+    pub digest: [u8; 32],
 }
 
 #[derive(Debug)]
@@ -193,15 +205,9 @@ impl SpaDesk {
         }
     }
 
-    /// Decides on one packet from `source`.
-    pub fn verify(
-        &self,
-        packet: &[u8],
-        source: IpAddr,
-        now_unix: u64,
-        now: Instant,
-        store: &dyn GrantStore,
-    ) -> Result<Accepted, Refusal> {
+    /// Decides on one packet from `source`; the packet is not remembered
+    /// as seen until [`SpaDesk::remember`].
+    pub fn verify(&self, packet: &[u8], source: IpAddr, now_unix: u64) -> Result<Accepted, Refusal> {
         let window = Window::new(now_unix, self.max_age);
         let (user, request) = match spa::detect(packet) {
             Some(Format::Native) => {
@@ -283,15 +289,23 @@ impl SpaDesk {
             }
             grants.push(grant(door));
         }
-        if !store.first_sighting(&request.digest, now, now + 2 * self.max_age) {
-            return Err(Refusal::Replay);
-        }
         Ok(Accepted {
             user: user.name.clone(),
             format: request.format,
             grantee,
             grants,
+            digest: request.digest,
         })
+    }
+
+    /// Records an accepted packet's replay digest; refuses a packet seen
+    /// before. Called once its grants have room in the driver's queue.
+    pub fn remember(&self, accepted: &Accepted, now: Instant, store: &dyn GrantStore) -> Result<(), Refusal> {
+        if store.first_sighting(&accepted.digest, now, now + 2 * self.max_age) {
+            Ok(())
+        } else {
+            Err(Refusal::Replay)
+        }
     }
 }
 
@@ -380,7 +394,10 @@ key_file = "bob.key"
     #[test]
     fn decisions_follow_the_users_rules() {
         let f = fixture();
-        let verify = |p: &[u8], src: &str| f.desk.verify(p, ip(src), NOW, f.clock.now(), &f.store);
+        let verify = |p: &[u8], src: &str| {
+            let ok = f.desk.verify(p, ip(src), NOW)?;
+            f.desk.remember(&ok, f.clock.now(), &f.store).map(|()| ok)
+        };
         let ok = verify(&packet(&f.alice, NOW, 5432, None, 1), "10.1.2.3").unwrap();
         assert_eq!(&*ok.user, "alice");
         assert_eq!(ok.grantee, ip("10.1.2.3"));
@@ -433,10 +450,21 @@ key_file = "bob.key"
     fn a_refused_packet_is_not_remembered_as_seen() {
         let f = fixture();
         let p = packet(&f.alice, NOW, 5432, None, 9);
-        assert_eq!(
-            f.desk.verify(&p, ip("192.0.2.1"), NOW, f.clock.now(), &f.store),
-            Err(Refusal::SourceNotAllowed)
-        );
-        assert!(f.desk.verify(&p, ip("10.0.0.1"), NOW, f.clock.now(), &f.store).is_ok());
+        assert_eq!(f.desk.verify(&p, ip("192.0.2.1"), NOW), Err(Refusal::SourceNotAllowed));
+        let ok = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
+        assert_eq!(f.desk.remember(&ok, f.clock.now(), &f.store), Ok(()));
+    }
+
+    #[test]
+    fn a_packet_is_seen_only_once_remembered() {
+        let f = fixture();
+        let p = packet(&f.alice, NOW, 5432, None, 10);
+        // Verified twice (the first time there was no room for its
+        // grants), remembered once: accepted, then a replay.
+        let first = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
+        let again = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
+        assert_eq!(first.digest, again.digest);
+        assert_eq!(f.desk.remember(&again, f.clock.now(), &f.store), Ok(()));
+        assert_eq!(f.desk.remember(&first, f.clock.now(), &f.store), Err(Refusal::Replay));
     }
 }
