@@ -310,6 +310,15 @@ impl Driver {
             _ => None,
         };
         let now = self.effects.clock.now();
+        // Knocks queued before their source hit a trap arrive after the
+        // lockout the trap caused: they must not walk the sequence on.
+        if let Input::Knock(k) = &input {
+            if self.effects.guard.locked_out(k.source, now) {
+                metrics::source_refused("knock", crate::guard::Refusal::LockedOut.as_label());
+                tracing::debug!(source = %k.source, step = %k.step, reason = "locked_out", "knock ignored");
+                return;
+            }
+        }
         self.gate.handle(input, now, &mut self.events);
         if let Some(source) = knocker {
             if self.events.iter().any(|e| matches!(e, Event::Trapped { .. })) {

@@ -158,6 +158,11 @@ impl SourceGuard {
         true
     }
 
+    /// Whether `source` is locked out now (nothing is counted).
+    pub fn locked_out(&self, source: IpAddr, now: Instant) -> bool {
+        self.is_locked_out(self.key(source), now)
+    }
+
     fn is_locked_out(&self, key: IpAddr, now: Instant) -> bool {
         let strikes = self.strikes.lock().unwrap_or_else(PoisonError::into_inner);
         strikes

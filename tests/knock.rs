@@ -192,7 +192,9 @@ fn trap_ports_reset_progress() {
         .on_free_ports(10, |p| {
             echo_config(upstream, &seq(p), "").replace(
                 "step_timeout",
-                &format!("trap_ports = [\"{}/udp\"], step_timeout", p[4]),
+                // Traps that only reset (trap_lockout = false): the
+                // default, a lockout, is tested in tests/scan_order.rs.
+                &format!("trap_ports = [\"{}/udp\"], trap_lockout = false, step_timeout", p[4]),
             )
         })
         .start_on_ports();
