@@ -342,6 +342,8 @@ struct Results {
     refusals: Series,
     cpu_per_refusal: Series,
     knock_open_us: Vec<u64>,
+    /// Knock-to-open of a `closed` service, its port not listening before.
+    closed_open_us: Vec<u64>,
     spa_open_us: Vec<u64>,
     flood: Option<Flood>,
     spa_flood: Option<SpaFlood>,
@@ -650,6 +652,9 @@ impl Bench {
         }
         if self.opts.wants("opens") {
             self.opens(&gw, &seq, &key);
+            if let Err(e) = self.closed_opens(echo) {
+                self.fail("knock to open, closed mode", e);
+            }
         }
         Ok(())
     }
@@ -859,6 +864,56 @@ impl Bench {
             let tail = &spa_lines[spa_lines.len().saturating_sub(3)..];
             self.fail("knock/SPA to open", e.context(format!("SPA log: {}", tail.join(" "))));
         }
+    }
+
+    /// Knock-to-open of a service in `closed` mode, whose port starts to
+    /// listen only when the grant is given: a fresh source each time
+    /// knocks and connects until let through; then the grant is revoked
+    /// and the port is seen to reset SYNs again before the next sample.
+    fn closed_opens(&mut self, echo: SocketAddr) -> Result<()> {
+        let (gw, seq) = self.start_gateway("closed", &[], |seq| {
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+                 [service.closed]\nlisten = \"127.0.0.1:0\"\nupstream = \"{echo}\"\nprotocol = \"tcp\"\n\
+                 unauthorized = \"closed\"\nopen_for = \"1h\"\nknock = {{ sequence = [{}] }}\n",
+                seq.iter()
+                    .map(|s| format!("\"{}/udp\"", s.port()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        let admin = gw
+            .admin
+            .ok_or_else(|| anyhow!("the gateway logged no admin listener"))?;
+        let target = gw.service("closed")?;
+        let stranger = source(7, 250 * 200);
+        let wait_closed = || -> Result<()> {
+            let begin = Instant::now();
+            while !load::refused_at_syn(stranger, target) {
+                if begin.elapsed() > Duration::from_secs(2) {
+                    bail!("the closed service still listens 2s after its last grant ended");
+                }
+            }
+            Ok(())
+        };
+        wait_closed()?;
+        for i in 0..self.sizes.opens {
+            let from = source(7, i);
+            let elapsed = load::time_to_open(from, target, |s: &UdpSocket| {
+                for step in &seq {
+                    s.send_to(&[0], step)?;
+                }
+                Ok(())
+            })?;
+            self.r.closed_open_us.push(elapsed.as_micros() as u64);
+            load::http_delete(admin, &format!("/v1/grants/closed/{from}"))?;
+            wait_closed()?;
+        }
+        note(format!(
+            "knock to open, closed mode: {} samples",
+            self.r.closed_open_us.len()
+        ));
+        Ok(())
     }
 
     /// Knock datagrams the gateway processes per CPU-second: a flood of
@@ -1343,6 +1398,10 @@ impl Bench {
 
         let opens = [
             ("Knock to open, 3 UDP knocks, p50 / p99 (µs)", &r.knock_open_us),
+            (
+                "Knock to open, closed mode (port not listening before), p50 / p99 (µs)",
+                &r.closed_open_us,
+            ),
             ("SPA to open, native packet, p50 / p99 (µs)", &r.spa_open_us),
         ];
         for (what, samples) in opens {
@@ -1544,7 +1603,7 @@ impl Bench {
             notes.push(line);
         }
         notes.push(format!(
-            "Knock/SPA to open: {} fresh sources each; timed from the first packet sent to the first connection that carries a byte through (refused attempts retried at once).",
+            "Knock/SPA to open: {} fresh sources each; timed from the first packet sent to the first connection that carries a byte through (refused attempts retried at once). Closed mode: a gateway of its own whose service does not listen before each knock (the grant is revoked after each sample and the port seen to reset a SYN again).",
             self.sizes.opens
         ));
         for e in &self.errors {

@@ -23,12 +23,9 @@
 mod common;
 
 use common::*;
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// Port roles within the block of free ports the config is built on.
 const SPA: usize = 0;
@@ -42,17 +39,6 @@ const TCP_SEQ: [usize; 3] = [6, 8, 7];
 /// Another unused port, touched between two steps.
 const OTHER: usize = 9;
 const PORTS: u16 = 10;
-
-fn is_root() -> bool {
-    // The effective user of this process, from the kernel's own account.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:").map(|r| r.split_whitespace().nth(1) == Some("0")))
-        })
-        .unwrap_or(false)
-}
 
 /// Runs `fwknop --key-gen` with a private HOME into `dir/name`.
 fn fwknop_keygen(dir: &Path, name: &str) {
@@ -132,49 +118,6 @@ fn start() -> Setup {
         .on_free_ports(PORTS, |p| config("raw", p, upstream, Some(&key)))
         .start_on_ports();
     Setup { gw, p, keys }
-}
-
-/// The state and reason nmap reports for each port, scanning 127.0.0.1
-/// from `source` with `scan` (`-sU`, `-sS`).
-fn nmap(scan: &str, source: &str, ports: &[u16]) -> HashMap<u16, (String, String)> {
-    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
-    let out = Command::new("nmap")
-        .args([
-            scan,
-            "-Pn",
-            "-n",
-            "--reason",
-            "-S",
-            source,
-            "-e",
-            "lo",
-            "-p",
-            &list.join(","),
-        ])
-        .arg("127.0.0.1")
-        .output()
-        .expect("nmap (scripts/install-test-deps installs it)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "nmap: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut states = HashMap::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let (Some(port), Some(state), Some(_service)) = (words.next(), words.next(), words.next()) else {
-            continue;
-        };
-        let Some(port) = port.split('/').next().and_then(|p| p.parse::<u16>().ok()) else {
-            continue;
-        };
-        // "closed  unknown  port-unreach ttl 64": the reason without the TTL.
-        let reason = words.next().unwrap_or("").to_string();
-        states.insert(port, (state.to_string(), reason));
-    }
-    assert_eq!(states.len(), ports.len(), "nmap output: {text}");
-    states
 }
 
 #[test]
@@ -344,47 +287,6 @@ fn other_ports_between_two_steps_reset_the_attempt_and_a_trap_ends_it() {
             && l["step"].as_str().is_some_and(|st| st.contains(&format!(":{c}/")))
     });
     assert!(!echo_works(source, echo));
-}
-
-/// The lines of a gateway run as `nobody` without capabilities, until
-/// `ready` or its exit; the process is killed then.
-fn run_unprivileged(config: &str, args: &[&str]) -> (Vec<String>, Option<i32>) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, config).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let mut child = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
-        .arg(BIN)
-        .args(args)
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("setpriv (util-linux)");
-    let stdout = child.stdout.take().unwrap();
-    let printed = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
-    });
-    let mut lines = Vec::new();
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-        let Ok(line) = line else { break };
-        let ready = line.contains("\"message\":\"ready\"");
-        lines.push(line);
-        if ready {
-            let _ = child.kill();
-            break;
-        }
-    }
-    let status = child.wait().unwrap();
-    lines.extend(printed.join().unwrap());
-    (lines, status.code())
 }
 
 #[test]

@@ -602,6 +602,35 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// `DELETE path` over HTTP/1.0; fails unless the answer is 2xx.
+pub fn http_delete(addr: SocketAddr, path: &str) -> Result<()> {
+    let mut s = StdTcpStream::connect_timeout(&addr, OP_TIMEOUT)?;
+    s.set_read_timeout(Some(OP_TIMEOUT))?;
+    write!(s, "DELETE {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.lines().next().unwrap_or("");
+    if !status
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|code| code.starts_with('2'))
+    {
+        bail!("DELETE {path}: {status}");
+    }
+    Ok(())
+}
+
+/// Whether a connection from `source` to `target` is refused at SYN (a
+/// reset, as from a port nothing listens on).
+pub fn refused_at_syn(source: IpAddr, target: SocketAddr) -> bool {
+    let attempt = || -> std::io::Result<()> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        socket.connect_timeout(&target.into(), Duration::from_secs(1))
+    };
+    matches!(attempt(), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
 /// The sum of every sample of metric `name` in a Prometheus scrape.
 pub fn metric_sum(scrape: &str, name: &str) -> f64 {
     scrape

@@ -10,6 +10,7 @@
 mod knock;
 mod metrics;
 mod peers;
+mod scan;
 
 #[allow(unused_imports)]
 pub use knock::*;
@@ -17,6 +18,8 @@ pub use knock::*;
 pub use metrics::*;
 #[allow(unused_imports)]
 pub use peers::*;
+#[allow(unused_imports)]
+pub use scan::*;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -98,6 +101,7 @@ pub struct Builder<'a> {
     on_ports: Option<(u16, ConfigFn<'a>)>,
     env: Vec<(String, String)>,
     files: Vec<(String, Vec<u8>)>,
+    unprivileged: bool,
 }
 
 impl<'a> Builder<'a> {
@@ -142,6 +146,13 @@ impl<'a> Builder<'a> {
         self
     }
 
+    /// Runs the process as `nobody` without capabilities (see
+    /// [`scan::UNPRIVILEGED`]); needs root. Files stay readable by root only.
+    pub fn unprivileged(mut self) -> Self {
+        self.unprivileged = true;
+        self
+    }
+
     /// Starts and waits for `ready`; panics with the log if it exits first.
     pub fn start(self) -> Gateway {
         match self.try_start() {
@@ -161,12 +172,12 @@ impl<'a> Builder<'a> {
     pub fn try_start(self) -> Result<Gateway, String> {
         let Some((n, config)) = &self.on_ports else {
             let text = self.config.as_deref().expect("a config or on_free_ports");
-            return Gateway::launch(text, &self.env, &self.files);
+            return Gateway::launch(text, &self.env, &self.files, self.unprivileged);
         };
         let mut last = String::new();
         for _ in 0..5 {
             let ports = free_ports(*n);
-            match Gateway::launch(&config(&ports), &self.env, &self.files) {
+            match Gateway::launch(&config(&ports), &self.env, &self.files, self.unprivileged) {
                 Ok(mut gw) => {
                     gw.ports = ports;
                     return Ok(gw);
@@ -189,14 +200,26 @@ impl Gateway {
     /// Writes `config` and `files` (name, content) into a new directory and
     /// runs `portcullis serve` on it, waiting for `ready`; the log of a
     /// process that exited before that is the error.
-    fn launch(config: &str, env: &[(String, String)], files: &[(String, Vec<u8>)]) -> Result<Gateway, String> {
+    fn launch(
+        config: &str,
+        env: &[(String, String)],
+        files: &[(String, Vec<u8>)],
+        unprivileged: bool,
+    ) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, config).expect("write config");
         for (name, content) in files {
             write_private(&dir.path().join(name), content);
         }
-        let mut cmd = Command::new(BIN);
+        let mut cmd = if unprivileged {
+            readable_by_all(dir.path(), &config_path);
+            let mut cmd = Command::new("setpriv");
+            cmd.args(UNPRIVILEGED).arg("--").arg(BIN);
+            cmd
+        } else {
+            Command::new(BIN)
+        };
         cmd.args(["--log-format", "json", "serve", "-c"])
             .arg(&config_path)
             .env("RUST_LOG", "portcullis=debug")
