@@ -15,10 +15,10 @@
 //! target means (the caller maps it to a service).
 
 mod crypto;
+mod encode;
+mod message;
 
-use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
+use std::net::IpAddr;
 
 use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD_NO_PAD};
@@ -27,9 +27,10 @@ use base64::Engine as _;
 
 use self::crypto::{evp_bytes_to_key, KeyedMac};
 pub use self::crypto::{DigestType, EncryptionMode, NameError};
-use super::{replay_digest, EncodeError, Fields, Format, KeyError, NatAccess, Reject, Request, Window, MAX_PACKET_LEN};
+pub use self::encode::{encode, encode_random, encode_random_with, encode_with, Extras, PacketNonce};
+use self::message::parse_plaintext;
+use super::{replay_digest, Format, KeyError, Reject, Request, Window, MAX_PACKET_LEN};
 use crate::secret::{ct_eq, Secret};
-use crate::step::Proto;
 
 /// Shortest packet fwknopd accepts (`MIN_SPA_DATA_SIZE`).
 pub const MIN_WIRE_LEN: usize = 140;
@@ -402,380 +403,6 @@ fn garbled(mode: EncryptionMode) -> &'static str {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-struct Message {
-    user: String,
-    timestamp: u64,
-    access: Vec<(Proto, u16)>,
-    allow_ip: Option<Ipv4Addr>,
-    duration: Option<Duration>,
-    nat: Option<NatAccess>,
-}
-
-/// Parses `rand:user:timestamp:version:type:message[:…]:digest`.
-fn parse_plaintext(plaintext: &[u8]) -> Result<Message, Reject> {
-    if !plaintext.iter().all(|b| (0x20..0x7f).contains(b)) {
-        return Err(Reject::Malformed("plaintext is not printable ASCII"));
-    }
-    let plaintext = std::str::from_utf8(plaintext).expect("checked to be ASCII");
-    let (encoded, digest) = plaintext.rsplit_once(':').ok_or(Reject::Malformed("no digest field"))?;
-    verify_digest(encoded, digest)?;
-
-    let fields: Vec<&str> = encoded.split(':').collect();
-    let [rand, user, timestamp, version, msg_type, message, extra @ ..] = fields.as_slice() else {
-        return Err(Reject::Malformed("fewer than 7 fields"));
-    };
-    if rand.len() != 16 {
-        return Err(Reject::Malformed("random field is not 16 digits"));
-    }
-    let user = parse_user(user)?;
-    let timestamp = parse_decimal(timestamp, 12).ok_or(Reject::Malformed("timestamp is not a number"))?;
-    if version.is_empty() || version.len() > 8 {
-        return Err(Reject::Malformed("bad version field"));
-    }
-    let msg_type = match msg_type.as_bytes() {
-        [d @ b'0'..=b'9'] => d - b'0',
-        _ => return Err(Reject::Malformed("message type is not one digit")),
-    };
-    // What follows the message: [nat_access] [server_auth] [client_timeout],
-    // each present or absent by message type.
-    let (nat, local, timeout) = match msg_type {
-        MSG_COMMAND => return Err(Reject::Command),
-        MSG_ACCESS => (false, false, false),
-        MSG_CLIENT_TIMEOUT_ACCESS => (false, false, true),
-        MSG_NAT_ACCESS => (true, false, false),
-        MSG_CLIENT_TIMEOUT_NAT_ACCESS => (true, false, true),
-        MSG_LOCAL_NAT_ACCESS => (true, true, false),
-        MSG_CLIENT_TIMEOUT_LOCAL_NAT_ACCESS => (true, true, true),
-        _ => return Err(Reject::Malformed("unknown message type")),
-    };
-    let expected = usize::from(nat) + usize::from(timeout);
-    if extra.len() == expected + 1 {
-        return Err(Reject::UnsupportedMode("server_auth field"));
-    }
-    if extra.len() != expected {
-        return Err(Reject::Malformed("wrong number of fields for the message type"));
-    }
-    let nat = match nat {
-        true => Some(parse_nat(extra[0], local)?),
-        false => None,
-    };
-    let duration = match timeout {
-        true => {
-            let field = extra[extra.len() - 1];
-            let secs = parse_decimal(field, 10).ok_or(Reject::Malformed("client timeout is not a number"))?;
-            // fwknopd treats 0 as "not given".
-            (secs > 0).then(|| Duration::from_secs(secs))
-        }
-        false => None,
-    };
-    let AccessMessage { allow_ip, access } = parse_access(message)?;
-    Ok(Message {
-        user,
-        timestamp,
-        access,
-        allow_ip,
-        duration,
-        nat,
-    })
-}
-
-/// The inner digest, its type guessed from its length as fwknopd does:
-/// SHA-256 and SHA3-256 share a length, as do SHA-512 and SHA3-512, so
-/// SHA-3 is tried when SHA-2 does not match. Compared as canonical base64
-/// text, in constant time.
-fn verify_digest(encoded: &str, digest: &str) -> Result<DigestType, Reject> {
-    let candidates: &[DigestType] = match digest.len() {
-        22 => &[DigestType::Md5],
-        27 => &[DigestType::Sha1],
-        43 => &[DigestType::Sha256, DigestType::Sha3_256],
-        64 => &[DigestType::Sha384],
-        86 => &[DigestType::Sha512, DigestType::Sha3_512],
-        _ => return Err(Reject::Malformed("digest field has no known length")),
-    };
-    for &kind in candidates {
-        let mut expected = [0u8; 88];
-        let n = STANDARD_NO_PAD
-            .encode_slice(kind.hash(&[encoded.as_bytes()]).as_slice(), &mut expected)
-            .expect("88 characters hold any digest");
-        if ct_eq(&expected[..n], digest.as_bytes()) {
-            return Ok(kind);
-        }
-    }
-    Err(Reject::DigestMismatch)
-}
-
-fn parse_user(field: &str) -> Result<String, Reject> {
-    if field.is_empty() || field.len() > 64 {
-        return Err(Reject::Malformed("username field is empty or too long"));
-    }
-    let raw = LENIENT
-        .decode(field)
-        .map_err(|_| Reject::Malformed("username is not valid base64"))?;
-    let user = String::from_utf8(raw).map_err(|_| Reject::Malformed("username is not printable ASCII"))?;
-    validate_user(&user).map_err(Reject::Malformed)?;
-    Ok(user)
-}
-
-/// fwknop's username rule (`lib/fko_user.c`): printable ASCII without the
-/// characters its formats use as separators.
-fn validate_user(user: &str) -> Result<(), &'static str> {
-    if user.is_empty() {
-        return Err("username is empty");
-    }
-    if !user
-        .bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && !b"\"/\\[]:;|=,+*?<>".contains(&b))
-    {
-        return Err("username has a character fwknop forbids");
-    }
-    Ok(())
-}
-
-fn parse_decimal(field: &str, max_digits: usize) -> Option<u64> {
-    if field.is_empty() || field.len() > max_digits || !field.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    field.parse().ok()
-}
-
-struct AccessMessage {
-    /// `None` for `0.0.0.0`: use the packet's source.
-    allow_ip: Option<Ipv4Addr>,
-    access: Vec<(Proto, u16)>,
-}
-
-/// Parses the base64 access message `<IPv4>,<proto>/<port>[,...]`.
-fn parse_access(field: &str) -> Result<AccessMessage, Reject> {
-    if field.is_empty() || field.len() > 256 {
-        return Err(Reject::Malformed("access message field is empty or too long"));
-    }
-    let raw = LENIENT
-        .decode(field)
-        .map_err(|_| Reject::Malformed("access message is not valid base64"))?;
-    let text = std::str::from_utf8(&raw).map_err(|_| Reject::Malformed("access message is not ASCII"))?;
-    let mut parts = text.split(',');
-    let ip: Ipv4Addr = parts
-        .next()
-        .and_then(|ip| ip.parse().ok())
-        .ok_or(Reject::Malformed("access message does not start with an IPv4 address"))?;
-    let mut access = Vec::new();
-    let mut specs = 0;
-    for spec in parts {
-        specs += 1;
-        let (proto, port) = spec
-            .split_once('/')
-            .ok_or(Reject::Malformed("access entry is not proto/port"))?;
-        let port = parse_decimal(port, 5)
-            .and_then(|p| u16::try_from(p).ok())
-            .ok_or(Reject::Malformed("access entry has a bad port"))?;
-        let proto = match proto.to_ascii_lowercase().as_str() {
-            "tcp" => Proto::Tcp,
-            "udp" => Proto::Udp,
-            "none" if port == 0 => continue,
-            "icmp" => return Err(Reject::UnsupportedMode("icmp access")),
-            _ => return Err(Reject::Malformed("access entry has an unknown protocol")),
-        };
-        if port == 0 {
-            return Err(Reject::Malformed("access entry has port 0"));
-        }
-        access.push((proto, port));
-    }
-    if specs == 0 {
-        return Err(Reject::Malformed("access message names no proto/port"));
-    }
-    Ok(AccessMessage {
-        allow_ip: (!ip.is_unspecified()).then_some(ip),
-        access,
-    })
-}
-
-/// Parses the base64 NAT access field `<host-or-IPv4>,<port>`
-/// (`lib/fko_message.c: validate_nat_access_msg`): one comma, a host
-/// without `" /?"'\` or spaces, a port from 1 to 65535.
-fn parse_nat(field: &str, local: bool) -> Result<NatAccess, Reject> {
-    if field.is_empty() || field.len() > MAX_NAT_FIELD_LEN {
-        return Err(Reject::Malformed("NAT access field is empty or too long"));
-    }
-    let raw = LENIENT
-        .decode(field)
-        .map_err(|_| Reject::Malformed("NAT access field is not valid base64"))?;
-    let text = std::str::from_utf8(&raw).map_err(|_| Reject::Malformed("NAT access is not ASCII"))?;
-    let (host, port) = text
-        .split_once(',')
-        .ok_or(Reject::Malformed("NAT access is not host,port"))?;
-    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic() && !b"\"/?'\\,".contains(&b)) {
-        return Err(Reject::Malformed("NAT access host has a character fwknop forbids"));
-    }
-    let port = parse_decimal(port, 5)
-        .and_then(|p| u16::try_from(p).ok())
-        .filter(|&p| p != 0)
-        .ok_or(Reject::Malformed("NAT access has a bad port"))?;
-    Ok(NatAccess {
-        host: host.to_ascii_lowercase(),
-        port,
-        local,
-    })
-}
-
-/// The per-packet randomness of the stock client: the KDF salt and the
-/// 16-digit random field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PacketNonce {
-    pub salt: [u8; 8],
-    /// Written as 16 decimal digits (taken modulo 10^16).
-    pub rand16: u64,
-}
-
-impl PacketNonce {
-    pub fn random(rng: &mut impl rand::CryptoRng) -> Self {
-        let mut salt = [0u8; 8];
-        rng.fill_bytes(&mut salt);
-        Self {
-            salt,
-            rand16: rng.next_u64() % RAND16_MODULUS,
-        }
-    }
-}
-
-const RAND16_MODULUS: u64 = 10_000_000_000_000_000;
-
-/// What the stock client can add to a packet beyond [`Fields`]: the inner
-/// digest type (`-m`) and a NAT access request (`-N`, `--nat-local`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Extras {
-    pub digest: DigestType,
-    pub nat: Option<NatAccess>,
-}
-
-/// Builds the wire string the stock client would send for `user` and
-/// `fields` with SHA-256 inner digest, encrypted in `keys`' mode and, when
-/// `keys` has one, tagged with their HMAC. Message type 1, or 3 when
-/// `fields.duration` is set.
-pub fn encode(user: &str, fields: &Fields, keys: &FwknopKeys, nonce: PacketNonce) -> Result<String, EncodeError> {
-    encode_with(user, fields, keys, &Extras::default(), nonce)
-}
-
-/// [`encode`] with another inner digest, or a NAT access request (message
-/// type 2, 4, 5 or 6).
-pub fn encode_with(
-    user: &str,
-    fields: &Fields,
-    keys: &FwknopKeys,
-    extras: &Extras,
-    nonce: PacketNonce,
-) -> Result<String, EncodeError> {
-    if user.len() > MAX_USER_LEN {
-        return Err(EncodeError::User("is longer than 48 bytes, which fwknopd refuses"));
-    }
-    validate_user(user).map_err(|_| EncodeError::User("must be printable ASCII without \"/\\[]:;|=,+*?<>"))?;
-    let ip = match fields.allow_ip {
-        None => Ipv4Addr::UNSPECIFIED,
-        Some(IpAddr::V4(ip)) => ip,
-        Some(IpAddr::V6(_)) => return Err(EncodeError::Ipv6AllowIp),
-    };
-    if fields.access.is_empty() {
-        return Err(EncodeError::NoAccess);
-    }
-    let mut message = ip.to_string();
-    for &(proto, port) in &fields.access {
-        if port == 0 {
-            return Err(EncodeError::PortZero);
-        }
-        write!(message, ",{proto}/{port}").expect("writing to a String cannot fail");
-    }
-    if message.len() > MAX_MESSAGE_LEN {
-        return Err(EncodeError::TooManyPorts {
-            max: MAX_MESSAGE_LEN / ",tcp/65535".len(),
-        });
-    }
-    let timeout = match fields.duration {
-        None => None,
-        Some(d) if d.subsec_nanos() == 0 && (1..=u64::from(u32::MAX)).contains(&d.as_secs()) => Some(d.as_secs()),
-        Some(_) => {
-            return Err(EncodeError::Duration {
-                max_secs: u64::from(u32::MAX),
-            })
-        }
-    };
-    let msg_type = match (&extras.nat, timeout.is_some()) {
-        (None, false) => MSG_ACCESS,
-        (None, true) => MSG_CLIENT_TIMEOUT_ACCESS,
-        (Some(n), false) if n.local => MSG_LOCAL_NAT_ACCESS,
-        (Some(n), true) if n.local => MSG_CLIENT_TIMEOUT_LOCAL_NAT_ACCESS,
-        (Some(_), false) => MSG_NAT_ACCESS,
-        (Some(_), true) => MSG_CLIENT_TIMEOUT_NAT_ACCESS,
-    };
-
-    let mut plaintext = format!(
-        "{:016}:{}:{}:{PROTOCOL_VERSION}:{msg_type}:{}",
-        nonce.rand16 % RAND16_MODULUS,
-        STANDARD_NO_PAD.encode(user),
-        fields.timestamp,
-        STANDARD_NO_PAD.encode(&message),
-    );
-    if let Some(nat) = &extras.nat {
-        write!(
-            plaintext,
-            ":{}",
-            STANDARD_NO_PAD.encode(format!("{},{}", nat.host, nat.port))
-        )
-        .expect("writing to a String cannot fail");
-    }
-    if let Some(secs) = timeout {
-        write!(plaintext, ":{secs}").expect("writing to a String cannot fail");
-    }
-    let digest = STANDARD_NO_PAD.encode(extras.digest.hash(&[plaintext.as_bytes()]).as_slice());
-    plaintext.push(':');
-    plaintext.push_str(&digest);
-    seal(&plaintext, keys, nonce)
-}
-
-/// Encrypts a complete plaintext (digest included) and tags it.
-fn seal(plaintext: &str, keys: &FwknopKeys, nonce: PacketNonce) -> Result<String, EncodeError> {
-    let (key, iv) = evp_bytes_to_key(keys.enc(), &nonce.salt);
-    let mut raw = Vec::with_capacity(16 + plaintext.len() + 16);
-    raw.extend_from_slice(SALTED);
-    raw.extend_from_slice(&nonce.salt);
-    raw.extend_from_slice(&crypto::encrypt(keys.mode, &key, &iv, plaintext.as_bytes()));
-    let ct_b64 = STANDARD_NO_PAD.encode(&raw);
-    let body = ct_b64
-        .strip_prefix(SALTED_B64)
-        .expect("base64 of Salted__ always starts with U2FsdGVkX1");
-    let mut wire = body.to_string();
-    if let Some(mac) = &keys.mac {
-        wire.push_str(&STANDARD_NO_PAD.encode(mac.tag(SALTED_B64.as_bytes(), body.as_bytes()).as_slice()));
-    }
-    if wire.len() > MAX_WIRE_LEN {
-        return Err(EncodeError::TooLarge {
-            len: wire.len(),
-            max: MAX_WIRE_LEN,
-        });
-    }
-    Ok(wire)
-}
-
-/// [`encode`] with fresh randomness.
-pub fn encode_random(
-    user: &str,
-    fields: &Fields,
-    keys: &FwknopKeys,
-    rng: &mut impl rand::CryptoRng,
-) -> Result<String, EncodeError> {
-    encode(user, fields, keys, PacketNonce::random(rng))
-}
-
-/// [`encode_with`] with fresh randomness.
-pub fn encode_random_with(
-    user: &str,
-    fields: &Fields,
-    keys: &FwknopKeys,
-    extras: &Extras,
-    rng: &mut impl rand::CryptoRng,
-) -> Result<String, EncodeError> {
-    encode_with(user, fields, keys, extras, PacketNonce::random(rng))
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -786,7 +413,13 @@ mod tests {
         }
     }
 
+    use std::time::Duration;
+
+    use super::encode::seal;
+    use super::message::verify_digest;
     use super::*;
+    use crate::spa::{EncodeError, Fields, NatAccess};
+    use crate::step::Proto;
     use proptest::prelude::*;
 
     /// About when V1–V3 were made.
