@@ -92,16 +92,20 @@ impl Drop for InFlight {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT. (SIGHUP means reload: see [`hangups`].)
-pub async fn shutdown_signal() -> anyhow::Result<()> {
+/// Watches SIGTERM and SIGINT from the moment it returns (so a signal
+/// that arrives before the returned future is first polled is not lost
+/// to the default action); the future resolves on the first of them.
+/// (SIGHUP means reload: see [`hangups`].)
+pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+        }
+    })
 }
 
 /// A stream of SIGHUPs, each a request to reload the config.

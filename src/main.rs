@@ -88,17 +88,19 @@ fn main() -> ExitCode {
                 if config.admin.is_some() {
                     metrics::install(&config)?;
                 }
+                // Signals are watched before anything is bound or `ready`
+                // is said, so none sent after that meets the default action.
+                let terminate = portcullis::drain::shutdown_signal()?;
+                let hup = reload::hangups();
                 let bound = server::bind(config)?;
                 let shutdown = CancellationToken::new();
                 let trigger = shutdown.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = portcullis::drain::shutdown_signal().await {
-                        tracing::error!("{e:#}");
-                    }
+                    terminate.await;
                     trigger.cancel();
                 });
                 let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-                tokio::spawn(reload::watch(args.config.clone(), reload_tx, shutdown.clone()));
+                tokio::spawn(reload::watch(args.config.clone(), hup, reload_tx, shutdown.clone()));
                 bound.run(shutdown, reload_rx).await
             })
         }

@@ -25,15 +25,28 @@ const MAX_FILES: usize = 256;
 /// Larger files count by size and modification time only.
 const MAX_HASHED_LEN: u64 = 1 << 20;
 
-/// Sends each new valid config from `path` on `tx` until `stop`.
-pub async fn watch(path: PathBuf, tx: mpsc::Sender<Config>, stop: CancellationToken) {
-    let mut hup = match crate::drain::hangups() {
+/// Watches for SIGHUP from the moment it returns, so that a reload asked
+/// for right after start-up (before the watch task first runs) is not
+/// taken by the default action, which ends the process.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    match crate::drain::hangups() {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "reloads follow file changes only");
             None
         }
-    };
+    }
+}
+
+/// Sends each new valid config from `path` on `tx` until `stop`, on each
+/// SIGHUP seen by `hup` (from [`hangups`]) and each change in the
+/// config's directory.
+pub async fn watch(
+    path: PathBuf,
+    mut hup: Option<tokio::signal::unix::Signal>,
+    tx: mpsc::Sender<Config>,
+    stop: CancellationToken,
+) {
     let dir = config::base_dir(&path);
     let dir = if dir.as_os_str().is_empty() {
         PathBuf::from(".")

@@ -174,3 +174,43 @@ fn a_reload_that_changes_nothing_keeps_every_port() {
 fn p_seq(p: &[u16]) -> [u16; 3] {
     [p[3], p[7], p[5]]
 }
+
+/// A SIGHUP sent as soon as the gateway has said anything (its first
+/// `listening` line, before `ready`), as a config manager that starts the
+/// gateway and then reloads it might, is a reload, not the default action
+/// that ends the process.
+#[test]
+fn a_sighup_during_start_up_reloads_and_the_gateway_keeps_running() {
+    use std::io::BufRead;
+    let upstream = echo_server("127.0.0.1:0");
+    let p = free_ports(3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, knock_service("echo", upstream, &[p[1], p[0], p[2]])).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["--log-format", "json", "serve", "-c"])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next = || -> serde_json::Value {
+        let line = lines.next().expect("the gateway ended").unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    while msg(&next()) != "listening" {}
+    nix::sys::signal::kill(pid, Signal::SIGHUP).unwrap();
+    while msg(&next()) != "config reloaded" {}
+    assert!(child.try_wait().unwrap().is_none(), "the gateway ended on a SIGHUP");
+    knock([p[1], p[0], p[2]], "127.0.0.4");
+    let mut granted = false;
+    while !granted {
+        let line = next();
+        granted = msg(&line) == "grant" && line["source"] == "127.0.0.4";
+    }
+    nix::sys::signal::kill(pid, Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}
