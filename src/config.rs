@@ -150,6 +150,10 @@ pub struct Service {
     pub unauthorized: Unauthorized,
     pub open_for: Duration,
     pub knock: Option<KnockRule>,
+    /// Trap ports to pick for `knock` when the gateway binds
+    /// (`trap_ports = { count = N }`); 0 when they are listed. Once picked
+    /// they are in `knock.trap`.
+    pub pick_traps: usize,
     /// Users whose SPA packets may open this service.
     pub spa_users: Vec<Arc<str>>,
     pub spa: ServiceSpa,
@@ -521,16 +525,19 @@ impl Validator {
             raw.open_for.as_ref(),
             Duration::from_secs(30),
         );
-        let knock = match (&raw.knock, listen) {
-            (Some(k), Some(listen)) => self.knock(&format!("{base}.knock"), k, listen.ip()),
-            (Some(_), None) => None,
-            (None, _) if unauthorized == Unauthorized::Allow || !raw.spa_users.is_empty() => None,
+        let (knock, pick_traps) = match (&raw.knock, listen) {
+            (Some(k), Some(listen)) => match self.knock(&format!("{base}.knock"), k, listen.ip()) {
+                Some((rule, pick)) => (Some(rule), pick),
+                None => (None, 0),
+            },
+            (Some(_), None) => (None, 0),
+            (None, _) if unauthorized == Unauthorized::Allow || !raw.spa_users.is_empty() => (None, 0),
             (None, _) => {
                 self.problem(
                     &base,
                     "no way in: add knock = { sequence = [...] } or spa_users = [...] (or set unauthorized = \"allow\" to audit)",
                 );
-                None
+                (None, 0)
             }
         };
         let spa = self.service_spa(&base, raw, open_for);
@@ -545,6 +552,7 @@ impl Validator {
             unauthorized,
             open_for,
             knock,
+            pick_traps,
             spa_users: raw.spa_users.iter().map(|u| Arc::from(u.trim())).collect(),
             spa: spa?,
             udp,

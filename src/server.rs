@@ -10,6 +10,7 @@
 
 pub mod handover;
 mod runtime;
+mod traps;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,8 +47,9 @@ pub struct Bound {
 /// Binds every guarded listener, knock endpoint and the SPA and admin
 /// ports of `config`. Errors name the config key whose address could not
 /// be bound.
-pub fn bind(config: Config) -> anyhow::Result<Bound> {
+pub fn bind(mut config: Config) -> anyhow::Result<Bound> {
     let raw = sensor::raw::resolve(config.gateway.sensor).context("gateway.sensor")?;
+    traps::pick(&mut config, None, traps::avoided(raw))?;
     if raw {
         sensor::raw::fixed_ports(&config)?;
     }

@@ -168,3 +168,86 @@ fn check_refuses_two_distinct_ports_and_warns_with_the_chance_of_a_weak_sequence
         "the shipped sequence passes the warning: {err}"
     );
 }
+
+/// The traps named in the gateway's `trap ports picked` line.
+fn picked(gw: &Gateway) -> Vec<u16> {
+    let line = gw.wait_for(|l| msg(l) == "trap ports picked" && l["service"] == "echo");
+    line["traps"]
+        .as_str()
+        .unwrap()
+        .split(", ")
+        .map(|t| t.trim_end_matches("/udp").rsplit(':').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn picked_traps_are_free_ports_near_the_steps_that_lock_out_and_survive_a_reload() {
+    let upstream = echo_server("127.0.0.1:0");
+    let config = move |p: &[u16]| {
+        format!(
+            "[service.echo]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n\
+             knock = {{ sequence = [\"{}/udp\", \"{}/udp\", \"{}/udp\"], trap_ports = {{ count = 8 }} }}\n",
+            p[1], p[0], p[2]
+        )
+    };
+    let (gw, p) = Gateway::builder().on_free_ports(3, config).start_on_ports();
+    let steps = [p[1], p[0], p[2]];
+    let traps = picked(&gw);
+    assert_eq!(traps.len(), 8, "{traps:?}");
+    for t in &traps {
+        assert!(!steps.contains(t), "trap {t} is a step");
+        assert!(
+            steps.iter().any(|s| s.abs_diff(*t) <= 4096),
+            "trap {t} is far from every step"
+        );
+        assert_eq!(traps.iter().filter(|o| *o == t).count(), 1, "trap {t} picked twice");
+        // Bound by the gateway: nothing else can take it.
+        assert!(UdpSocket::bind(("127.0.0.1", *t)).is_err(), "trap {t} is not held");
+    }
+    let send = |source: &str, ports: &[u16]| {
+        let seen = |l: &serde_json::Value| l["source"] == source && (msg(l) == "knock" || msg(l) == "knock ignored");
+        let before = gw.count(seen);
+        let socket = UdpSocket::bind((ip(source), 0)).unwrap();
+        for port in ports {
+            socket.send_to(b"", ("127.0.0.1", *port)).unwrap();
+        }
+        gw.wait_for_nth(before + ports.len(), seen);
+    };
+    // A picked trap locks out like a listed one.
+    send("127.33.0.1", &[steps[0], traps[5]]);
+    gw.wait_for(|l| msg(l) == "source locked out: it hit a trap port" && l["source"] == "127.33.0.1");
+    send("127.33.0.1", &steps);
+    assert_eq!(gw.count(|l| msg(l) == "grant" && l["source"] == "127.33.0.1"), 0);
+    send("127.33.0.2", &steps);
+    gw.wait_grant("echo", "127.33.0.2");
+
+    // A reload of the same sequence keeps the same traps (no new pick).
+    gw.signal(nix::sys::signal::Signal::SIGHUP);
+    gw.wait_for(|l| msg(l) == "config reloaded");
+    assert_eq!(gw.count(|l| msg(l) == "trap ports picked"), 1);
+    send("127.33.0.3", &[traps[7]]);
+    gw.wait_for(|l| msg(l) == "source locked out: it hit a trap port" && l["source"] == "127.33.0.3");
+
+    // `check` counts them in the chance it prints (1/(9*10*11)).
+    let (code, out, err) = run_bin(&["check", "-c", gw.config_path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("service.echo.knock: one random-order scan of its 3 step(s) and 8 trap port(s) opens it with a chance of 1 in 990"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_count_of_trap_ports_out_of_range_names_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        "[service.echo]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n\
+         knock = { sequence = [\"9000/udp\", \"7000/udp\", \"8000/udp\"], trap_ports = { count = 0 } }\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_bin(&["check", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("service.echo.knock.trap_ports.count"), "{err}");
+}

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::raw::{RawKnock, RawStep};
+use super::raw::{RawKnock, RawStep, RawTraps};
 use super::{Service, Validator};
 use crate::gate::KnockRule;
 use crate::step::{Proto, Step, StepSpec};
@@ -38,10 +38,30 @@ impl Validator {
         ok.then_some(steps)
     }
 
-    pub(super) fn knock(&mut self, path: &str, raw: &RawKnock, ip: IpAddr) -> Option<KnockRule> {
+    /// The knock rule at `path`, and how many trap ports are to be picked
+    /// for it at start-up (`trap_ports = { count = N }`; 0 for a list).
+    pub(super) fn knock(&mut self, path: &str, raw: &RawKnock, ip: IpAddr) -> Option<(KnockRule, usize)> {
         let before = self.problems.len();
         let sequence = self.steps(&format!("{path}.sequence"), &raw.sequence, ip);
-        let trap = self.steps(&format!("{path}.trap_ports"), &raw.trap_ports, ip);
+        let (trap, pick) = match &raw.trap_ports {
+            RawTraps::List(list) => (self.steps(&format!("{path}.trap_ports"), list, ip), 0),
+            RawTraps::Pick(p) => match usize::try_from(p.count)
+                .ok()
+                .filter(|n| (1..=MAX_PICKED_TRAPS).contains(n))
+            {
+                Some(n) => (Some(Vec::new()), n),
+                None => {
+                    self.problem(
+                        format!("{path}.trap_ports.count"),
+                        format!(
+                            "{} is not a number of trap ports to pick (1-{MAX_PICKED_TRAPS})",
+                            p.count
+                        ),
+                    );
+                    (None, 0)
+                }
+            },
+        };
         let step_timeout = self.duration(
             &format!("{path}.step_timeout"),
             raw.step_timeout.as_ref(),
@@ -68,13 +88,14 @@ impl Validator {
         if self.problems.len() > before {
             return None;
         }
-        Some(KnockRule {
+        let rule = KnockRule {
             sequence: sequence?,
             trap: trap?,
             trap_lockout: raw.trap_lockout.unwrap_or(true),
             step_timeout,
             sequence_timeout,
-        })
+        };
+        Some((rule, pick))
     }
 
     fn sequence_rules(&mut self, path: &str, seq: &[Step]) {
@@ -210,6 +231,9 @@ fn distinct_steps(seq: &[Step]) -> usize {
     seen.len()
 }
 
+/// Most trap ports `trap_ports = { count = N }` may ask for.
+pub(super) const MAX_PICKED_TRAPS: usize = 256;
+
 /// The chance above which `check` warns that a random-order scan may open
 /// a sequence.
 pub const RANDOM_PASS_WARN: f64 = 1e-4;
@@ -259,7 +283,8 @@ pub fn sequence_report(services: &[Service]) -> Vec<SequenceReport> {
         .filter_map(|s| {
             let k = s.knock.as_ref()?;
             let steps = distinct_steps(&k.sequence);
-            let traps = k.trap.len();
+            // Picked traps are not picked yet when `check` runs.
+            let traps = k.trap.len().max(s.pick_traps);
             let chance = random_pass_chance(steps, traps, k.trap_lockout);
             let needed = |steps: usize| {
                 (0..)

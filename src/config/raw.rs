@@ -130,11 +130,35 @@ pub struct RawKnock {
     #[serde(default)]
     pub sequence: Vec<RawStep>,
     #[serde(default)]
-    pub trap_ports: Vec<RawStep>,
+    pub trap_ports: RawTraps,
     /// Whether a trap hit locks the source out (default true).
     pub trap_lockout: Option<bool>,
     pub step_timeout: Option<String>,
     pub sequence_timeout: Option<String>,
+}
+
+/// Trap ports: a list of steps, or `{ count = N }` to have N free ports
+/// near the steps picked at start-up.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(
+    untagged,
+    expecting = "a list of steps, or { count = N } to have N free ports picked"
+)]
+pub enum RawTraps {
+    List(Vec<RawStep>),
+    Pick(RawTrapPick),
+}
+
+impl Default for RawTraps {
+    fn default() -> Self {
+        Self::List(Vec::new())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrapPick {
+    pub count: i64,
 }
 
 /// A step as a string (`"7000/udp"`) or a bare port number (TCP).

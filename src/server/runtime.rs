@@ -386,7 +386,7 @@ impl Runtime {
     /// Then every listener pauses (its socket stays open: connections wait
     /// in the backlog) and restarts under the new config; grants of
     /// services that remain, and every established connection, survive.
-    pub(super) async fn reload(&mut self, new: Config) -> anyhow::Result<ReloadSummary> {
+    pub(super) async fn reload(&mut self, mut new: Config) -> anyhow::Result<ReloadSummary> {
         for (section, same) in [
             ("gateway", new.gateway == self.config().gateway),
             ("admin", new.admin == self.config().admin),
@@ -396,6 +396,7 @@ impl Runtime {
                 tracing::warn!(section, "changes to this section take effect at the next restart");
             }
         }
+        super::traps::pick(&mut new, Some(self.config()), super::traps::avoided(self.parts.raw))?;
         if self.parts.raw {
             sensor::raw::fixed_ports(&new)?;
         }
