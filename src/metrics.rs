@@ -224,16 +224,24 @@ pub enum ListenerKind {
     Guarded,
     Knock,
     Admin,
+    /// An SPA listener over TCP or HTTP.
+    Spa,
 }
 
 impl ListenerKind {
-    pub const ALL: [ListenerKind; 3] = [ListenerKind::Guarded, ListenerKind::Knock, ListenerKind::Admin];
+    pub const ALL: [ListenerKind; 4] = [
+        ListenerKind::Guarded,
+        ListenerKind::Knock,
+        ListenerKind::Admin,
+        ListenerKind::Spa,
+    ];
 
     pub fn as_label(self) -> &'static str {
         match self {
             ListenerKind::Guarded => "guarded",
             ListenerKind::Knock => "knock",
             ListenerKind::Admin => "admin",
+            ListenerKind::Spa => "spa",
         }
     }
 }

@@ -32,6 +32,7 @@ use crate::step::Step;
 
 pub mod raw;
 pub mod spa;
+pub mod spa_stream;
 
 /// Where knocks go: the gate driver, behind the per-source guard.
 #[derive(Debug, Clone)]

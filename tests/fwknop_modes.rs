@@ -105,6 +105,9 @@ struct Setup {
     gw: Gateway,
     keys: tempfile::TempDir,
     spa: SocketAddr,
+    /// `spa.tcp_listen` and `spa.http_listen`.
+    tcp: SocketAddr,
+    http: SocketAddr,
     /// The upstreams: main, nat, the twins' shared one, locked.
     up: [SocketAddr; 4],
 }
@@ -147,7 +150,7 @@ fn start() -> Setup {
         echo_server("127.0.0.1:0"),
     ];
     let (gw, p) = Gateway::builder()
-        .on_free_ports(1, |p| {
+        .on_free_ports(3, |p| {
             format!(
                 r#"
 [admin]
@@ -160,6 +163,8 @@ lockout_after = 100000
 
 [spa]
 listen = "127.0.0.1:{spa}"
+tcp_listen = "127.0.0.1:{tcp}"
+http_listen = "127.0.0.1:{http}"
 
 [service.main]
 listen = "127.0.0.1:0"
@@ -194,6 +199,8 @@ spa_users = ["other"]
 {user_tables}
 "#,
                 spa = p[0],
+                tcp = p[1],
+                http = p[2],
                 main = up[0],
                 names = names.join(", "),
                 nat = up[1],
@@ -202,17 +209,29 @@ spa_users = ["other"]
             )
         })
         .start_on_ports();
-    let spa = SocketAddr::new(ip("127.0.0.1"), p[0]);
-    Setup { gw, keys, spa, up }
+    let at = |port| SocketAddr::new(ip("127.0.0.1"), port);
+    Setup {
+        gw,
+        keys,
+        spa: at(p[0]),
+        tcp: at(p[1]),
+        http: at(p[2]),
+        up,
+    }
 }
 
 impl Setup {
     /// Sends with the stock client from 127.0.0.1 with `user`'s keys;
     /// `args` hold everything else (-A, -a, -M, ...).
     fn send(&self, user: &str, args: &[&str]) {
+        self.send_to(self.spa.port(), user, args);
+    }
+
+    /// [`Setup::send`] to another port (with `-P tcp` or `-P http`).
+    fn send_to(&self, port: u16, user: &str, args: &[&str]) {
         let text = std::fs::read_to_string(self.keys.path().join(format!("{user}.key"))).unwrap();
         let out = Command::new("fwknop")
-            .args(["-D", "127.0.0.1", "-p", &self.spa.port().to_string()])
+            .args(["-D", "127.0.0.1", "-p", &port.to_string()])
             .args(["--key-base64-rijndael", &key_value(&text, "KEY_BASE64")])
             .args(["--key-base64-hmac", &key_value(&text, "HMAC_KEY_BASE64")])
             .args(["--no-rc-file", "--no-save-args"])
@@ -484,5 +503,46 @@ fn each_refusal_has_its_own_reason_in_the_log_and_the_metrics() {
             &[("format", "fwknop"), ("result", reason)],
         );
         assert_eq!(n, Some(1.0), "{reason} in /metrics");
+    }
+}
+
+#[test]
+fn packets_over_tcp_and_http_are_granted_and_nothing_is_sent_back() {
+    use std::io::{Read, Write};
+    let s = start();
+    let access = s.main_access();
+    // An idle connection per slot from one source holds nothing up for
+    // another source.
+    let idle: Vec<std::net::TcpStream> = (0..4).map(|_| connect_from("127.0.8.1", s.tcp).unwrap()).collect();
+    s.send_to(s.tcp.port(), "fw", &["-A", &access, "-a", "127.0.8.2", "-P", "tcp"]);
+    s.accepted("127.0.8.2");
+    s.gw.wait_grant("main", "127.0.8.2");
+    assert!(echo_works("127.0.8.2", s.gw.addr("main")));
+    s.send_to(s.http.port(), "fw", &["-A", &access, "-a", "127.0.8.3", "-P", "http"]);
+    s.accepted("127.0.8.3");
+    s.gw.wait_grant("main", "127.0.8.3");
+    drop(idle);
+
+    // Garbage over either: refused as malformed, and not a byte comes back.
+    for (n, (addr, garbage)) in [
+        (
+            s.tcp,
+            &b"not a packet at all, but long enough to be looked at by the decoder."[..],
+        ),
+        (s.http, &b"GET /not-a-packet HTTP/1.0\r\nHost: x\r\n\r\n"[..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = connect_from("127.0.8.4", addr).unwrap();
+        c.write_all(garbage).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        c.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut back = Vec::new();
+        let _ = c.read_to_end(&mut back);
+        assert!(back.is_empty(), "{addr} answered {back:?}");
+        let line =
+            s.gw.wait_for_nth(n + 1, |l| msg(l) == "spa packet rejected" && l["source"] == "127.0.8.4");
+        assert_eq!(line["reason"], "malformed", "{line}");
     }
 }

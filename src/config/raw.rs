@@ -41,6 +41,8 @@ pub struct RawLimits {
 pub struct RawSpa {
     pub listen: Option<String>,
     pub max_age: Option<String>,
+    pub tcp_listen: Option<String>,
+    pub http_listen: Option<String>,
 }
 
 /// A user who may send SPA packets. Keys come from a file or an

@@ -37,6 +37,10 @@ pub struct Spa {
     pub listen: SocketAddr,
     /// How far a packet's timestamp may be from our clock, either way.
     pub max_age: Duration,
+    /// A TCP listener for `fwknop -P tcp`: one packet per connection.
+    pub tcp_listen: Option<SocketAddr>,
+    /// A TCP listener for `fwknop -P http`: the packet in a request line.
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// A user who may send SPA packets.
@@ -261,9 +265,33 @@ impl Validator {
             crate::spa::DEFAULT_MAX_AGE,
             MAX_SPA_AGE,
         );
+        let stream = |v: &mut Self, key: &str, raw: &Option<String>| match raw.as_deref().map(str::trim) {
+            None => Ok(None),
+            Some(text) => text.parse::<SocketAddr>().map(Some).map_err(|_| {
+                v.problem(
+                    format!("spa.{key}"),
+                    format!(
+                        "{text:?} is not IP:PORT (e.g. \"0.0.0.0:{}\")",
+                        crate::spa::fwknop::DEFAULT_PORT
+                    ),
+                );
+            }),
+        };
+        let tcp_listen = stream(self, "tcp_listen", &raw.tcp_listen);
+        let http_listen = stream(self, "http_listen", &raw.http_listen);
+        if let (Ok(Some(tcp)), Ok(Some(http))) = (&tcp_listen, &http_listen) {
+            if tcp == http && tcp.port() != 0 {
+                self.problem(
+                    "spa.http_listen",
+                    format!("{http} is also spa.tcp_listen: give each its own port"),
+                );
+            }
+        }
         Some(Spa {
             listen: listen?,
             max_age,
+            tcp_listen: tcp_listen.ok()?,
+            http_listen: http_listen.ok()?,
         })
     }
 
@@ -521,6 +549,18 @@ impl Validator {
             addr: spa.listen,
         };
         self.own_endpoint("spa.listen", ours, services);
+        for (key, addr) in [("spa.tcp_listen", spa.tcp_listen), ("spa.http_listen", spa.http_listen)] {
+            if let Some(addr) = addr {
+                self.own_endpoint(
+                    key,
+                    Step {
+                        proto: Proto::Tcp,
+                        addr,
+                    },
+                    services,
+                );
+            }
+        }
     }
 }
 

@@ -34,6 +34,12 @@ pub enum Endpoint {
     },
     Knock(Step),
     Spa(SocketAddr),
+    /// A TCP listener for SPA packets over a stream: `fwknop -P tcp`, or
+    /// with `http`, `fwknop -P http`.
+    SpaStream {
+        addr: SocketAddr,
+        http: bool,
+    },
     /// The raw sensor's sockets, which see every knock step and the SPA
     /// port without binding them.
     Raw,
@@ -90,6 +96,17 @@ pub fn endpoints(config: &Config, raw: bool) -> Vec<(Endpoint, String)> {
     let mut out = Vec::new();
     for s in &config.services {
         out.push((guarded(s), format!("service.{}.listen", s.name)));
+    }
+    // Opt-in, visible listeners: bound whichever sensor runs.
+    if let Some(spa) = &config.spa {
+        for (addr, http, key) in [
+            (spa.tcp_listen, false, "spa.tcp_listen"),
+            (spa.http_listen, true, "spa.http_listen"),
+        ] {
+            if let Some(addr) = addr {
+                out.push((Endpoint::SpaStream { addr, http }, key.to_owned()));
+            }
+        }
     }
     if raw {
         out.push((Endpoint::Raw, "gateway.sensor".to_owned()));
@@ -176,6 +193,7 @@ fn bind(endpoint: &Endpoint) -> std::io::Result<Socket> {
             addr,
         }) => Socket::Udp(Arc::new(net::bind_udp_timestamped(*addr)?)),
         Endpoint::Spa(addr) => Socket::Udp(Arc::new(net::bind_udp_sensor(*addr)?)),
+        Endpoint::SpaStream { addr, .. } => Socket::Tcp(net::bind_tcp(*addr)?),
         Endpoint::Raw => Socket::Raw(raw::open().map_err(|e| match e {
             raw::OpenError::Io(e) => e,
             e => std::io::Error::new(std::io::ErrorKind::PermissionDenied, e),
@@ -196,7 +214,7 @@ pub fn bind_all(which: &[Endpoint], paths: &[(Endpoint, String)]) -> anyhow::Res
             match e {
                 Endpoint::Guarded { listen, .. } => format!("cannot listen on {path} ({listen})"),
                 Endpoint::Knock(step) => format!("cannot listen on {step} from {path}"),
-                Endpoint::Spa(addr) => format!("cannot listen on {path} ({addr})"),
+                Endpoint::Spa(addr) | Endpoint::SpaStream { addr, .. } => format!("cannot listen on {path} ({addr})"),
                 Endpoint::Raw => format!("cannot open the raw sensor ({path})"),
             }
         })?;

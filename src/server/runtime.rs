@@ -204,12 +204,14 @@ impl Runtime {
         let mut udp_knocks = Vec::new();
         let mut tcp_knocks = Vec::new();
         let mut spa = None;
+        let mut spa_streams = Vec::new();
         let mut raw = None;
         for (endpoint, socket) in sockets {
             match (endpoint, socket) {
                 (Endpoint::Knock(step), Socket::Udp(s)) => udp_knocks.push((s, step)),
                 (Endpoint::Knock(step), Socket::Tcp(l)) => tcp_knocks.push((l, step)),
                 (Endpoint::Spa(configured), Socket::Udp(s)) => spa = Some((configured, s)),
+                (Endpoint::SpaStream { addr, http }, Socket::Tcp(l)) => spa_streams.push((addr, http, l)),
                 (Endpoint::Raw, Socket::Raw(r)) => raw = Some(r),
                 (endpoint, _) => anyhow::bail!("a socket of the wrong kind for {endpoint:?}"),
             }
@@ -234,6 +236,16 @@ impl Runtime {
             self.spawn("spa sensor".into(), move |stop| async move {
                 let socket = sensor::spa::run(socket, spa_sensor, driver, stop).await;
                 vec![(Endpoint::Spa(configured), Socket::Udp(socket))]
+            });
+        }
+        for (configured, http, listener) in spa_streams {
+            let transport = if http { "http" } else { "tcp" };
+            tracing::info!(kind = "spa", transport, addr = %listener.local_addr()?, "listening");
+            let spa_sensor = self.spa_sensor(&bound);
+            let driver = self.parts.driver.clone();
+            self.spawn(format!("spa {transport} sensor"), move |stop| async move {
+                let listener = sensor::spa_stream::run(listener, http, spa_sensor, driver, stop).await;
+                vec![(Endpoint::SpaStream { addr: configured, http }, Socket::Tcp(listener))]
             });
         }
         tcp_knocks.sort_by_key(|(_, step)| *step);
