@@ -191,6 +191,38 @@ fn comment(out: &mut String, text: &str) {
     out.push('\n');
 }
 
+/// Where an imported service's upstream goes: the old daemon let packets
+/// through to the service on its own port, which portcullis now takes
+/// (a wildcard bind conflicts with the service's, even on loopback), so
+/// the service moves: ssh to the customary 2222, others 10000 up.
+pub fn upstream_port(port: u16) -> u16 {
+    match port {
+        22 => 2222,
+        p => p.checked_add(10000).unwrap_or_else(|| p - 10000),
+    }
+}
+
+/// The `upstream` entry of an imported service on `port`, with its TODO.
+pub fn set_upstream(t: &mut Table, base: &str, port: u16) {
+    let moved = upstream_port(port);
+    let how = if port == 22 {
+        format!("sshd_config: `ListenAddress 127.0.0.1:{moved}`")
+    } else {
+        format!("bind it to 127.0.0.1:{moved}")
+    };
+    t.set(
+        "upstream",
+        quote(&format!("127.0.0.1:{moved}")),
+        vec![todo(
+            &format!("{base}.upstream"),
+            &format!(
+                "portcullis takes 0.0.0.0:{port}, where the service listened, so the service must move \
+                 here ({how}), or upstream must name where it listens instead"
+            ),
+        )],
+    );
+}
+
 /// Whether a comment on `named` speaks for a problem at `path` (the key
 /// itself or one inside it).
 fn covers(named: &str, path: &str) -> bool {
@@ -483,6 +515,28 @@ mod tests {
         assert_eq!(a.sequence.len(), 3);
         let ports: Vec<u16> = a.sequence.iter().map(|s| s.port).collect();
         assert!(!ports.windows(2).all(|w| w[0] <= w[1]), "{ports:?}");
+    }
+
+    #[test]
+    fn problems_no_comment_names_are_named_at_the_top() {
+        let mut doc = Doc::new("knockd", Path::new("knockd.conf"));
+        let t = doc.table("service.a");
+        t.set("listen", quote("0.0.0.0:22"), vec![todo("service.a.listen", "a guess")]);
+        t.set("upstream", quote("nowhere"), Vec::new());
+        let out = Output {
+            dir: None,
+            force: false,
+        };
+        let text = finish(doc, &out).unwrap();
+        assert!(
+            text.contains("# TODO service.a.upstream: \"nowhere\" is not HOST:PORT"),
+            "{text}"
+        );
+        assert!(text.contains("# TODO service.a: no way in"), "{text}");
+        assert!(
+            !text.contains("# TODO service.a.listen: 0.0.0.0"),
+            "named already: {text}"
+        );
     }
 
     #[test]

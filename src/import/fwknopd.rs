@@ -228,17 +228,7 @@ pub fn import(access: &Path, text: &str, daemon: Option<(&Path, &str)>, out: &Ou
             ));
         }
         t.set("listen", quote(&format!("0.0.0.0:{port}")), listen_notes);
-        t.set(
-            "upstream",
-            quote(&format!("127.0.0.1:{port}")),
-            vec![todo(
-                &format!("{base}.upstream"),
-                &format!(
-                    "where the service really listens. portcullis takes 0.0.0.0:{port}, so the service must \
-                     move off it (sshd: `ListenAddress 127.0.0.1:2222`, then upstream = \"127.0.0.1:2222\")"
-                ),
-            )],
-        );
+        super::set_upstream(&mut t, &base, *port);
         t.set("protocol", quote(proto.as_str()), Vec::new());
         let open_for = s.open_for.unwrap_or(DEFAULT_ACCESS_TIMEOUT);
         t.set(
@@ -324,9 +314,10 @@ fn daemon_conf(daemon: Option<(&Path, &str)>, doc: &mut Doc, spa: &mut Table) {
                             "MAX_SPA_PACKET_AGE {v:?} ({here}) is not seconds: ignored"
                         ))),
                     },
-                    "ENABLE_TCP_SERVER" | "TCPSERV_PORT" | "ENABLE_SPA_OVER_HTTP"
-                        if is_yes(&v) || k == "TCPSERV_PORT" =>
-                    {
+                    // What portcullis does anyway.
+                    "ENABLE_TCP_SERVER" | "ENABLE_SPA_OVER_HTTP" | "ENABLE_X_FORWARDED_FOR" if !is_yes(&v) => {}
+                    "ENABLE_SPA_PACKET_AGING" | "ENABLE_UDP_SERVER" if is_yes(&v) => {}
+                    "ENABLE_TCP_SERVER" | "TCPSERV_PORT" | "ENABLE_SPA_OVER_HTTP" => {
                         spa_notes.push(note(&format!(
                             "{k} {v} ({here}): not supported: SPA packets arrive over UDP only (fwknop's default; \
                              clients with --server-proto tcp or http must switch to udp)"

@@ -213,18 +213,7 @@ pub fn import(file: &Path, text: &str) -> Doc {
                     ));
                 }
                 t.set("listen", quote(&format!("0.0.0.0:{port}")), c);
-                t.set(
-                    "upstream",
-                    quote(&format!("127.0.0.1:{port}")),
-                    vec![todo(
-                        &format!("{base}.upstream"),
-                        &format!(
-                            "where the service really listens. portcullis takes 0.0.0.0:{port}, so the service \
-                             must move off it (sshd: `ListenAddress 127.0.0.1:2222`, then upstream = \
-                             \"127.0.0.1:2222\")"
-                        ),
-                    )],
-                );
+                super::set_upstream(&mut t, &base, port);
             }
             None => {
                 let why = match &rule.many {
@@ -368,15 +357,21 @@ fn knock(file: &Path, s: &Section, base: &str, taken: &[(Proto, u16)], t: &mut T
     let path = format!("{base}.knock");
     let (seq_steps, bad) = steps(seq);
     *any_tcp |= seq_steps.iter().any(|st| st.proto == Proto::Tcp);
-    let timeout = match s.get("seq_timeout") {
-        Some((v, _)) => v.trim().parse::<u64>().unwrap_or(DEFAULT_SEQ_TIMEOUT),
-        None => DEFAULT_SEQ_TIMEOUT,
-    };
-    let timeout = format!("{timeout}s");
     let mut c = vec![note(&format!(
         "sequence = {seq} ({}); knockd has no per-step timeout, so step_timeout is seq_timeout",
         at(file, line)
     ))];
+    let timeout = match s.get("seq_timeout") {
+        Some((v, l)) => v.trim().parse::<u64>().ok().filter(|n| *n > 0).unwrap_or_else(|| {
+            c.push(note(&format!(
+                "seq_timeout = {v} ({}) is not a number of seconds: knockd's default, {DEFAULT_SEQ_TIMEOUT}",
+                at(file, l)
+            )));
+            DEFAULT_SEQ_TIMEOUT
+        }),
+        None => DEFAULT_SEQ_TIMEOUT,
+    };
+    let timeout = format!("{timeout}s");
     if let Some((flags, l)) = s.get("tcpflags") {
         c.push(note(&format!(
             "tcpflags = {flags} ({}): no equivalent; a TCP step counts when its SYN is seen (raw sensor) \
@@ -494,5 +489,29 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("sensor = \"auto\""), "{out}");
+    }
+
+    #[test]
+    fn sections_without_a_port_or_a_sequence_get_todos_on_the_keys_check_reports() {
+        let text = "[otp]\n\tone_time_sequences = /etc/knockd/otp\n\
+                    \tcommand = /sbin/iptables -A INPUT -s %IP% -p udp --dport 53 -j ACCEPT\n\n\
+                    [noport]\n\tsequence = 2000:udp,1000:udp,3000:udp\n\tcommand = /usr/bin/touch /tmp/x\n\n\
+                    [multi]\n\tsequence = 4000:udp,6000:udp,5000:udp,4500:udp\n\
+                    \tcommand = iptables -A INPUT -m multiport --dports 80,443 -j ACCEPT\n";
+        let doc = import(Path::new("knockd.conf"), text);
+        let out = doc.render();
+        let todos = doc.todo_paths();
+        for want in [
+            "service.otp",
+            "service.noport.listen",
+            "service.multi.listen",
+            "service.noport.knock",
+        ] {
+            assert!(todos.contains(&want.to_string()), "{want}: {todos:?}\n{out}");
+        }
+        assert!(out.contains("protocol = \"udp\""), "{out}");
+        assert!(out.contains("one_time_sequences = /etc/knockd/otp"), "{out}");
+        assert!(out.contains("# listen = \"0.0.0.0:PORT\""), "{out}");
+        assert!(!out.contains("sensor = "), "UDP steps only: {out}");
     }
 }
