@@ -345,3 +345,42 @@ fn an_imported_access_conf_opens_to_the_stock_fwknop_client_with_the_fresh_keys(
     gw.wait_grant("ssh", "127.0.0.2");
     assert!(echo_works("127.0.0.2", addr), "no way in after the packet");
 }
+
+#[test]
+fn debian_knockd_conf_with_its_suggested_knock_opens_to_the_stock_knock_client() {
+    let source = shipped("/etc/knockd.conf", "knockd.conf").remove(0);
+    let (code, toml, err) = import(&["knockd", source.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let toml = apply_suggestions(&toml);
+    let suggested = toml
+        .lines()
+        .skip_while(|l| *l != "[service.openssh]")
+        .find(|l| l.starts_with("knock = "))
+        .unwrap()
+        .to_string();
+    // Debian's 7000,8000,9000 as check suggests it: 7000, 9000, 8000.
+    assert!(
+        suggested.contains("sequence = [\"7000/tcp\", \"9000/tcp\", \"8000/tcp\"]"),
+        "{suggested}"
+    );
+    let upstream = echo_server("127.0.0.1:0");
+    let gw = Gateway::builder()
+        .config(&toml)
+        .envs(&[
+            ("PORTCULLIS__SERVICE__OPENSSH__LISTEN", "127.0.0.1:0"),
+            ("PORTCULLIS__SERVICE__OPENSSH__UPSTREAM", &upstream.to_string()),
+            ("PORTCULLIS__SERVICE__OPENHTTPS__LISTEN", "127.0.0.1:0"),
+            ("PORTCULLIS__GATEWAY__SENSOR", "socket"),
+        ])
+        .try_start()
+        .unwrap_or_else(|log| {
+            panic!(
+                "the imported config did not start (are Debian's knock ports 6996-9004 and 12341-54325 free?):\n{log}"
+            )
+        });
+    let addr = gw.addr("openssh");
+    assert!(!echo_works("127.0.0.1", addr), "open before the knock");
+    stock_knock(&["-d", "200", "127.0.0.1", "7000", "9000", "8000"]);
+    gw.wait_grant("openssh", "127.0.0.1");
+    assert!(echo_works("127.0.0.1", addr), "no way in after the knock");
+}
