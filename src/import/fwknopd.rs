@@ -21,6 +21,7 @@ use anyhow::Context as _;
 use zeroize::Zeroizing;
 
 use super::{at, list, note, quote, table_name, todo, Doc, KeyOut, Output, Table};
+use crate::config::MIN_FWKNOP_KEY_LEN;
 use crate::spa::fwknop::{DigestType, EncryptionMode};
 use crate::spa::keyfile::{self, KeyKind};
 use crate::step::Proto;
@@ -485,8 +486,21 @@ fn user_settings(
                 "no HMAC key: portcullis refuses fwknop packets without HMAC (anyone could forge them). Make \
                  keys with `fwknop --key-gen`, here and in the client, which then sends with --use-hmac",
             )),
+            Ok(k)
+                if k.fwknop.as_ref().is_some_and(|f| {
+                    f.enc().len() < MIN_FWKNOP_KEY_LEN || f.hmac().is_some_and(|h| h.len() < MIN_FWKNOP_KEY_LEN)
+                }) =>
+            {
+                c.push(todo(
+                    &key_setting,
+                    &format!(
+                        "a key of this stanza is shorter than {MIN_FWKNOP_KEY_LEN} bytes, which falls to a \
+                         dictionary and is refused here: make keys with `fwknop --key-gen`, here and in the client"
+                    ),
+                ))
+            }
             Ok(_) => c.push(note("the stanza's keys, as they were")),
-            Err(e) => c.push(todo(&key_setting, &format!("the stanza's keys: {e}"))),
+            Err(e) => c.push(todo(&key_setting, &format!("the stanza's keys, in the key file: {e}"))),
         }
     }
     t.set("key_file", quote(&path.display().to_string()), c);
@@ -561,6 +575,32 @@ mod tests {
         }
         assert!(!toml.contains("GWn6"), "key material in the config");
         assert!(doc.keys[0].text.contains("KEY_BASE64: GWn6"));
+    }
+
+    #[test]
+    fn keys_check_refuses_get_a_todo_on_the_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("KEY short\nHMAC_KEY_BASE64 Wd73/Nyj3iMdI92SoJoZB/deL1Ktsy7lAfmx9cRlA+yicTgdjehaf+BUQN77RLO+7WfZG8wr/Mx5J8gk3Saj6g==\n", "shorter than 16"),
+            ("KEY_BASE64 GWn6QLFeR8Ce1tYl//zGRC5rYV2w9dJMz0yUcBOtTAc=\n", "no HMAC key"),
+            ("KEY_BASE64 !!!\nHMAC_KEY_BASE64 x\n", "not valid base64"),
+            ("GPG_REMOTE_ID 1234\n", "holds no KEY"),
+        ];
+        for (keys, want) in cases {
+            let text = format!("SOURCE ANY\nOPEN_PORTS tcp/22\n{keys}");
+            let out = Output {
+                dir: Some(dir.path().to_path_buf()),
+                force: true,
+            };
+            let doc = import(Path::new("access.conf"), &text, None, &out).unwrap();
+            let toml = doc.render().replace("\n#   ", " ");
+            assert!(toml.contains(want), "{want}:\n{toml}");
+            assert!(doc.todo_paths().iter().any(|p| p.starts_with("user.user1")), "{toml}");
+            assert!(
+                !toml.contains("short\n") && !toml.contains("GWn6"),
+                "key material: {toml}"
+            );
+        }
     }
 
     #[test]
