@@ -89,7 +89,8 @@ pub fn import_path(path: &Path, out: &Output) -> anyhow::Result<Doc> {
 #[derive(Default)]
 struct Svc {
     users: Vec<String>,
-    open_for: Option<u64>,
+    /// Each stanza's FW_ACCESS_TIMEOUT (or fwknopd's default).
+    open_for: Vec<u64>,
     max_open_for: Option<u64>,
     guessed: bool,
 }
@@ -165,7 +166,7 @@ pub fn import(access: &Path, text: &str, daemon: Option<(&Path, &str)>, out: &Ou
                         Some((proto, port)) if port != 0 => {
                             let s = services.entry((proto, port)).or_default();
                             s.users.push(name.clone());
-                            s.open_for = s.open_for.max(open_for);
+                            s.open_for.push(open_for.unwrap_or(DEFAULT_ACCESS_TIMEOUT));
                             s.max_open_for = s.max_open_for.max(max_open_for);
                         }
                         _ => t.comments.push(note(&format!(
@@ -193,7 +194,7 @@ pub fn import(access: &Path, text: &str, daemon: Option<(&Path, &str)>, out: &Ou
         for s in services.values_mut() {
             for (name, open_for, max) in &any_port_users {
                 s.users.push(name.clone());
-                s.open_for = s.open_for.max(*open_for);
+                s.open_for.push(open_for.unwrap_or(DEFAULT_ACCESS_TIMEOUT));
                 s.max_open_for = s.max_open_for.max(*max);
             }
         }
@@ -231,15 +232,18 @@ pub fn import(access: &Path, text: &str, daemon: Option<(&Path, &str)>, out: &Ou
         t.set("listen", quote(&format!("0.0.0.0:{port}")), listen_notes);
         super::set_upstream(&mut t, &base, *port);
         t.set("protocol", quote(proto.as_str()), Vec::new());
-        let open_for = s.open_for.unwrap_or(DEFAULT_ACCESS_TIMEOUT);
-        t.set(
-            "open_for",
-            quote(&format!("{open_for}s")),
-            vec![note(
-                "FW_ACCESS_TIMEOUT (default 30): fwknopd's rule lived that long; here new connections are \
-                 let in for open_for, and connections opened stay up",
-            )],
-        );
+        let open_for = s.open_for.iter().copied().max().unwrap_or(DEFAULT_ACCESS_TIMEOUT);
+        let mut c = vec![note(
+            "FW_ACCESS_TIMEOUT (default 30): fwknopd's rule lived that long; here new connections are \
+             let in for open_for, and connections opened stay up",
+        )];
+        if s.open_for.iter().any(|t| *t != open_for) {
+            c.push(note(
+                "the stanzas that open this service differ in FW_ACCESS_TIMEOUT: a service has one open_for, \
+                 so the longest is taken (a client asks for less with fwknop -f)",
+            ));
+        }
+        t.set("open_for", quote(&format!("{open_for}s")), c);
         if let Some(max) = s.max_open_for {
             t.set(
                 "max_open_for",
