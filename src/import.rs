@@ -123,6 +123,11 @@ impl Doc {
                 ),
                 "Read every TODO (it names the key `portcullis check` reports) and NOTE,".to_string(),
                 "then: portcullis check -c THIS_FILE".to_string(),
+                note(&format!(
+                    "{daemon}'s firewall most likely dropped what sources without a grant sent to a guarded \
+                     port; here unauthorized = \"closed\" (the default) resets it as an unused port would, \
+                     and \"dark\" drops it (needs CAP_NET_ADMIN): README, What a scanner sees"
+                )),
             ],
             ..Self::default()
         }
@@ -150,7 +155,7 @@ impl Doc {
             .collect()
     }
 
-    /// The TOML text, `key_dir` naming where the key files are.
+    /// The TOML text.
     pub fn render(&self) -> String {
         let mut out = String::new();
         for c in &self.header {
