@@ -77,6 +77,33 @@ pub enum Command {
     /// and relay it.
     #[command(after_help = EXIT_CODES)]
     Forward(ForwardArgs),
+    /// Print a proxy.toml made from a knockd or fwknopd config, with a
+    /// comment on every setting to change (key files go to -o DIR).
+    #[command(subcommand)]
+    Import(ImportCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportCommand {
+    /// knockd.conf: each section becomes a service; commands are listed,
+    /// not carried over.
+    Knockd(ImportArgs),
+    /// fwknopd's access.conf (and fwknopd.conf beside it), or the
+    /// directory holding them: stanzas become users, OPEN_PORTS services.
+    Fwknopd(ImportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The file (or, for fwknopd, the directory) to import.
+    pub path: PathBuf,
+    /// Directory for the key files the source holds (created; each file
+    /// mode 0600). Keys are never printed.
+    #[arg(short, long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Replace key files that exist in DIR.
+    #[arg(long, requires = "output")]
+    pub force: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -42,6 +42,7 @@
 //! - [`admin`]: `/metrics`, health probes and the grants API, on a thread of its own.
 //! - [`metrics`]: every metric name, the Prometheus recorder and process metrics.
 //! - [`client`]: the client commands (knock, spa, keygen, profiles, open, exec, connect, forward).
+//! - [`import`]: `portcullis import`: knockd and fwknopd configs into a `proxy.toml`.
 //! - [`clock`]: the only place that reads the clock.
 //! - [`secret`]: key bytes that are redacted and zeroized; constant-time MAC comparison.
 //! - [`step`]: knock steps and protocols, parsed from every common spelling.
@@ -66,6 +67,7 @@ pub mod driver;
 pub mod filter;
 pub mod gate;
 pub mod guard;
+pub mod import;
 pub mod logging;
 pub mod metrics;
 pub mod net;

@@ -111,6 +111,16 @@ fn main() -> ExitCode {
         Command::Exec(args) => run_client(client::command::exec(args)),
         Command::Connect(args) => run_client(client::command::connect(args)),
         Command::Forward(args) => run_client(client::command::forward(args)),
+        Command::Import(cmd) => match portcullis::import::run(cmd) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

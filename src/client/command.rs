@@ -186,7 +186,7 @@ pub fn keygen(args: KeygenArgs) -> Outcome {
 }
 
 /// Creates `path` with mode 0600; an existing file only with `force`.
-fn write_private(path: &Path, bytes: &[u8], force: bool) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8], force: bool) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let mut options = std::fs::OpenOptions::new();
