@@ -269,6 +269,10 @@ fn daemon_conf(daemon: Option<(&Path, &str)>, doc: &mut Doc, spa: &mut Table) {
     let mut port = DEFAULT_SPA_PORT;
     let mut spa_notes = Vec::new();
     let mut other = Vec::new();
+    // ENABLE_TCP_SERVER (and its TCPSERV_PORT), ENABLE_SPA_OVER_HTTP.
+    let mut tcp: Option<String> = None;
+    let mut tcp_port = DEFAULT_SPA_PORT;
+    let mut http: Option<String> = None;
     match daemon {
         None => spa_notes.push(note(
             "no fwknopd.conf beside access.conf: fwknopd's defaults (UDP port 62201)",
@@ -322,12 +326,12 @@ fn daemon_conf(daemon: Option<(&Path, &str)>, doc: &mut Doc, spa: &mut Table) {
                     // What portcullis does anyway.
                     "ENABLE_TCP_SERVER" | "ENABLE_SPA_OVER_HTTP" | "ENABLE_X_FORWARDED_FOR" if !is_yes(&v) => {}
                     "ENABLE_SPA_PACKET_AGING" | "ENABLE_UDP_SERVER" if is_yes(&v) => {}
-                    "ENABLE_TCP_SERVER" | "TCPSERV_PORT" | "ENABLE_SPA_OVER_HTTP" => {
-                        spa_notes.push(note(&format!(
-                            "{k} {v} ({here}): not supported: SPA packets arrive over UDP only (fwknop's default; \
-                             clients with --server-proto tcp or http must switch to udp)"
-                        )));
-                    }
+                    "ENABLE_TCP_SERVER" => tcp = Some(format!("{k} {v} ({here})")),
+                    "TCPSERV_PORT" => match v.parse::<u16>() {
+                        Ok(p) => tcp_port = p,
+                        Err(_) => spa_notes.push(note(&format!("{k} {v:?} ({here}) is not a port: ignored"))),
+                    },
+                    "ENABLE_SPA_OVER_HTTP" => http = Some(format!("{k} {v} ({here})")),
                     "ENABLE_SPA_PACKET_AGING" if !is_yes(&v) => spa_notes.push(note(&format!(
                         "{k} {v} ({here}): packets are always aged here (spa.max_age, at most 24h)"
                     ))),
@@ -349,6 +353,24 @@ fn daemon_conf(daemon: Option<(&Path, &str)>, doc: &mut Doc, spa: &mut Table) {
         )));
     }
     spa.set("listen", quote(&format!("0.0.0.0:{port}")), spa_notes);
+    if let Some(from) = tcp {
+        spa.set(
+            "tcp_listen",
+            quote(&format!("0.0.0.0:{tcp_port}")),
+            vec![note(&format!(
+                "{from}: fwknop -P tcp; a scan sees this port open (the handshake answers), as with fwknopd"
+            ))],
+        );
+    }
+    if let Some(from) = http {
+        spa.set(
+            "http_listen",
+            quote("0.0.0.0:80"),
+            vec![note(&format!(
+                "{from}: fwknop -P http sends to port 80, which needs CAP_NET_BIND_SERVICE; a scan sees it open"
+            ))],
+        );
+    }
 }
 
 fn is_yes(v: &str) -> bool {
@@ -573,6 +595,7 @@ mod tests {
             "ENABLE_CMD_EXEC",
             "GPG mode is not supported",
             "ENABLE_TCP_SERVER",
+            "tcp_listen = \"0.0.0.0:62201\"",
             "FLUSH_IPT_AT_INIT",
         ] {
             assert!(toml.contains(want), "{want}:\n{toml}");
