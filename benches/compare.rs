@@ -828,6 +828,7 @@ impl Bench {
                     access: vec![(Proto::Tcp, target.port())],
                     allow_ip: None,
                     duration: None,
+                    close: false,
                 };
                 let packet = native::encode_random(key, &fields, &mut rand::rng())?;
                 load::time_to_open(source(4, i), target, |s: &UdpSocket| {
@@ -1014,6 +1015,7 @@ impl Bench {
                 access: vec![(Proto::Tcp, port)],
                 allow_ip: None,
                 duration: None,
+                close: false,
             };
             Ok(native::encode_random(key, &fields, &mut rand::rng())?)
         };

@@ -111,6 +111,7 @@ fn spa_fields() -> Fields {
         access: vec![(Proto::Tcp, 5432)],
         allow_ip: None,
         duration: Some(Duration::from_secs(30)),
+        close: false,
     }
 }
 

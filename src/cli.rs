@@ -66,6 +66,9 @@ pub enum Command {
     /// Open a profile's service: send its knock sequence or SPA packet.
     #[command(after_help = EXIT_CODES)]
     Open(OpenArgs),
+    /// End the grant an SPA profile opened, early (a native close request).
+    #[command(after_help = EXIT_CODES)]
+    Close(OpenArgs),
     /// Open a profile's service, then run a command; exit with its status.
     #[command(after_help = EXIT_CODES)]
     Exec(ExecArgs),
@@ -234,6 +237,9 @@ pub struct SpaArgs {
     /// Build and print the packet without sending it.
     #[arg(short = 'T', long = "test")]
     pub test: bool,
+    /// Ask the gateway to end the grant early instead (native keys only).
+    #[arg(long, conflicts_with = "duration")]
+    pub close: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -194,6 +194,16 @@ impl Reserved<'_> {
         }));
         true
     }
+
+    /// Queues the end of a grant (an authenticated close request) in
+    /// reserved room, answering no one; false when every reserved place
+    /// was used already.
+    pub fn revoke(&mut self, service: Arc<str>, source: IpAddr) -> bool {
+        let Some(permit) = self.0.next() else { return false };
+        let (reply, _) = oneshot::channel();
+        permit.send(Request::Revoke { service, source, reply });
+        true
+    }
 }
 
 /// A gate input as the log carries it, with the local requester's reply.

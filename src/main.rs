@@ -108,6 +108,7 @@ fn main() -> ExitCode {
         Command::Spa(args) => run_client(client::command::spa(args)),
         Command::Knock(args) => run_client(client::command::knock(args)),
         Command::Open(args) => run_client(client::command::open(args)),
+        Command::Close(args) => run_client(client::command::close(args)),
         Command::Exec(args) => run_client(client::command::exec(args)),
         Command::Connect(args) => run_client(client::command::connect(args)),
         Command::Forward(args) => run_client(client::command::forward(args)),

@@ -163,6 +163,8 @@ pub struct Request {
     pub duration: Option<Duration>,
     /// fwknop NAT access (message types 2, 4, 5, 6): the internal
     /// `host:port` the sender wants to reach. `None` for plain access.
+    /// A close request: the grants `access` names end now (native only).
+    pub close: bool,
     pub nat: Option<NatAccess>,
     /// Replay-cache key: SHA-256 over a per-format label and the decoded,
     /// authenticated content. fwknop: the decrypted plaintext, so every
@@ -197,6 +199,9 @@ pub struct Fields {
     pub allow_ip: Option<IpAddr>,
     /// Requested grant length, whole seconds, at least one.
     pub duration: Option<Duration>,
+    /// Ask for the grants `access` names to end now instead (native
+    /// format only): `portcullis close`.
+    pub close: bool,
 }
 
 /// Why a packet could not be built. Raised on the client side, so messages
@@ -217,6 +222,8 @@ pub enum EncodeError {
     Duration { max_secs: u64 },
     #[error("packet would be {len} bytes, over the {max} byte limit")]
     TooLarge { len: usize, max: usize },
+    #[error("the fwknop format has no close request: close with a native key")]
+    CloseFwknop,
 }
 
 /// A key that cannot be used as given. Never carries key bytes.

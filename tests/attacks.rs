@@ -149,6 +149,7 @@ impl Setup {
             access: vec![(Proto::Tcp, self.gw.addr("echo").port())],
             allow_ip: None,
             duration: None,
+            close: false,
         };
         native::encode_random(&self.key, &fields, &mut rand::rng()).unwrap()
     }

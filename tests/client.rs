@@ -695,3 +695,60 @@ key_file = "alice.key"
     assert_eq!(code, 3);
     one_error_line(&err);
 }
+
+#[test]
+fn close_ends_the_grant_new_connections_are_refused_and_the_open_one_lives_on() {
+    use std::io::{Read, Write};
+    let home = Home::new();
+    let (code, key, _) = home.run(&["keygen"]);
+    assert_eq!(code, 0);
+    let key_path = home.file("alice.key", key.as_bytes(), 0o600);
+    let upstream = echo_server("127.0.0.1:0");
+    let (gw, p) = Gateway::builder()
+        .files(&[("alice.key", key.as_bytes())])
+        .on_free_ports(1, |p| {
+            format!(
+                "[spa]\nlisten = \"127.0.0.1:{}\"\n\n[service.echo]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n\
+                 unauthorized = \"refuse\"\nopen_for = \"1h\"\nspa_users = [\"alice\"]\n\n[user.alice]\nkey_file = \"alice.key\"\n",
+                p[0]
+            )
+        })
+        .start_on_ports();
+    let echo = gw.addr("echo");
+    home.profiles(&format!(
+        "[profile.db]\nhost = \"127.0.0.1\"\nbind = \"127.0.0.31\"\n\
+         spa = {{ port = {}, access = [\"tcp/{}\"], key_file = \"{}\" }}\n\
+         [profile.k]\nhost = \"127.0.0.1\"\nknock = [\"1/udp\", \"3/udp\", \"2/udp\"]\n",
+        p[0],
+        echo.port(),
+        key_path.display()
+    ));
+    let (code, _, err) = home.run(&["open", "db"]);
+    assert_eq!(code, 0, "{err}");
+    gw.wait_grant("echo", "127.0.0.31");
+    let mut open = connect_from("127.0.0.31", echo).unwrap();
+    open.set_read_timeout(Some(PATIENCE)).unwrap();
+    let roundtrip = |s: &mut std::net::TcpStream| {
+        s.write_all(b"ping").unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"ping");
+    };
+    roundtrip(&mut open);
+
+    let (code, _, err) = home.run(&["close", "db"]);
+    assert_eq!(code, 0, "{err}");
+    gw.wait_for(|l| msg(l) == "spa close accepted" && l["grantee"] == "127.0.0.31");
+    gw.wait_for(|l| msg(l) == "grant revoked" && l["source"] == "127.0.0.31" && l["service"] == "echo");
+    assert!(
+        !echo_works("127.0.0.31", echo),
+        "a new connection got through after close"
+    );
+    roundtrip(&mut open);
+
+    // A knock profile has no way to close.
+    let (code, _, err) = home.run(&["close", "k"]);
+    assert_ne!(code, 0);
+    one_error_line(&err);
+    assert!(err.contains("only an spa profile can close"), "{err}");
+}

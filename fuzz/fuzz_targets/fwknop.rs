@@ -83,6 +83,7 @@ fn fields(u: &mut Unstructured) -> Result<Fields> {
         access,
         allow_ip,
         duration,
+        close: false,
     })
 }
 

@@ -52,6 +52,7 @@ fn fields(u: &mut Unstructured) -> Result<Fields> {
         access,
         allow_ip,
         duration,
+        close: false,
     })
 }
 

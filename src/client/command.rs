@@ -141,7 +141,11 @@ async fn spa_plan(args: &SpaArgs) -> Result<SpaPlan, Failure> {
             timestamp: crate::spa::desk::unix_secs(&SystemClock),
             access,
             allow_ip,
-            duration: args.duration.or(from_profile.as_ref().and_then(|(_, _, s)| s.duration)),
+            duration: args
+                .duration
+                .or(from_profile.as_ref().and_then(|(_, _, s)| s.duration))
+                .filter(|_| !args.close),
+            close: args.close,
         },
         keys,
         fwknop_user: fwknop.then_some(user),
@@ -214,6 +218,12 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8], force: bool) -> anyhow::R
 pub async fn open(args: OpenArgs) -> Outcome {
     let p = load(&args.name, &args.profiles)?;
     session::open(&p, args.verbose).await?;
+    Ok(0)
+}
+
+pub async fn close(args: OpenArgs) -> Outcome {
+    let p = load(&args.name, &args.profiles)?;
+    session::close(&p, args.verbose).await?;
     Ok(0)
 }
 

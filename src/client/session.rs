@@ -30,8 +30,9 @@ pub const CONNECT_PATIENCE: Duration = Duration::from_secs(3);
 
 const CONNECT_RETRY: Duration = Duration::from_millis(25);
 
-/// A profile's SPA settings as a plan, with `allow_ip = "resolve"` looked up.
-pub async fn spa_plan(host: &str, bind: Option<IpAddr>, spa: &SpaProfile) -> anyhow::Result<SpaPlan> {
+/// A profile's SPA settings as a plan, with `allow_ip = "resolve"` looked
+/// up; with `close`, a request to end the grants instead.
+pub async fn spa_plan(host: &str, bind: Option<IpAddr>, spa: &SpaProfile, close: bool) -> anyhow::Result<SpaPlan> {
     let allow_ip = match spa.allow_ip {
         AllowIp::Source => None,
         AllowIp::Addr(ip) => Some(ip),
@@ -44,7 +45,8 @@ pub async fn spa_plan(host: &str, bind: Option<IpAddr>, spa: &SpaProfile) -> any
             timestamp: crate::spa::desk::unix_secs(&SystemClock),
             access: spa.access.clone(),
             allow_ip,
-            duration: spa.duration,
+            duration: spa.duration.filter(|_| !close),
+            close,
         },
         keys: spa.keys.clone(),
         fwknop_user: spa.fwknop_user.clone(),
@@ -65,7 +67,7 @@ pub async fn open(profile: &Profile, verbose: bool) -> Result<(), Failure> {
             run_knock(&plan, verbose).await
         }
         Open::Spa(spa) => {
-            let plan = spa_plan(&profile.host, profile.bind, spa)
+            let plan = spa_plan(&profile.host, profile.bind, spa, false)
                 .await
                 .map_err(Failure::failed)?;
             spa::check_keys(&plan).map_err(Failure::profile)?;
@@ -77,6 +79,28 @@ pub async fn open(profile: &Profile, verbose: bool) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Ends the grant the profile's SPA settings open, early: a native close
+/// request for the same access, authenticated like any SPA packet. A
+/// knock profile has no way to close.
+pub async fn close(profile: &Profile, verbose: bool) -> Result<(), Failure> {
+    let Open::Spa(spa) = &profile.open else {
+        return Err(Failure::profile(anyhow::anyhow!(
+            "profile {}: only an spa profile can close its grant (a knock sequence has no closing sequence here)",
+            profile.name
+        )));
+    };
+    let plan = spa_plan(&profile.host, profile.bind, spa, true)
+        .await
+        .map_err(Failure::failed)?;
+    spa::check_keys(&plan).map_err(Failure::profile)?;
+    let packet = spa::build_spa(&plan).map_err(Failure::profile)?;
+    if verbose {
+        print!("{}", spa::describe(&plan, packet.len()));
+    }
+    spa::send_spa(&plan, &packet).await.map_err(Failure::failed)?;
+    Ok(())
 }
 
 /// Sends `plan`; with `verbose` prints each step as it goes. A TCP step

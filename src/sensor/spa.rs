@@ -117,6 +117,20 @@ impl SpaSensor {
         self.desk.remember(&accepted, self.clock.now(), &*self.store)?;
         counters.count(accepted.format.as_label(), "accepted");
         let services: Vec<&str> = accepted.grants.iter().map(|(s, _)| &**s).collect();
+        if accepted.close {
+            tracing::info!(
+                user = %accepted.user,
+                %source,
+                grantee = %accepted.grantee,
+                services = ?services,
+                "spa close accepted"
+            );
+            for (service, _) in accepted.grants {
+                let queued = room.revoke(service, accepted.grantee);
+                debug_assert!(queued, "room was reserved for every service");
+            }
+            return Ok(());
+        }
         tracing::info!(
             user = %accepted.user,
             %source,

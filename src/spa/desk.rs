@@ -109,6 +109,8 @@ pub struct Accepted {
     /// The address the grants go to: the packet's allow-IP, or its source.
     pub grantee: IpAddr,
     pub grants: Vec<(Arc<str>, Duration)>,
+    /// A close request: the grants named end now instead of being given.
+    pub close: bool,
     /// The packet's replay digest, for [`SpaDesk::remember`].
     pub digest: [u8; 32],
 }
@@ -294,6 +296,7 @@ impl SpaDesk {
             format: request.format,
             grantee,
             grants,
+            close: request.close,
             digest: request.digest,
         })
     }
@@ -383,6 +386,7 @@ key_file = "bob.key"
             access: vec![(Proto::Tcp, port)],
             allow_ip,
             duration: Some(Duration::from_secs(3600)),
+            close: false,
         };
         native::encode(key, &fields, [n; 12]).unwrap()
     }

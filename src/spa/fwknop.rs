@@ -385,6 +385,7 @@ fn decode_checked(text: &str, keys: &FwknopKeys, window: Window) -> Result<Reque
         access: message.access,
         allow_ip: message.allow_ip.map(IpAddr::V4),
         duration: message.duration,
+        close: false,
         nat: message.nat,
         digest: replay_digest(DIGEST_LABEL, plaintext),
     })
@@ -724,6 +725,7 @@ mod tests {
             access: vec![(Proto::Tcp, 5432)],
             allow_ip: ip("127.0.0.1"),
             duration: None,
+            close: false,
         };
         let nonce = PacketNonce {
             salt,
@@ -739,6 +741,7 @@ mod tests {
             access: vec![(Proto::Tcp, 22)],
             allow_ip: None,
             duration: Some(Duration::from_secs(45)),
+            close: false,
         };
         let nonce = PacketNonce {
             salt: v2_raw[8..16].try_into().expect("8 bytes"),
@@ -757,6 +760,7 @@ mod tests {
             access: vec![(Proto::Udp, 53), (Proto::Tcp, 443)],
             allow_ip: ip("203.0.113.9"),
             duration: Some(Duration::from_secs(300)),
+            close: false,
         };
         let wire = encode_random("ops-team", &fields, &keys, &mut rng).expect("encodes");
         let req = decode(wire.as_bytes(), &keys, window(NOW)).expect("decodes");
@@ -786,6 +790,7 @@ mod tests {
             access: vec![(Proto::Tcp, 22)],
             allow_ip: None,
             duration: None,
+            close: false,
         };
         let with = |f: &dyn Fn(&mut Fields)| {
             let mut fields = ok.clone();
@@ -804,6 +809,11 @@ mod tests {
         assert_eq!(encode("alice", &v6, &keys, nonce), Err(EncodeError::Ipv6AllowIp));
         let none = with(&|f| f.access.clear());
         assert_eq!(encode("alice", &none, &keys, nonce), Err(EncodeError::NoAccess));
+        let close = Fields {
+            close: true,
+            ..ok.clone()
+        };
+        assert_eq!(encode("alice", &close, &keys, nonce), Err(EncodeError::CloseFwknop));
         let zero = with(&|f| f.access = vec![(Proto::Udp, 0)]);
         assert_eq!(encode("alice", &zero, &keys, nonce), Err(EncodeError::PortZero));
         let many = with(&|f| f.access = vec![(Proto::Tcp, 65535); 30]);
@@ -913,6 +923,7 @@ mod tests {
             access: vec![(Proto::Tcp, 5432)],
             allow_ip: ip("192.0.2.7"),
             duration: duration.map(Duration::from_secs),
+            close: false,
         }
     }
 

@@ -40,7 +40,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(u32::MAX as u64);
 const FLAG_IPV4: u8 = 0b001;
 const FLAG_IPV6: u8 = 0b010;
 const FLAG_DURATION: u8 = 0b100;
-const KNOWN_FLAGS: u8 = FLAG_IPV4 | FLAG_IPV6 | FLAG_DURATION;
+const FLAG_CLOSE: u8 = 0b1000;
+const KNOWN_FLAGS: u8 = FLAG_IPV4 | FLAG_IPV6 | FLAG_DURATION | FLAG_CLOSE;
 
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
@@ -168,6 +169,9 @@ pub fn encode(key: &NativeKey, fields: &Fields, nonce: [u8; NONCE_LEN]) -> Resul
     if duration.is_some() {
         flags |= FLAG_DURATION;
     }
+    if fields.close {
+        flags |= FLAG_CLOSE;
+    }
     packet.extend_from_slice(&fields.timestamp.to_be_bytes());
     packet.push(flags);
     packet.push(u8::try_from(fields.access.len()).expect("at most MAX_ACCESS entries, checked above"));
@@ -260,6 +264,7 @@ pub fn decode<'k>(
         access: fields.access,
         allow_ip: fields.allow_ip,
         duration: fields.duration,
+        close: fields.close,
         nat: None,
         digest: replay_digest(DIGEST_LABEL, packet),
     })
@@ -321,6 +326,7 @@ fn parse_body(body: &[u8]) -> Result<Fields, Reject> {
         access,
         allow_ip,
         duration,
+        close: flags & FLAG_CLOSE != 0,
     })
 }
 
@@ -356,11 +362,26 @@ mod tests {
             access: vec![(Proto::Tcp, 5432), (Proto::Udp, 53)],
             allow_ip: Some("2001:db8::7".parse().expect("literal")),
             duration: Some(Duration::from_secs(45)),
+            close: false,
         }
     }
 
     fn decode_with(packet: &[u8], key: &NativeKey) -> Result<Request, Reject> {
         decode(packet, window(), |id| (id == key.id()).then_some(("alice", key)))
+    }
+
+    #[test]
+    fn a_close_request_round_trips_and_is_another_packet() {
+        let k = key(7);
+        let close = Fields {
+            close: true,
+            ..fields()
+        };
+        let packet = encode(&k, &close, [9; NONCE_LEN]).expect("encodes");
+        assert!(decode_with(&packet, &k).expect("decodes").close);
+        let open = encode(&k, &fields(), [9; NONCE_LEN]).expect("encodes");
+        assert!(!decode_with(&open, &k).expect("decodes").close);
+        assert_ne!(packet, open);
     }
 
     #[test]
@@ -394,6 +415,7 @@ mod tests {
             access: vec![(Proto::Tcp, 22)],
             allow_ip: Some("198.51.100.7".parse().expect("literal")),
             duration: None,
+            close: false,
         };
         assert_eq!(encode(&k, &one_port_v4, [1; NONCE_LEN]).expect("encodes").len(), 55);
         assert_eq!(encode(&k, &fields(), [1; NONCE_LEN]).expect("encodes").len(), 74);
@@ -420,6 +442,7 @@ mod tests {
             access: vec![(Proto::Tcp, 22)],
             allow_ip: Some("192.0.2.1".parse().expect("literal")),
             duration: Some(Duration::from_secs(30)),
+            close: false,
         };
         let packet = encode(&k, &f, [0x24; NONCE_LEN]).expect("encodes");
         let hex: String = packet.iter().map(|b| format!("{b:02x}")).collect();
@@ -528,7 +551,7 @@ mod tests {
         let ts = NOW.to_be_bytes();
         let with = |rest: &[u8]| [&ts[..], rest].concat();
         let cases: &[(&[u8], Reject)] = &[
-            (&[0x08, 0], Reject::Malformed("unknown flag bits")),
+            (&[0x10, 0], Reject::Malformed("unknown flag bits")),
             (
                 &[0x03, 0, 1, 2, 3, 4],
                 Reject::Malformed("both IPv4 and IPv6 allow address flags"),
@@ -649,6 +672,7 @@ mod tests {
                 access: access.into_iter().map(|(tcp, p)| (if tcp { Proto::Tcp } else { Proto::Udp }, p)).collect(),
                 allow_ip: ip,
                 duration: secs.map(|s| Duration::from_secs(u64::from(s))),
+                close: false,
             };
             let packet = encode(&k, &f, nonce).expect("valid fields encode");
             let req = decode(&packet, Window::new(timestamp, Duration::ZERO), |_| Some(("u", &k))).expect("decodes");

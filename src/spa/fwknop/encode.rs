@@ -68,6 +68,9 @@ pub fn encode_with(
         return Err(EncodeError::User("is longer than 48 bytes, which fwknopd refuses"));
     }
     validate_user(user).map_err(|_| EncodeError::User("must be printable ASCII without \"/\\[]:;|=,+*?<>"))?;
+    if fields.close {
+        return Err(EncodeError::CloseFwknop);
+    }
     let ip = match fields.allow_ip {
         None => Ipv4Addr::UNSPECIFIED,
         Some(IpAddr::V4(ip)) => ip,
