@@ -159,6 +159,22 @@ pub struct KnockArgs {
     /// Print each step as it is sent.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Knock the current steps of a rotating sequence whose secret is in
+    /// this file (`portcullis keygen --kind totp`), instead of STEPS.
+    #[arg(long, value_name = "KEYFILE", requires = "ports")]
+    pub totp: Option<PathBuf>,
+    /// The rotating sequence's pool, as the gateway's `totp.ports`.
+    #[arg(long, value_name = "FIRST-LAST/PROTO")]
+    pub ports: Option<String>,
+    /// Steps of the rotating sequence, as the gateway's `totp.steps`.
+    #[arg(long = "steps", value_name = "N", default_value_t = 4)]
+    pub totp_steps: usize,
+    /// Period of the rotating sequence, as the gateway's `totp.period`.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub period: Duration,
+    /// Compute the sequence as if the clock read this much earlier.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub time_offset_minus: Option<Duration>,
 }
 
 impl KnockArgs {
@@ -244,7 +260,8 @@ pub struct SpaArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct KeygenArgs {
-    /// native, fwknop (the two lines `fwknop --key-gen` prints) or both.
+    /// native, fwknop (the two lines `fwknop --key-gen` prints), both, or
+    /// totp (the secret of a rotating knock sequence).
     #[arg(long, default_value = "native")]
     pub kind: crate::spa::keyfile::KeyKind,
     /// Write the key file here (created with mode 0600) instead of stdout.

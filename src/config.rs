@@ -154,6 +154,9 @@ pub struct Service {
     /// (`trap_ports = { count = N }`); 0 when they are listed. Once picked
     /// they are in `knock.trap`.
     pub pick_traps: usize,
+    /// A rotating knock sequence (`knock = { totp = { ... } }`), instead of
+    /// `knock`.
+    pub totp: Option<crate::totp::Rule>,
     /// Users whose SPA packets may open this service.
     pub spa_users: Vec<Arc<str>>,
     pub spa: ServiceSpa,
@@ -525,7 +528,13 @@ impl Validator {
             raw.open_for.as_ref(),
             Duration::from_secs(30),
         );
+        let mut totp = None;
         let (knock, pick_traps) = match (&raw.knock, listen) {
+            (Some(k), Some(listen)) if k.totp.is_some() => {
+                let t = k.totp.as_ref().expect("matched is_some");
+                totp = self.totp(&format!("{base}.knock"), k, t, (name, listen.ip(), open_for));
+                (None, 0)
+            }
             (Some(k), Some(listen)) => match self.knock(&format!("{base}.knock"), k, listen.ip()) {
                 Some((rule, pick)) => (Some(rule), pick),
                 None => (None, 0),
@@ -553,6 +562,7 @@ impl Validator {
             open_for,
             knock,
             pick_traps,
+            totp,
             spa_users: raw.spa_users.iter().map(|u| Arc::from(u.trim())).collect(),
             spa: spa?,
             udp,

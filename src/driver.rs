@@ -30,6 +30,7 @@ use crate::gate::{Event, Gate, GateLimits, Grant, Input, Knock, KnockResult, Met
 use crate::guard::{SourceGuard, StrikeKind};
 use crate::metrics;
 use crate::store::GrantStore;
+use crate::totp;
 
 /// Requests queued between the sensors and the driver; past it knocks are
 /// refused at once (counted), never waited for.
@@ -64,6 +65,8 @@ pub enum Request {
     /// A reloaded config's rules; answered once the gate has them.
     Reconfigure {
         services: Vec<ServiceRule>,
+        /// Rotating sequences, judged by the driver (see [`totp`]).
+        totp: Vec<totp::Rule>,
         limits: GateLimits,
         reply: oneshot::Sender<()>,
     },
@@ -165,10 +168,16 @@ impl DriverHandle {
     }
 
     /// Hands the gate a reloaded config's rules and waits until it has them.
-    pub async fn reconfigure(&self, services: Vec<ServiceRule>, limits: GateLimits) -> Result<(), DriverError> {
+    pub async fn reconfigure(
+        &self,
+        services: Vec<ServiceRule>,
+        totp: Vec<totp::Rule>,
+        limits: GateLimits,
+    ) -> Result<(), DriverError> {
         let (reply, answer) = oneshot::channel();
         let request = Request::Reconfigure {
             services,
+            totp,
             limits,
             reply,
         };
@@ -273,6 +282,8 @@ pub struct Driver {
     held: HashMap<Arc<str>, usize>,
     /// The doors of `closed` services, by service.
     doors: HashMap<Arc<str>, Arc<Door>>,
+    /// Rotating sequences: their knocks are judged here, not by the gate.
+    totp: totp::Tracker,
 }
 
 impl Driver {
@@ -285,7 +296,15 @@ impl Driver {
             events: Vec::new(),
             held: HashMap::new(),
             doors: HashMap::new(),
+            totp: totp::Tracker::default(),
         }
+    }
+
+    /// Judges knocks on the pools of `rules` (rotating sequences), with
+    /// room for `max_attempts` attempts in progress.
+    pub fn with_totp(mut self, rules: Vec<totp::Rule>, max_attempts: usize) -> Self {
+        self.totp = totp::Tracker::new(rules, max_attempts);
+        self
     }
 
     /// Runs until `stop` is cancelled or every handle is gone.
@@ -329,6 +348,12 @@ impl Driver {
                 return;
             }
         }
+        if let Input::Knock(k) = &input {
+            if self.totp.watches(&k.step) {
+                self.totp_knock(k.source, k.step, now);
+                return;
+            }
+        }
         self.gate.handle(input, now, &mut self.events);
         if let Some(source) = knocker {
             if self.events.iter().any(|e| matches!(e, Event::Trapped { .. })) {
@@ -351,6 +376,36 @@ impl Driver {
             }
             Reply::Reconfigured(tx) => {
                 let _ = tx.send(());
+            }
+        }
+    }
+
+    /// A knock on a rotating sequence's pool: an opened sequence is a
+    /// grant through the gate; a trap locks out, a wrong step strikes.
+    fn totp_knock(&mut self, source: IpAddr, step: crate::step::Step, now: std::time::Instant) {
+        let unix = crate::spa::desk::unix_secs(&*self.effects.clock);
+        for (idx, outcome) in self.totp.knock(step, source, now, unix) {
+            let rule = &self.totp.rules()[idx];
+            let (service, open_for, lockout) = (rule.service.clone(), rule.open_for, rule.trap_lockout);
+            let result = outcome.as_knock_result(rule.steps);
+            metrics::knock(&service, result);
+            tracing::debug!(%service, %source, %step, result = result.as_label(), "knock");
+            match outcome {
+                totp::Outcome::Opened { .. } => {
+                    let input = Input::Authorize {
+                        service,
+                        source,
+                        method: Method::Knock,
+                        duration: open_for,
+                    };
+                    self.gate.handle(input, now, &mut self.events);
+                    self.apply_events();
+                }
+                totp::Outcome::Trap if lockout => self.effects.guard.lock_out(source, now),
+                totp::Outcome::Trap | totp::Outcome::Reset => {
+                    self.effects.guard.strike_and_report(source, now, StrikeKind::Knock);
+                }
+                _ => {}
             }
         }
     }
@@ -452,12 +507,16 @@ impl Driver {
             },
             Request::Reconfigure {
                 services,
+                totp,
                 limits,
                 reply,
-            } => Entry {
-                input: Input::Reconfigure { services, limits },
-                reply: Reply::Reconfigured(reply),
-            },
+            } => {
+                self.totp.reconfigure(totp);
+                Entry {
+                    input: Input::Reconfigure { services, limits },
+                    reply: Reply::Reconfigured(reply),
+                }
+            }
         };
         self.log.append(entry);
     }
@@ -622,7 +681,7 @@ mod tests {
     /// A request answered by the driver: everything queued before it has
     /// been applied (the queue and the log keep order).
     async fn settle(f: &Fixture) {
-        f.handle.reconfigure(rules(), GateLimits::default()).await.unwrap();
+        f.handle.reconfigure(rules(), Vec::new(), GateLimits::default()).await.unwrap();
     }
 
     #[tokio::test]
@@ -685,7 +744,7 @@ mod tests {
         f.handle.authorize("pg".into(), source, Method::Knock, OPEN).unwrap();
         settle(&f).await;
         assert!(f.store.allows("pg", source, f.clock.now()));
-        f.handle.reconfigure(Vec::new(), GateLimits::default()).await.unwrap();
+        f.handle.reconfigure(Vec::new(), Vec::new(), GateLimits::default()).await.unwrap();
         assert!(!f.store.allows("pg", source, f.clock.now()));
     }
 

@@ -46,6 +46,7 @@
 //! - [`clock`]: the only place that reads the clock.
 //! - [`secret`]: key bytes that are redacted and zeroized; constant-time MAC comparison.
 //! - [`step`]: knock steps and protocols, parsed from every common spelling.
+//! - [`totp`]: rotating knock sequences derived from a shared secret per period.
 //! - `sys`: the only `unsafe` code: `splice(2)`, pipes and batched UDP calls.
 //!
 //! Layers, lowest first: `clock`, `step`, `secret`, `filter`, `sys`, the SPA
@@ -81,4 +82,5 @@ pub mod spa;
 pub mod step;
 pub mod store;
 mod sys;
+pub mod totp;
 pub mod udp;

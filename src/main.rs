@@ -41,6 +41,17 @@ fn main() -> ExitCode {
                         );
                     }
                 }
+                for t in c.services.iter().filter_map(|s| s.totp.as_ref()) {
+                    println!(
+                        "service.{}.knock.totp: {} step(s) from {} ports every {}s: {:.0} possible sequences; one random-order scan of the pool opens it with a chance of 1 in {:.0}",
+                        t.service,
+                        t.steps,
+                        t.pool.len(),
+                        t.period.as_secs(),
+                        t.sequence_space(),
+                        1.0 / t.random_pass_chance()
+                    );
+                }
                 for s in c
                     .services
                     .iter()

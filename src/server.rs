@@ -130,7 +130,8 @@ impl Bound {
             guard: guard.clone(),
         };
         let gate = Gate::new(runtime::rules(&config), runtime::gate_limits(&config));
-        let gate_driver = Driver::new(gate, Box::new(LocalLog::default()), requests, effects);
+        let gate_driver = Driver::new(gate, Box::new(LocalLog::default()), requests, effects)
+            .with_totp(runtime::totp_rules(&config), config.gateway.max_knock_attempts);
         let driver_stop = life.stop().clone();
         let driver_task = runtime::supervise(
             "gate driver".into(),

@@ -3,6 +3,7 @@
 
 use std::io::Read as _;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 
@@ -14,6 +15,7 @@ use crate::cli::{ConnectArgs, ExecArgs, ForwardArgs, KeygenArgs, KnockArgs, Open
 use crate::clock::SystemClock;
 use crate::spa::keyfile::{self, KeyFile};
 use crate::spa::Fields;
+use crate::step::StepSpec;
 
 fn load(name: &str, profiles: &crate::cli::ProfileFile) -> Result<Profile, Failure> {
     profile::find(name, &profiles.sources()).map_err(Failure::profile)
@@ -21,13 +23,30 @@ fn load(name: &str, profiles: &crate::cli::ProfileFile) -> Result<Profile, Failu
 
 pub async fn knock(args: KnockArgs) -> Outcome {
     let mut steps = args.parse_steps().map_err(|e| Failure::usage(anyhow!(e)))?;
+    if let Some(key) = &args.totp {
+        if !steps.is_empty() {
+            return Err(Failure::usage(anyhow!("give STEPS or --totp, not both")));
+        }
+        let ports = args.ports.as_deref().ok_or_else(|| {
+            Failure::usage(anyhow!(
+                "--totp needs --ports FIRST-LAST/PROTO, as the gateway's totp.ports"
+            ))
+        })?;
+        let offset = args.time_offset_minus.unwrap_or_default();
+        let unix = crate::spa::desk::unix_secs(&SystemClock).saturating_sub(offset.as_secs());
+        steps = totp_steps(key, ports, args.totp_steps, args.period, unix)?;
+    }
     let (mut host, mut delay, mut bind) = (args.host.clone(), args.delay, args.bind);
     if let Some(name) = &args.profile {
         let p = load(name, &args.profiles)?;
-        let Open::Knock { steps: ps, delay: pd } = p.open else {
-            return Err(Failure::profile(anyhow!(
-                "profile {name} opens with SPA, not a knock sequence: use portcullis spa -n {name} or open {name}"
-            )));
+        let (ps, pd) = match &p.open {
+            Open::Knock { steps, delay } => (steps.clone(), *delay),
+            Open::Totp(t) => (session::totp_now(t)?, None),
+            Open::Spa(_) => {
+                return Err(Failure::profile(anyhow!(
+                    "profile {name} opens with SPA, not a knock sequence: use portcullis spa -n {name} or open {name}"
+                )))
+            }
         };
         host = host.or(Some(p.host));
         if steps.is_empty() {
@@ -48,6 +67,40 @@ pub async fn knock(args: KnockArgs) -> Outcome {
     };
     session::run_knock(&plan, args.verbose).await?;
     Ok(0)
+}
+
+/// The current steps of a rotating sequence: the secret from `key` (a
+/// private file), the pool `ports`, at wall-clock second `unix`.
+pub(crate) fn totp_steps(
+    key: &Path,
+    ports: &str,
+    steps: usize,
+    period: Duration,
+    unix: u64,
+) -> Result<Vec<StepSpec>, Failure> {
+    let file = crate::secret::read_private(key).map_err(|e| Failure::profile(anyhow!(e)))?;
+    if let Some(w) = &file.warning {
+        eprintln!("warning: {w}");
+    }
+    let text =
+        std::str::from_utf8(&file.bytes).map_err(|_| Failure::profile(anyhow!("{} is not text", key.display())))?;
+    let secret = crate::totp::parse_key(text).map_err(|e| Failure::profile(anyhow!("{}: {e}", key.display())))?;
+    let (proto, pool) = crate::totp::parse_pool(ports).map_err(|e| Failure::usage(anyhow!("--ports {e}")))?;
+    if steps < 1 || steps > pool.len() {
+        return Err(Failure::usage(anyhow!(
+            "--steps {steps}: the pool has {} port(s)",
+            pool.len()
+        )));
+    }
+    let counter = crate::totp::counter(unix, period);
+    Ok(crate::totp::sequence(secret.expose(), counter, pool.len(), steps)
+        .into_iter()
+        .map(|i| StepSpec {
+            proto,
+            ip: None,
+            port: pool[i],
+        })
+        .collect())
 }
 
 /// Reads a key file, `-` meaning stdin.
@@ -75,7 +128,7 @@ async fn spa_plan(args: &SpaArgs) -> Result<SpaPlan, Failure> {
             let p = load(name, &args.profiles)?;
             match p.open {
                 Open::Spa(spa) => Some((p.host, p.bind, spa)),
-                Open::Knock { .. } => {
+                Open::Knock { .. } | Open::Totp(_) => {
                     return Err(Failure::profile(anyhow!(
                         "profile {name} opens with a knock sequence, not SPA: use portcullis knock -n {name} or open {name}"
                     )))
@@ -178,8 +231,11 @@ pub async fn spa(args: SpaArgs) -> Outcome {
 }
 
 pub fn keygen(args: KeygenArgs) -> Outcome {
-    let keys = keyfile::generate(args.kind, &mut rand::rng());
-    let text = keyfile::render(&keys);
+    let text = if args.kind == keyfile::KeyKind::Totp {
+        crate::totp::render_key(&mut rand::rng())
+    } else {
+        keyfile::render(&keyfile::generate(args.kind, &mut rand::rng()))
+    };
     let Some(path) = &args.output else {
         print!("{}", &*text);
         return Ok(0);

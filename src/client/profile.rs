@@ -64,6 +64,17 @@ pub enum Open {
         delay: Option<Duration>,
     },
     Spa(Box<SpaProfile>),
+    /// A rotating sequence: the steps are computed when it is sent.
+    Totp(TotpProfile),
+}
+
+/// A profile's rotating sequence, as the gateway's `knock.totp`.
+#[derive(Debug, Clone)]
+pub struct TotpProfile {
+    pub key_file: PathBuf,
+    pub ports: String,
+    pub steps: usize,
+    pub period: Duration,
 }
 
 #[derive(Debug)]
@@ -183,7 +194,7 @@ struct RawProfile {
     bind: Option<IpAddr>,
     knock: Option<RawKnock>,
     spa: Option<RawSpa>,
-    totp: Option<toml::Value>,
+    totp: Option<RawTotp>,
     connect: Option<String>,
     open_for: Option<String>,
     /// Pause between knock steps (`knock -d`).
@@ -194,7 +205,16 @@ struct RawProfile {
 #[serde(untagged)]
 enum RawKnock {
     Steps(Vec<String>),
-    Table(serde::de::IgnoredAny),
+    Table { totp: RawTotp },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTotp {
+    key_file: String,
+    ports: String,
+    steps: Option<usize>,
+    period: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,11 +266,18 @@ pub fn from_toml(text: &str, name: &str, path: &Path) -> anyhow::Result<Option<P
                 .transpose()?;
             Open::Knock { steps, delay }
         }
-        (Some(RawKnock::Table(_)), None, None) | (None, None, Some(_)) => {
-            bail!(
-                "{}: rotating (totp) sequences are not supported by this version",
-                key("totp")
-            )
+        (Some(RawKnock::Table { totp }), None, None) | (None, None, Some(totp)) => {
+            let period = match &totp.period {
+                Some(d) => crate::config::parse_duration(d).map_err(|e| anyhow!("{}: {e}", key("totp.period")))?,
+                None => Duration::from_secs(30),
+            };
+            crate::totp::parse_pool(&totp.ports).map_err(|e| anyhow!("{}: {e}", key("totp.ports")))?;
+            Open::Totp(TotpProfile {
+                key_file: expand(&totp.key_file, base),
+                ports: totp.ports.clone(),
+                steps: totp.steps.unwrap_or(4),
+                period,
+            })
         }
         (None, Some(spa), None) => Open::Spa(Box::new(spa_profile(spa, name, base, &key)?)),
         (None, None, None) => bail!("{}: the profile needs knock = [...] or spa = {{ ... }}", key("host")),
@@ -416,7 +443,11 @@ open_for = "2s"
             ("[profile.a]\nhost = \"h\"\nknock = [\"1/udp\"]\nfoo = 1\n", "foo"),
             (
                 "[profile.a]\nhost = \"h\"\ntotp = { key_file = \"k\", steps = 4 }\n",
-                "not supported",
+                "ports",
+            ),
+            (
+                "[profile.a]\nhost = \"h\"\ntotp = { key_file = \"k\", ports = \"9-1/udp\" }\n",
+                "profile.a.totp.ports",
             ),
         ];
         for (text, want) in cases {

@@ -66,6 +66,15 @@ pub async fn open(profile: &Profile, verbose: bool) -> Result<(), Failure> {
             };
             run_knock(&plan, verbose).await
         }
+        Open::Totp(t) => {
+            let plan = KnockPlan {
+                host: profile.host.clone(),
+                steps: totp_now(t)?,
+                delay: None,
+                bind: profile.bind,
+            };
+            run_knock(&plan, verbose).await
+        }
         Open::Spa(spa) => {
             let plan = spa_plan(&profile.host, profile.bind, spa, false)
                 .await
@@ -79,6 +88,12 @@ pub async fn open(profile: &Profile, verbose: bool) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// The current steps of a profile's rotating sequence.
+pub fn totp_now(t: &super::profile::TotpProfile) -> Result<Vec<crate::step::StepSpec>, Failure> {
+    let unix = crate::spa::desk::unix_secs(&SystemClock);
+    super::command::totp_steps(&t.key_file, &t.ports, t.steps, t.period, unix)
 }
 
 /// Ends the grant the profile's SPA settings open, early: a native close

@@ -5,12 +5,141 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::raw::{RawKnock, RawStep, RawTraps};
+use super::raw::{RawKnock, RawStep, RawTotp, RawTraps};
 use super::{Service, Validator};
 use crate::gate::KnockRule;
 use crate::step::{Proto, Step, StepSpec};
+use crate::totp;
 
 impl Validator {
+    /// A rotating sequence (`knock = { totp = { ... } }`) at `path`.
+    pub(super) fn totp(
+        &mut self,
+        path: &str,
+        raw: &RawKnock,
+        totp: &RawTotp,
+        service: (&str, IpAddr, Duration),
+    ) -> Option<totp::Rule> {
+        let before = self.problems.len();
+        let (name, ip, open_for) = service;
+        let list_given = !raw.sequence.is_empty() || !matches!(&raw.trap_ports, RawTraps::List(l) if l.is_empty());
+        if list_given {
+            self.problem(
+                path,
+                "set totp or sequence/trap_ports, not both (every pool port that is not a step is a trap)",
+            );
+        }
+        let secret = match &totp.key_file {
+            None => {
+                self.problem(
+                    format!("{path}.totp.key_file"),
+                    "required: a file from `portcullis keygen --kind totp`",
+                );
+                None
+            }
+            Some(file) => {
+                let key = format!("{path}.totp.key_file");
+                match super::spa::read_key_file(&self.base.join(file)) {
+                    Ok((text, warning)) => {
+                        if let Some(w) = warning {
+                            tracing::warn!("{key}: {w}");
+                        }
+                        match totp::parse_key(&text) {
+                            Ok(secret) => Some(secret),
+                            Err(e) => {
+                                self.problem(key, e);
+                                None
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.problem(key, e);
+                        None
+                    }
+                }
+            }
+        };
+        let steps = match totp.steps {
+            None => Some(4),
+            Some(n) if (3..=16).contains(&n) => usize::try_from(n).ok(),
+            Some(n) => {
+                self.problem(format!("{path}.totp.steps"), format!("{n} is not 3-16"));
+                None
+            }
+        };
+        let pool = match &totp.ports {
+            None => {
+                self.problem(
+                    format!("{path}.totp.ports"),
+                    "required: a port range, e.g. \"40000-40063/udp\"",
+                );
+                None
+            }
+            Some(text) => match totp::parse_pool(text) {
+                Ok((proto, ports)) => {
+                    let need = 2 * steps.unwrap_or(4);
+                    if ports.len() < need || ports.len() > totp::MAX_POOL {
+                        self.problem(
+                            format!("{path}.totp.ports"),
+                            format!(
+                                "{} port(s): use {need} to {} (at least twice the steps)",
+                                ports.len(),
+                                totp::MAX_POOL
+                            ),
+                        );
+                        None
+                    } else {
+                        Some(
+                            ports
+                                .into_iter()
+                                .map(|port| Step {
+                                    proto,
+                                    addr: std::net::SocketAddr::new(ip, port),
+                                })
+                                .collect::<Vec<_>>(),
+                        )
+                    }
+                }
+                Err(e) => {
+                    self.problem(format!("{path}.totp.ports"), e);
+                    None
+                }
+            },
+        };
+        let period = self.duration(
+            &format!("{path}.totp.period"),
+            totp.period.as_ref(),
+            Duration::from_secs(30),
+        );
+        if period < Duration::from_secs(5) || period.subsec_nanos() != 0 {
+            self.problem(format!("{path}.totp.period"), "use whole seconds, at least 5s");
+        }
+        let step_timeout = self.duration(
+            &format!("{path}.step_timeout"),
+            raw.step_timeout.as_ref(),
+            Duration::from_secs(5),
+        );
+        let sequence_timeout = self.duration(
+            &format!("{path}.sequence_timeout"),
+            raw.sequence_timeout.as_ref(),
+            Duration::from_secs(15),
+        );
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(totp::Rule {
+            service: name.into(),
+            secret: std::sync::Arc::new(secret?),
+            pool: pool?,
+            steps: steps?,
+            period,
+            open_for,
+            step_timeout,
+            sequence_timeout,
+            trap_lockout: raw.trap_lockout.unwrap_or(true),
+        })
+    }
+
     pub(super) fn steps(&mut self, path: &str, raw: &[RawStep], ip: IpAddr) -> Option<Vec<Step>> {
         let mut ok = true;
         let mut steps = Vec::new();
@@ -182,25 +311,32 @@ impl Validator {
             taken.push((guarded, path, false));
         }
         for s in services {
-            let Some(k) = &s.knock else { continue };
-            let steps = k
-                .sequence
-                .iter()
-                .map(|st| (st, "sequence"))
-                .chain(k.trap.iter().map(|st| (st, "trap_ports")));
+            let steps: Vec<(&Step, &str)> = match (&s.knock, &s.totp) {
+                (Some(k), _) => k
+                    .sequence
+                    .iter()
+                    .map(|st| (st, "sequence"))
+                    .chain(k.trap.iter().map(|st| (st, "trap_ports")))
+                    .collect(),
+                (None, Some(t)) => t.pool.iter().map(|st| (st, "totp.ports")).collect(),
+                (None, None) => continue,
+            };
             for (step, list) in steps {
                 let path = format!("service.{}.knock.{list}", s.name);
                 let mut clash = None;
                 for (other, other_path, is_knock) in &taken {
                     // Knock endpoints may be shared between services; a
                     // guarded listener or an overlapping address may not.
-                    if collides(step, other) && !(*is_knock && step == other) {
+                    // A rotating sequence's pool is its own: every port of
+                    // it is a step or a trap of that service alone.
+                    let shared = *is_knock && step == other && list != "totp.ports";
+                    if collides(step, other) && !shared {
                         clash = Some(other_path.clone());
                     }
                 }
                 match clash {
                     Some(other) => self.problem(&path, format!("{step} is also used by {other}")),
-                    None => taken.push((*step, path, true)),
+                    None => taken.push((*step, path, list != "totp.ports")),
                 }
             }
         }

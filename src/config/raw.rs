@@ -137,6 +137,17 @@ pub struct RawKnock {
     pub trap_lockout: Option<bool>,
     pub step_timeout: Option<String>,
     pub sequence_timeout: Option<String>,
+    /// A rotating sequence instead of `sequence`.
+    pub totp: Option<RawTotp>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTotp {
+    pub key_file: Option<String>,
+    pub steps: Option<i64>,
+    pub ports: Option<String>,
+    pub period: Option<String>,
 }
 
 /// Trap ports: a list of steps, or `{ count = N }` to have N free ports

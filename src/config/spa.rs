@@ -182,7 +182,7 @@ pub const MIN_FWKNOP_KEY_LEN: usize = 16;
 
 /// Reads a key file (see [`crate::secret::read_private`]) as text; the
 /// text is wiped when dropped. Also returns a warning to log, if any.
-fn read_key_file(path: &Path) -> Result<(Zeroizing<String>, Option<String>), String> {
+pub(super) fn read_key_file(path: &Path) -> Result<(Zeroizing<String>, Option<String>), String> {
     let file = read_private(path).map_err(|e| e.to_string())?;
     let text = std::str::from_utf8(&file.bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
     Ok((Zeroizing::new(text.to_string()), file.warning))

@@ -141,6 +141,10 @@ impl Plan {
             steps.extend(rule.sequence.iter().chain(&rule.trap).copied());
             window = window.max(rule.sequence_timeout);
         }
+        for rule in config.services.iter().filter_map(|s| s.totp.as_ref()) {
+            steps.extend(rule.pool.iter().copied());
+            window = window.max(rule.sequence_timeout);
+        }
         // The proxy's own UDP ports (a service's datagrams, and what it
         // sends to a local upstream) are never copied to userspace.
         let mut except = BTreeSet::new();

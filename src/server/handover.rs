@@ -126,6 +126,11 @@ pub fn endpoints(config: &Config, raw: bool) -> Vec<(Endpoint, String)> {
                     .or_insert_with(|| format!("service.{}.knock.trap_ports", s.name));
             }
         }
+        for step in s.totp.iter().flat_map(|t| &t.pool) {
+            steps
+                .entry(*step)
+                .or_insert_with(|| format!("service.{}.knock.totp.ports", s.name));
+        }
     }
     out.extend(steps.into_iter().map(|(step, path)| (Endpoint::Knock(step), path)));
     if let Some(spa) = &config.spa {

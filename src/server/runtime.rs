@@ -72,6 +72,11 @@ pub(super) fn rules(config: &Config) -> Vec<ServiceRule> {
         .collect()
 }
 
+/// The rotating sequences of `config`.
+pub(super) fn totp_rules(config: &Config) -> Vec<crate::totp::Rule> {
+    config.services.iter().filter_map(|s| s.totp.clone()).collect()
+}
+
 pub(super) fn gate_limits(config: &Config) -> GateLimits {
     GateLimits {
         max_attempts: config.gateway.max_knock_attempts,
@@ -421,7 +426,7 @@ impl Runtime {
         let sockets = handover::assemble(&plan, old, fresh, &wanted)?;
         self.parts
             .driver
-            .reconfigure(rules(&new), gate_limits(&new))
+            .reconfigure(rules(&new), totp_rules(&new), gate_limits(&new))
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         // Sessions of services that are gone (or no longer UDP) end on

@@ -227,6 +227,8 @@ pub enum KeyKind {
     Fwknop,
     /// One file for both formats.
     Both,
+    /// The shared secret of a rotating knock sequence (see `crate::totp`).
+    Totp,
 }
 
 impl KeyKind {
@@ -235,6 +237,7 @@ impl KeyKind {
             KeyKind::Native => "native",
             KeyKind::Fwknop => "fwknop",
             KeyKind::Both => "both",
+            KeyKind::Totp => "totp",
         }
     }
 }
@@ -246,14 +249,14 @@ impl fmt::Display for KeyKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown key kind {0:?}: use native, fwknop or both")]
+#[error("unknown key kind {0:?}: use native, fwknop, both or totp")]
 pub struct KeyKindError(String);
 
 impl FromStr for KeyKind {
     type Err = KeyKindError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [KeyKind::Native, KeyKind::Fwknop, KeyKind::Both]
+        [KeyKind::Native, KeyKind::Fwknop, KeyKind::Both, KeyKind::Totp]
             .into_iter()
             .find(|kind| kind.as_str().eq_ignore_ascii_case(s))
             .ok_or_else(|| KeyKindError(s.to_string()))
@@ -261,7 +264,8 @@ impl FromStr for KeyKind {
 }
 
 /// Fresh keys of `kind`: a 32-byte native key; fwknop keys as
-/// `fwknop --key-gen` makes them (32-byte Rijndael, 64-byte HMAC).
+/// `fwknop --key-gen` makes them (32-byte Rijndael, 64-byte HMAC). A
+/// rotating sequence's secret is no SPA key: see `crate::totp::render_key`.
 pub fn generate(kind: KeyKind, rng: &mut impl rand::CryptoRng) -> KeyFile {
     let native = matches!(kind, KeyKind::Native | KeyKind::Both).then(|| NativeKey::generate(rng));
     let fwknop = matches!(kind, KeyKind::Fwknop | KeyKind::Both).then(|| FwknopKeys::generate(rng));
