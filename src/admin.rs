@@ -283,7 +283,7 @@ async fn serve(listener: Listener, context: Context, stop: CancellationToken) {
     });
     let tracker = TaskTracker::new();
     tracker.spawn(upkeep(stop.clone()));
-    net::accept_loop(&listener, ListenerKind::Admin, None, &stop, |stream, peer, _| {
+    net::accept_loop(&listener, ListenerKind::Admin, &stop, |stream, peer| {
         tracker.spawn(connection(stream, peer, shared.clone()));
     })
     .await;
@@ -508,6 +508,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_descriptor_budget_counts_every_admin_connection() {
+        let most = MAX_CONNECTIONS + PROBE_RESERVE + MAX_WAITING;
+        assert!(most as u64 <= crate::config::budget::ADMIN);
+    }
 
     #[test]
     fn readiness_goes_ready_then_draining_and_never_back() {
