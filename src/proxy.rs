@@ -2,10 +2,11 @@
 //! grant, then splice to the upstream or apply the service's unauthorised
 //! mode (refuse, blackhole, or allow in audit mode).
 //!
-//! The accept loop only spawns; the grant check, the permits, the upstream
-//! connect and the copy run in the spawned task. A granted connection
-//! takes a permit of its service's cap and one of the gateway's, after the
-//! accept (an idle loop holds none); past either cap it is reset. A
+//! The accept loop decides at once (a local lookup and non-waiting
+//! permits) and spawns what it keeps; the upstream connect and the copy
+//! run in the spawned task. A granted connection takes a permit of its
+//! service's cap and one of the gateway's, after the accept (an idle loop
+//! holds none); past either cap it is reset. A
 //! blackholed connection is held with a small receive buffer and closed
 //! as soon as its peer closes, so a flood of connect-and-close holds no
 //! descriptors for the hold time. How the bytes
@@ -168,7 +169,11 @@ pub async fn serve(
     Some(closed)
 }
 
-/// Accepts until `stop`; each connection is decided in a task of its own.
+/// Accepts until `stop`. Each connection is decided in the loop (the grant
+/// check is a local map lookup, the caps are `try_acquire`s): refused ones
+/// are closed there and then, and the others spawned with their permits,
+/// so a flood never holds more descriptors than the caps, however far it
+/// outpaces the tasks. The upstream connect and the copy run in the task.
 async fn accept_all(
     listener: &TcpListener,
     service: &Arc<Service>,
@@ -178,30 +183,51 @@ async fn accept_all(
     stop: &CancellationToken,
 ) {
     net::accept_loop(listener, ListenerKind::Guarded, stop, |stream, peer| {
-        let task = (service.clone(), shared.clone(), meters.clone(), permits.clone());
+        let Some(kept) = decide(stream, peer, service, shared, meters, permits) else {
+            return;
+        };
+        let task = (service.clone(), shared.clone(), meters.clone());
         shared.life.tracker().spawn(async move {
-            let (service, shared, meters, permits) = task;
-            handle(stream, peer, &service, &shared, &meters, &permits).await
+            let (service, shared, meters) = task;
+            match kept {
+                Kept::Splice(stream, source, permits) => {
+                    splice(stream, source, &service, &shared, &meters, permits).await
+                }
+                Kept::Blackhole(stream, source, _hole) => {
+                    if hold(&stream, &shared).await {
+                        tracing::debug!(service = %service.name, %source, "blackholed connection closed by its peer");
+                    }
+                }
+            }
         });
     })
     .await;
 }
 
-async fn handle(
+/// A connection that outlives its decision, with the permits it holds.
+enum Kept {
+    Splice(TcpStream, IpAddr, Permits),
+    Blackhole(TcpStream, IpAddr, OwnedSemaphorePermit),
+}
+
+/// Decides what a connection gets, without waiting: `None` when it was
+/// refused (and closed), else what it keeps.
+fn decide(
     stream: TcpStream,
     peer: SocketAddr,
     service: &Service,
     shared: &Shared,
     meters: &ServiceMetrics,
     permits: &Arc<Semaphore>,
-) {
+) -> Option<Kept> {
     let source = peer.ip().to_canonical();
     let allowed = shared.store.allows(&service.name, source, shared.clock.now());
     if allowed || service.unauthorized == Unauthorized::Allow {
         let Some(permits) = shared.permits(permits) else {
             meters.connection(Decision::ConnectionLimit);
             tracing::debug!(service = %service.name, %source, "connection refused: at max_connections");
-            return net::reset(stream);
+            net::reset(stream);
+            return None;
         };
         if allowed {
             meters.connection(Decision::Allowed);
@@ -214,7 +240,7 @@ async fn handle(
                 "audit: connection allowed that would have been denied (no grant)"
             );
         }
-        return splice(stream, source, service, shared, meters, permits).await;
+        return Some(Kept::Splice(stream, source, permits));
     }
     match service.unauthorized {
         // Listening at all means a grant of the service is active (closed)
@@ -225,19 +251,18 @@ async fn handle(
             meters.connection(Decision::Refused);
             tracing::debug!(service = %service.name, %source, "connection refused: no grant");
             net::reset(stream);
+            None
         }
         Unauthorized::Blackhole => {
-            let Ok(_hole) = shared.blackholes.clone().try_acquire_owned() else {
+            let Ok(hole) = shared.blackholes.clone().try_acquire_owned() else {
                 meters.connection(Decision::Overflow);
                 tracing::debug!(service = %service.name, %source, "connection refused: no grant, blackhole full");
-                return net::reset(stream);
+                net::reset(stream);
+                return None;
             };
             meters.connection(Decision::Blackholed);
             tracing::debug!(service = %service.name, %source, "connection blackholed: no grant");
-            let closed = hold(&stream, shared).await;
-            if closed {
-                tracing::debug!(service = %service.name, %source, "blackholed connection closed by its peer");
-            }
+            Some(Kept::Blackhole(stream, source, hole))
         }
     }
 }
