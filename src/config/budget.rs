@@ -182,11 +182,27 @@ pub fn fit(raw: &RawConfig, config: &mut Config, limit: u64) -> Result<(), Confi
         }
         return Err(ConfigError { problems });
     }
-    let left = room - set;
-    let weights: u64 = derived.iter().map(|d| d.weight).sum();
+    // Caps whose share would pass their default take the default, and
+    // what they leave is shared again among the others.
+    let mut left = room - set;
+    let mut pending = derived;
+    loop {
+        let weights: u64 = pending.iter().map(|d| d.weight).sum::<u64>().max(1);
+        let fits = |d: &Derived<'_>| left * d.weight / weights / d.cost >= d.default as u64;
+        if !pending.iter().any(fits) {
+            break;
+        }
+        let (full, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|d| fits(d));
+        for d in full {
+            left -= d.default as u64 * d.cost;
+            *d.value = d.default;
+        }
+        pending = rest;
+    }
+    let weights: u64 = pending.iter().map(|d| d.weight).sum::<u64>().max(1);
     let mut paths = Vec::new();
-    for d in derived {
-        let share = left * d.weight / weights.max(1) / d.cost;
+    for d in pending {
+        let share = left * d.weight / weights / d.cost;
         let n = usize::try_from(share).unwrap_or(usize::MAX).min(d.default);
         if n == 0 {
             problems.push(Problem {
@@ -199,11 +215,10 @@ pub fn fit(raw: &RawConfig, config: &mut Config, limit: u64) -> Result<(), Confi
             });
             continue;
         }
-        if n < d.default {
-            paths.push(d.path.clone());
-        }
+        paths.push(d.path.clone());
         *d.value = n;
     }
+    paths.sort();
     if !problems.is_empty() {
         return Err(ConfigError { problems });
     }
@@ -357,8 +372,8 @@ knock = { sequence = ["9002/udp", "7002/udp", "8002/udp"] }
         assert_eq!(
             d.derived,
             [
-                "gateway.max_connections",
                 "gateway.max_blackholed",
+                "gateway.max_connections",
                 "service.u.max_sessions"
             ]
         );
@@ -377,6 +392,19 @@ knock = { sequence = ["9002/udp", "7002/udp", "8002/udp"] }
         let left = 256 - d.fixed - d.pipes - 20;
         assert_eq!(c.gateway.max_connections as u64, left * 2 / 3 / 2);
         assert!(d.needed() <= 256);
+    }
+
+    #[test]
+    fn what_a_cap_at_its_default_leaves_goes_to_the_others() {
+        let (raw, mut c) = config(TWO);
+        fit(&raw, &mut c, 20_000).unwrap();
+        let d = c.descriptors.clone().unwrap();
+        assert_eq!(c.gateway.max_blackholed, 1_024, "its share passes its default");
+        let left = 20_000 - d.fixed - d.pipes - 1_024;
+        assert_eq!(c.gateway.max_connections as u64, left * 2 / 3 / 2);
+        assert_eq!(c.services[2].udp.max_sessions as u64, left / 3);
+        assert_eq!(d.derived, ["gateway.max_connections", "service.u.max_sessions"]);
+        assert!(d.needed() <= 20_000 && d.needed() > 19_990, "{d:?}");
     }
 
     #[test]
