@@ -48,6 +48,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
+            if let Some(d) = &config.descriptors {
+                tracing::info!(
+                    limit = d.limit,
+                    needed = d.needed(),
+                    max_connections = config.gateway.max_connections,
+                    max_blackholed = config.gateway.max_blackholed,
+                    derived = ?d.derived,
+                    "descriptor budget"
+                );
+            }
             run(async move {
                 // Only a scrape reads the recorder, so without an admin
                 // endpoint metrics are not recorded at all.

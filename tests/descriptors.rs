@@ -81,11 +81,14 @@ knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
 fn a_connect_and_close_flood_under_256_descriptors_locks_out_no_granted_user() {
     let upstream = echo_server("127.0.0.1:0");
     let (gw, p) = Gateway::builder()
-        .nofile(LIMIT)
+        .nofile(LIMIT, LIMIT)
         .on_free_ports(3, |p| blackhole_config(upstream, p))
         .start_on_ports();
     let svc = gw.addr("hole");
     let admin = gw.admin.unwrap();
+    let budget = gw.wait_for(|l| msg(l) == "descriptor budget");
+    assert_eq!(budget["limit"], LIMIT);
+    assert!(budget["needed"].as_u64().unwrap() <= LIMIT, "{budget}");
     knock_and_wait(&gw, "hole", &[p[0], p[2], p[1]], "127.0.0.2");
     assert!(echo_works("127.0.0.2", svc));
 
@@ -178,6 +181,19 @@ fn a_connect_and_close_flood_under_256_descriptors_locks_out_no_granted_user() {
         gw.count(|l| msg(l) == "blackholed connection closed by its peer") > 0,
         "blackholes end when their peer closes"
     );
+}
+
+#[test]
+fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
+    let upstream = echo_server("127.0.0.1:0");
+    let (gw, _) = Gateway::builder()
+        .nofile(LIMIT, 2048)
+        .on_free_ports(3, |p| blackhole_config(upstream, p))
+        .start_on_ports();
+    let budget = gw.wait_for(|l| msg(l) == "descriptor budget");
+    assert_eq!(budget["limit"], 2048, "{budget}");
+    let scraped = scrape(gw.admin.unwrap());
+    assert_eq!(metric(&scraped, "process_max_fds", &[]), Some(2048.0));
 }
 
 fn two_services(upstream: SocketAddr, p: &[u16]) -> String {
@@ -302,7 +318,7 @@ fn check_reports_caps_that_cannot_fit_the_descriptor_limit() {
 #[test]
 fn serve_refuses_caps_that_cannot_fit_the_descriptor_limit() {
     let log = Gateway::builder()
-        .nofile(LIMIT)
+        .nofile(LIMIT, LIMIT)
         .config(CAPS_SET)
         .try_start()
         .err()

@@ -102,7 +102,7 @@ pub struct Builder<'a> {
     env: Vec<(String, String)>,
     files: Vec<(String, Vec<u8>)>,
     unprivileged: bool,
-    nofile: Option<u64>,
+    nofile: Option<(u64, u64)>,
 }
 
 impl<'a> Builder<'a> {
@@ -154,11 +154,10 @@ impl<'a> Builder<'a> {
         self
     }
 
-    /// Runs the process under a descriptor limit of `n`, soft and hard
-    /// (`prlimit`): the gateway raises its soft limit to the hard one, so
-    /// both are set.
-    pub fn nofile(mut self, n: u64) -> Self {
-        self.nofile = Some(n);
+    /// Runs the process under descriptor limits `soft` and `hard`
+    /// (`prlimit`); the gateway raises its soft limit to the hard one.
+    pub fn nofile(mut self, soft: u64, hard: u64) -> Self {
+        self.nofile = Some((soft, hard));
         self
     }
 
@@ -214,7 +213,7 @@ impl Gateway {
         env: &[(String, String)],
         files: &[(String, Vec<u8>)],
         unprivileged: bool,
-        nofile: Option<u64>,
+        nofile: Option<(u64, u64)>,
     ) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("proxy.toml");
@@ -223,8 +222,8 @@ impl Gateway {
             write_private(&dir.path().join(name), content);
         }
         let mut argv: Vec<String> = Vec::new();
-        if let Some(n) = nofile {
-            argv.extend(["prlimit".into(), format!("--nofile={n}:{n}"), "--".into()]);
+        if let Some((soft, hard)) = nofile {
+            argv.extend(["prlimit".into(), format!("--nofile={soft}:{hard}"), "--".into()]);
         }
         if unprivileged {
             readable_by_all(dir.path(), &config_path);
