@@ -236,6 +236,67 @@ mod tests {
         });
     }
 
+    /// Set in the child process [`out_of_descriptors_the_loop_sheds_the_pending_connection`]
+    /// runs itself in: lowering the descriptor limit is for a whole process.
+    const SHED_CHILD: &str = "PORTCULLIS_TEST_SHED_CHILD";
+
+    #[test]
+    fn out_of_descriptors_the_loop_sheds_the_pending_connection() {
+        let name = "net::tests::out_of_descriptors_the_loop_sheds_the_pending_connection";
+        if std::env::var_os(SHED_CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+                .env(SHED_CHILD, "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+            return;
+        }
+        // The child: the runtime and the listener first, then the limit
+        // lowered and the table filled, so the next accept gets EMFILE.
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        keep_reserve().unwrap();
+        let listener = runtime.block_on(async { bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap() });
+        let addr = listener.local_addr().unwrap();
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, 256, hard).unwrap();
+        let mut filler = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            filler.push(f);
+        }
+        drop(filler.pop());
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        assert!(std::fs::File::open("/dev/null").is_err(), "the table is full");
+        let stop = CancellationToken::new();
+        let accepted = std::cell::Cell::new(0);
+        let closed = runtime.block_on(async {
+            let client = tokio::task::spawn_blocking(move || {
+                use std::io::Read as _;
+                let mut client = client;
+                client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 1];
+                // Closed (FIN or reset), not timed out.
+                match client.read(&mut buf) {
+                    Ok(n) => n == 0,
+                    Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+                }
+            });
+            tokio::select! {
+                _ = accept_loop(&listener, ListenerKind::Guarded, &stop, |_, _| accepted.set(accepted.get() + 1)) => false,
+                closed = client => closed.unwrap(),
+            }
+        });
+        assert!(closed, "the pending connection was accepted and closed");
+        assert_eq!(accepted.get(), 0, "and never handed on");
+        assert!(RESERVE.lock().unwrap().is_some(), "the reserve is kept again");
+        drop(filler);
+    }
+
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn accepted_connections_inherit_nodelay_from_the_listener() {
