@@ -47,6 +47,11 @@ pub fn pipes(limit: u64) -> u64 {
     MAX_PIPES.min(limit / PIPE_SHARE_DIVISOR / 2)
 }
 
+/// Limits above this are taken as this (`RLIM_INFINITY` where a system
+/// reports one): far beyond any cap's default, and the budget's products
+/// stay far from overflowing.
+const MAX_LIMIT: u64 = 1 << 40;
+
 /// What a config's caps cost, and the limit they were fitted to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Descriptors {
@@ -131,7 +136,10 @@ pub fn fit(raw: &RawConfig, config: &mut Config, limit: u64) -> Result<(), Confi
     let mut derived: Vec<Derived<'_>> = Vec::new();
     let gateway = &mut config.gateway;
     if raw.gateway.max_connections.is_some() {
-        explicit.push(("gateway.max_connections".into(), 2 * gateway.max_connections as u64));
+        explicit.push((
+            "gateway.max_connections".into(),
+            (gateway.max_connections as u64).saturating_mul(2),
+        ));
     } else {
         derived.push(Derived {
             path: "gateway.max_connections".into(),
@@ -166,8 +174,9 @@ pub fn fit(raw: &RawConfig, config: &mut Config, limit: u64) -> Result<(), Confi
             });
         }
     }
-    let set: u64 = explicit.iter().map(|(_, n)| n).sum();
-    let room = limit.saturating_sub(fixed + pipes);
+    let set = explicit.iter().fold(0u64, |sum, (_, n)| sum.saturating_add(*n));
+    // Far past any real limit, and no product below overflows.
+    let room = limit.min(MAX_LIMIT).saturating_sub(fixed + pipes);
     let mut problems = Vec::new();
     if set > room {
         for (path, n) in &explicit {
@@ -227,7 +236,7 @@ pub fn fit(raw: &RawConfig, config: &mut Config, limit: u64) -> Result<(), Confi
         limit,
         fixed,
         pipes,
-        connections: 2 * config.gateway.max_connections as u64,
+        connections: (config.gateway.max_connections as u64).saturating_mul(2),
         blackholed: config.gateway.max_blackholed as u64,
         udp_sessions: config
             .services
@@ -437,6 +446,16 @@ knock = { sequence = ["9002/udp", "7002/udp", "8002/udp"] }
         assert_eq!(c.services[0].max_connections, 50);
         assert_eq!(c.services[1].max_connections, 3);
         let _ = raw;
+    }
+
+    #[test]
+    fn an_unlimited_limit_and_absurd_caps_do_not_overflow() {
+        let (raw, mut c) = config(TWO);
+        fit(&raw, &mut c, u64::MAX).unwrap();
+        assert_eq!(c.gateway.max_connections, 10_000);
+        let (raw, mut c) = config(&format!("[gateway]\nmax_connections = \"{}\"\n{TWO}", usize::MAX));
+        let err = fit(&raw, &mut c, u64::MAX).unwrap_err();
+        assert_eq!(err.problems[0].path, "gateway.max_connections");
     }
 
     #[test]
