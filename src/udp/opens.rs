@@ -8,15 +8,27 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// Sources tracked before the table is swept of those whose bucket is full
-/// again (they are indistinguishable from sources never seen).
+/// Sources tracked before the table is first swept of those whose bucket
+/// is full again (they are indistinguishable from sources never seen).
 const SWEEP_AT: usize = 1024;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct OpenRate {
     /// When each source's bucket is full again (GCRA's theoretical arrival
     /// time); a source at or past it may open `burst` sessions at once.
     full_at: HashMap<IpAddr, Instant>,
+    /// The size at which the table is swept next: twice what a sweep
+    /// left, so sweeping costs O(1) per session opened.
+    sweep_at: usize,
+}
+
+impl Default for OpenRate {
+    fn default() -> Self {
+        Self {
+            full_at: HashMap::new(),
+            sweep_at: SWEEP_AT,
+        }
+    }
 }
 
 impl OpenRate {
@@ -24,8 +36,9 @@ impl OpenRate {
     pub(super) fn allow(&mut self, source: IpAddr, now: Instant, rate: u32, burst: usize) -> bool {
         let interval = Duration::from_secs(1) / rate.max(1);
         let window = interval.saturating_mul(u32::try_from(burst.max(1)).unwrap_or(u32::MAX));
-        if self.full_at.len() >= SWEEP_AT {
+        if self.full_at.len() >= self.sweep_at {
             self.full_at.retain(|_, full_at| *full_at > now);
+            self.sweep_at = (2 * self.full_at.len()).max(SWEEP_AT);
         }
         let full_at = self.full_at.get(&source).copied().unwrap_or(now).max(now);
         let next = full_at + interval;
