@@ -283,8 +283,11 @@ async fn serve(listener: Listener, context: Context, stop: CancellationToken) {
     });
     let tracker = TaskTracker::new();
     tracker.spawn(upkeep(stop.clone()));
-    net::accept_loop(&listener, ListenerKind::Admin, None, &stop, |stream, peer, _| {
-        tracker.spawn(connection(stream, peer, shared.clone()));
+    net::accept_loop(&listener, ListenerKind::Admin, &stop, |stream, peer| {
+        let Some(entry) = shared.admission.enter(peer.ip()) else {
+            return tracing::debug!(%peer, "admin connection closed: every place is taken");
+        };
+        tracker.spawn(connection(stream, peer, entry, shared.clone()));
     })
     .await;
     drop(listener);
@@ -329,6 +332,13 @@ struct Slot {
     peer: Option<(IpAddr, PeerCounts)>,
 }
 
+/// How a connection got in: with a place, or waiting for an evicted one's.
+#[derive(Debug)]
+enum Entry {
+    Admitted(Slot),
+    Waiting(OwnedSemaphorePermit),
+}
+
 /// Connections that may wait at once for an evicted one's place.
 const MAX_WAITING: usize = 16;
 /// How long such a connection waits.
@@ -346,16 +356,29 @@ impl Admission {
         }
     }
 
-    /// A place for a connection from `peer`. When every place is taken,
-    /// the oldest connection that has sent nothing yet is closed and its
-    /// place taken: a silent connection is the one kind no client needs.
-    async fn admit(&self, peer: IpAddr) -> Option<Slot> {
+    /// A place for a connection from `peer`, or the right to wait for one,
+    /// decided without waiting (in the accept loop, so a flood holds no
+    /// more descriptors than the places and waiters): `None` when both are
+    /// taken. When every place is taken, the oldest connection that has
+    /// sent nothing yet is closed, and this one may wait for its place: a
+    /// silent connection is the one kind no client needs.
+    fn enter(&self, peer: IpAddr) -> Option<Entry> {
         if let Some(slot) = self.admit_now(peer) {
-            return Some(slot);
+            return Some(Entry::Admitted(slot));
         }
-        let _waiting = self.waiting.clone().try_acquire_owned().ok()?;
+        let waiting = self.waiting.clone().try_acquire_owned().ok()?;
         let oldest = self.lock_silent().pop_first();
         oldest?.1.cancel();
+        Some(Entry::Waiting(waiting))
+    }
+
+    /// The place of an [`Entry`]: at once, or once an evicted connection
+    /// has given one back (within [`EVICTION_WAIT`]).
+    async fn admit(&self, peer: IpAddr, entry: Entry) -> Option<Slot> {
+        let _waiting = match entry {
+            Entry::Admitted(slot) => return Some(slot),
+            Entry::Waiting(permit) => permit,
+        };
         let wait = async {
             loop {
                 if let Some(slot) = self.admit_now(peer) {
@@ -430,8 +453,8 @@ impl Drop for Slot {
 
 /// One admin connection: the TLS handshake (if any) happens here, in the
 /// connection's task, never in the accept loop.
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let Some(slot) = shared.admission.admit(peer.ip()).await else {
+async fn connection(stream: TcpStream, peer: SocketAddr, entry: Entry, shared: Arc<Shared>) {
+    let Some(slot) = shared.admission.admit(peer.ip(), entry).await else {
         return tracing::debug!(%peer, "admin connection closed: every place is taken");
     };
     let _ = stream.set_nodelay(true);
@@ -508,6 +531,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_descriptor_budget_counts_every_admin_connection() {
+        let most = MAX_CONNECTIONS + PROBE_RESERVE + MAX_WAITING;
+        assert!(most as u64 <= crate::config::budget::ADMIN);
+    }
 
     #[test]
     fn readiness_goes_ready_then_draining_and_never_back() {

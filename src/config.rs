@@ -7,6 +7,7 @@
 //! one service), then command-line flags.
 
 mod admin;
+pub mod budget;
 mod knock;
 pub use knock::{random_pass_chance, sequence_report, SequenceReport, RANDOM_PASS_WARN};
 pub mod pem;
@@ -42,6 +43,9 @@ pub struct Config {
     pub spa: Option<Spa>,
     pub services: Vec<Service>,
     pub users: Vec<User>,
+    /// What the caps cost in descriptors, once [`budget::fit`] has checked
+    /// them against a limit ([`from_file`] does).
+    pub descriptors: Option<budget::Descriptors>,
 }
 
 /// Process-wide limits and timings.
@@ -51,7 +55,8 @@ pub struct Gateway {
     pub shutdown_grace: Duration,
     /// How long an upstream connect may take.
     pub connect_timeout: Duration,
-    /// Most guarded connections (proxied or blackholed) at once.
+    /// Most proxied connections at once, over every service (each also has
+    /// its own cap, [`Service::max_connections`]).
     pub max_connections: usize,
     /// How long a blackholed connection is held before it is closed.
     pub blackhole_hold: Duration,
@@ -160,6 +165,10 @@ pub struct Service {
     /// Users whose SPA packets may open this service.
     pub spa_users: Vec<Arc<str>>,
     pub spa: ServiceSpa,
+    /// Most proxied connections of this service at once (TCP); by default
+    /// an equal share of `gateway.max_connections`, so one service at its
+    /// cap leaves the others theirs.
+    pub max_connections: usize,
     /// Session settings; used by UDP services only.
     pub udp: UdpSessions,
 }
@@ -173,6 +182,9 @@ pub struct UdpSessions {
     pub max_sessions: usize,
     /// Most sessions of one source address at once.
     pub max_sessions_per_source: usize,
+    /// Sessions one source address may open per second, after a burst of
+    /// `max_sessions_per_source`.
+    pub session_open_rate: u32,
 }
 
 impl Default for UdpSessions {
@@ -180,7 +192,10 @@ impl Default for UdpSessions {
         Self {
             idle_timeout: Duration::from_secs(60),
             max_sessions: 10_000,
-            max_sessions_per_source: 256,
+            // Each session holds a descriptor (its upstream socket), and a
+            // granted address can forge any number of source ports.
+            max_sessions_per_source: 32,
+            session_open_rate: 8,
         }
     }
 }
@@ -267,8 +282,13 @@ pub fn load_str(text: &str, origin: &str, env: HashMap<String, String>) -> Resul
 }
 
 /// Loads and validates the config at `path` with the process environment.
+/// Loads and validates the config at `path` with the process environment,
+/// and fits its caps to the process's descriptor limit ([`budget::fit`]).
 pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-    validate_in(&load(path)?, &base_dir(path))
+    let raw = load(path)?;
+    let mut config = validate_in(&raw, &base_dir(path))?;
+    budget::fit(&raw, &mut config, budget::descriptor_limit())?;
+    Ok(config)
 }
 
 /// Turns a raw config into runtime types, or reports every problem.
@@ -305,6 +325,7 @@ pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> 
             "no services: add a [service.NAME] table with listen, upstream and knock",
         );
     }
+    budget::share_connections(raw, &gateway, &mut services);
     v.endpoints(&services);
     if let Some(a) = &admin {
         v.admin_endpoint(a, &services);
@@ -328,6 +349,7 @@ pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> 
             spa,
             services,
             users,
+            descriptors: None,
         })
     } else {
         Err(ConfigError { problems: v.problems })
@@ -507,6 +529,7 @@ impl Validator {
             }
         };
         let udp = self.udp_sessions(&base, raw, protocol);
+        let max_connections = self.service_connections(&base, raw, protocol);
         let unauthorized = match raw.unauthorized.as_deref().map(str::trim) {
             None | Some("closed") => Unauthorized::Closed,
             Some("dark") => Unauthorized::Dark,
@@ -565,44 +588,9 @@ impl Validator {
             totp,
             spa_users: raw.spa_users.iter().map(|u| Arc::from(u.trim())).collect(),
             spa: spa?,
+            max_connections,
             udp,
         })
-    }
-
-    fn udp_sessions(&mut self, base: &str, raw: &RawService, protocol: Proto) -> UdpSessions {
-        let d = UdpSessions::default();
-        if protocol == Proto::Tcp {
-            for (key, set) in [
-                ("idle_timeout", raw.idle_timeout.is_some()),
-                ("max_sessions", raw.max_sessions.is_some()),
-                ("max_sessions_per_source", raw.max_sessions_per_source.is_some()),
-            ] {
-                if set {
-                    self.problem(
-                        format!("{base}.{key}"),
-                        "applies to udp services only: remove it or set protocol = \"udp\"",
-                    );
-                }
-            }
-            return d;
-        }
-        UdpSessions {
-            idle_timeout: self.duration(
-                &format!("{base}.idle_timeout"),
-                raw.idle_timeout.as_ref(),
-                d.idle_timeout,
-            ),
-            max_sessions: self.count(
-                &format!("{base}.max_sessions"),
-                raw.max_sessions.as_ref(),
-                d.max_sessions,
-            ),
-            max_sessions_per_source: self.count(
-                &format!("{base}.max_sessions_per_source"),
-                raw.max_sessions_per_source.as_ref(),
-                d.max_sessions_per_source,
-            ),
-        }
     }
 }
 

@@ -681,7 +681,10 @@ mod tests {
     /// A request answered by the driver: everything queued before it has
     /// been applied (the queue and the log keep order).
     async fn settle(f: &Fixture) {
-        f.handle.reconfigure(rules(), Vec::new(), GateLimits::default()).await.unwrap();
+        f.handle
+            .reconfigure(rules(), Vec::new(), GateLimits::default())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -744,7 +747,10 @@ mod tests {
         f.handle.authorize("pg".into(), source, Method::Knock, OPEN).unwrap();
         settle(&f).await;
         assert!(f.store.allows("pg", source, f.clock.now()));
-        f.handle.reconfigure(Vec::new(), Vec::new(), GateLimits::default()).await.unwrap();
+        f.handle
+            .reconfigure(Vec::new(), Vec::new(), GateLimits::default())
+            .await
+            .unwrap();
         assert!(!f.store.allows("pg", source, f.clock.now()));
     }
 

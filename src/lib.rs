@@ -35,10 +35,12 @@
 //!   reload keeps, binds and closes), runs, reloads and drains.
 //! - [`door`]: the listening switch of a `closed` TCP service.
 //! - [`drain`]: the lifecycle: stop, cut, task tracker, in-flight count, signals.
-//! - [`net`]: socket set-up and the one accept loop every listener runs.
+//! - [`net`]: socket set-up and the one accept loop every listener runs
+//!   (it takes no permit, and sheds with a reserve descriptor on EMFILE).
 //! - [`reload`]: SIGHUP and config-directory changes into validated reloads.
 //! - [`notify`]: tells a service manager (systemd `Type=notify`) when it is ready, reloading, stopping.
-//! - [`config`]: file and environment into validated runtime types.
+//! - [`config`]: file and environment into validated runtime types;
+//!   [`config::budget`] fits every cap to the descriptor limit.
 //! - [`admin`]: `/metrics`, health probes and the grants API, on a thread of its own.
 //! - [`metrics`]: every metric name, the Prometheus recorder and process metrics.
 //! - [`client`]: the client commands (knock, spa, keygen, profiles, open, exec, connect, forward).

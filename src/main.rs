@@ -18,59 +18,11 @@ fn main() -> ExitCode {
     };
     logging::init(cli.log_format, &cli.log_level);
     match cli.command {
-        Command::Check(args) => match config::from_file(&args.config) {
-            Ok(c) => {
-                println!("{}: ok ({} service(s))", args.config.display(), c.services.len());
-                println!(
-                    "gateway.sensor: {}",
-                    portcullis::sensor::raw::describe(c.gateway.sensor)
-                );
-                for r in config::sequence_report(&c.services) {
-                    println!(
-                        "{}: one random-order scan of its {} step(s) and {} trap port(s) opens it with a chance of 1 in {:.0}",
-                        r.path,
-                        r.steps,
-                        r.traps,
-                        1.0 / r.chance
-                    );
-                    if let Some((traps, with_a_step)) = r.add_traps {
-                        eprintln!(
-                            "warning: {}: above 1 in {:.0}: add {traps} trap port(s), or one step and {with_a_step} trap port(s); or use SPA",
-                            r.path,
-                            1.0 / config::RANDOM_PASS_WARN
-                        );
-                    }
-                }
-                for t in c.services.iter().filter_map(|s| s.totp.as_ref()) {
-                    println!(
-                        "service.{}.knock.totp: {} step(s) from {} ports every {}s: {:.0} possible sequences; one random-order scan of the pool opens it with a chance of 1 in {:.0}",
-                        t.service,
-                        t.steps,
-                        t.pool.len(),
-                        t.period.as_secs(),
-                        t.sequence_space(),
-                        1.0 / t.random_pass_chance()
-                    );
-                }
-                for s in c
-                    .services
-                    .iter()
-                    .filter(|s| s.unauthorized == config::Unauthorized::Dark)
-                {
-                    if !portcullis::proxy::dark::has_net_admin() {
-                        eprintln!(
-                            "warning: service.{}.unauthorized: dark needs CAP_NET_ADMIN, which this process lacks: it would run as closed",
-                            s.name
-                        );
-                    }
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{}: {e}", args.config.display());
-                ExitCode::FAILURE
-            }
-        },
+        Command::Check(args) => {
+            // As serve does, so the caps fit the limit serve would have.
+            let _ = config::budget::raise_descriptor_limit();
+            check(&args.config)
+        }
         Command::Config(args) => match config::load(&args.config) {
             Ok(raw) => {
                 print!("{}", config::render(&raw));
@@ -86,6 +38,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => {
+            if let Err(e) = config::budget::raise_descriptor_limit() {
+                tracing::warn!(error = %e, "cannot raise the descriptor limit to the hard limit");
+            }
             let config = match config::from_file(&args.config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -93,6 +48,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
+            if let Some(d) = &config.descriptors {
+                tracing::info!(
+                    limit = d.limit,
+                    needed = d.needed(),
+                    max_connections = config.gateway.max_connections,
+                    max_blackholed = config.gateway.max_blackholed,
+                    derived = ?d.derived,
+                    "descriptor budget"
+                );
+            }
             run(async move {
                 // Only a scrape reads the recorder, so without an admin
                 // endpoint metrics are not recorded at all.
@@ -134,6 +99,93 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// `portcullis check`: every problem, or what the config amounts to.
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::from_file(path) {
+        Ok(c) => {
+            println!("{}: ok ({} service(s))", path.display(), c.services.len());
+            if let Some(d) = &c.descriptors {
+                println!("{}", describe_budget(&c, d));
+            }
+            println!(
+                "gateway.sensor: {}",
+                portcullis::sensor::raw::describe(c.gateway.sensor)
+            );
+            for r in config::sequence_report(&c.services) {
+                println!(
+                        "{}: one random-order scan of its {} step(s) and {} trap port(s) opens it with a chance of 1 in {:.0}",
+                        r.path,
+                        r.steps,
+                        r.traps,
+                        1.0 / r.chance
+                    );
+                if let Some((traps, with_a_step)) = r.add_traps {
+                    eprintln!(
+                            "warning: {}: above 1 in {:.0}: add {traps} trap port(s), or one step and {with_a_step} trap port(s); or use SPA",
+                            r.path,
+                            1.0 / config::RANDOM_PASS_WARN
+                        );
+                }
+            }
+            for t in c.services.iter().filter_map(|s| s.totp.as_ref()) {
+                println!(
+                    "service.{}.knock.totp: {} step(s) from {} ports every {}s: {:.0} possible sequences; one random-order scan of the pool opens it with a chance of 1 in {:.0}",
+                    t.service,
+                    t.steps,
+                    t.pool.len(),
+                    t.period.as_secs(),
+                    t.sequence_space(),
+                    1.0 / t.random_pass_chance()
+                );
+            }
+            for s in c
+                .services
+                .iter()
+                .filter(|s| s.unauthorized == config::Unauthorized::Dark)
+            {
+                if !portcullis::proxy::dark::has_net_admin() {
+                    eprintln!(
+                            "warning: service.{}.unauthorized: dark needs CAP_NET_ADMIN, which this process lacks: it would run as closed",
+                            s.name
+                        );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `check`'s line about the descriptor budget.
+fn describe_budget(c: &config::Config, d: &config::budget::Descriptors) -> String {
+    let mut line = format!(
+        "descriptors: limit {}, the caps need at most {} ({} listeners, runtime and admin; {} pipes; {} proxied connections; {} blackholed; {} udp sessions)",
+        d.limit,
+        d.needed(),
+        d.fixed,
+        d.pipes,
+        d.connections,
+        d.blackholed,
+        d.udp_sessions
+    );
+    for path in &d.derived {
+        let value = match path.as_str() {
+            "gateway.max_connections" => c.gateway.max_connections,
+            "gateway.max_blackholed" => c.gateway.max_blackholed,
+            other => c
+                .services
+                .iter()
+                .find(|s| other == format!("service.{}.max_sessions", s.name))
+                .map_or(0, |s| s.udp.max_sessions),
+        };
+        line.push_str(&format!("\n{path}: {value} (derived from the descriptor limit)"));
+    }
+    line
 }
 
 /// Runs a client command: its failures are one `error: ...` line on

@@ -26,6 +26,7 @@ pub const CONNECTIONS_TOTAL: &str = "portcullis_connections_total";
 pub const CONNECTIONS_ACTIVE: &str = "portcullis_connections_active";
 pub const UPSTREAM_CONNECT_ERRORS_TOTAL: &str = "portcullis_upstream_connect_errors_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "portcullis_accept_errors_total";
+pub const ACCEPT_SHED_TOTAL: &str = "portcullis_accept_shed_total";
 
 /// What happened to a guarded connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,15 +37,19 @@ pub enum Decision {
     Blackholed,
     /// Refused because the blackhole was full.
     Overflow,
+    /// Granted, but reset: the service or the gateway was at its
+    /// `max_connections`.
+    ConnectionLimit,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 5] = [
+    pub const ALL: [Decision; 6] = [
         Decision::Allowed,
         Decision::AllowedAudit,
         Decision::Refused,
         Decision::Blackholed,
         Decision::Overflow,
+        Decision::ConnectionLimit,
     ];
 
     /// Where this decision sits in [`Decision::ALL`].
@@ -59,6 +64,7 @@ impl Decision {
             Decision::Refused => "refused",
             Decision::Blackholed => "blackholed",
             Decision::Overflow => "blackhole_full",
+            Decision::ConnectionLimit => "connection_limit",
         }
     }
 }
@@ -90,6 +96,12 @@ pub fn upstream_error(service: &str) {
 
 pub fn accept_error(listener: ListenerKind) {
     metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => listener.as_label()).increment(1);
+}
+
+/// A connection accepted and closed at once because the process was out of
+/// descriptors (with the reserve descriptor, see `net::accept_loop`).
+pub fn accept_shed(listener: ListenerKind) {
+    metrics::counter!(ACCEPT_SHED_TOTAL, "listener" => listener.as_label()).increment(1);
 }
 
 pub const UDP_DATAGRAMS_TOTAL: &str = "portcullis_udp_datagrams_total";
@@ -271,7 +283,7 @@ impl ReloadResult {
 #[derive(Debug, Clone)]
 pub struct ServiceMetrics {
     /// Indexed by [`Decision::index`].
-    decisions: [metrics::Counter; 5],
+    decisions: [metrics::Counter; Decision::ALL.len()],
     pub active: metrics::Gauge,
     pub upstream_errors: metrics::Counter,
     pub upstream_connect_duration: metrics::Histogram,
@@ -387,6 +399,10 @@ fn describe() {
         "Upstream connects that failed or timed out."
     );
     describe_counter!(ACCEPT_ERRORS_TOTAL, "Failed accept() calls, by kind of listener.");
+    describe_counter!(
+        ACCEPT_SHED_TOTAL,
+        "Connections accepted and closed at once for want of a descriptor (the reserve descriptor), by kind of listener."
+    );
     describe_histogram!(
         CONNECTION_DURATION_SECONDS,
         Unit::Seconds,
@@ -440,6 +456,7 @@ fn zero(config: &Config) {
     metrics::counter!(LOCKOUTS_TOTAL).absolute(0);
     for listener in ListenerKind::ALL {
         metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => listener.as_label()).absolute(0);
+        metrics::counter!(ACCEPT_SHED_TOTAL, "listener" => listener.as_label()).absolute(0);
     }
     for result in ReloadResult::ALL {
         metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_label()).absolute(0);

@@ -4,12 +4,11 @@
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{self, ListenerKind};
@@ -22,47 +21,73 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const ACCEPT_WARN_RATE: NonZeroU32 = NonZeroU32::new(1).expect("1 is not zero");
 
 /// Accepts on `listener` until `stop`, handing each connection to
-/// `accepted` with its permit (when `permits` is given, one is taken before
-/// each accept, so connections past the cap wait in the kernel's backlog
-/// instead of in memory). `accepted` must not wait: it spawns. A failed
-/// accept is counted under `kind`, logged under a rate limit, and followed
-/// by [`ACCEPT_BACKOFF`]; the loop goes on. Returns when `stop` is
-/// cancelled or the semaphore is closed.
+/// `accepted`, which must not wait: it spawns. No permit is taken before
+/// an accept, so an idle loop holds nothing; callers cap connections after
+/// the accept, where they know whose connection it is.
+///
+/// A failed accept is counted under `kind`, logged under a rate limit, and
+/// followed by [`ACCEPT_BACKOFF`]; the loop goes on. When it failed for
+/// want of a descriptor (EMFILE, ENFILE), the connection waiting is shed
+/// first with the reserve descriptor ([`keep_reserve`]): closed to make
+/// room, the pending connection accepted and closed at once, the reserve
+/// opened again, so the backlog drains instead of filling with clients
+/// that wait for nothing.
 pub async fn accept_loop(
     listener: &TcpListener,
     kind: ListenerKind,
-    permits: Option<&Arc<Semaphore>>,
     stop: &CancellationToken,
-    mut accepted: impl FnMut(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>),
+    mut accepted: impl FnMut(TcpStream, SocketAddr),
 ) {
     let warn_limit = governor::RateLimiter::direct(governor::Quota::per_second(ACCEPT_WARN_RATE));
     loop {
-        let permit = match permits {
-            Some(permits) => tokio::select! {
-                _ = stop.cancelled() => return,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => Some(p),
-                    Err(_) => return,
-                },
-            },
-            None => None,
-        };
         let result = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
         match result {
-            Ok((stream, peer)) => accepted(stream, peer, permit),
+            Ok((stream, peer)) => accepted(stream, peer),
             Err(e) => {
                 metrics::accept_error(kind);
+                let out_of_descriptors = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                 if warn_limit.check().is_ok() {
                     let addr = listener.local_addr().ok();
                     tracing::warn!(listener = kind.as_label(), addr = ?addr, error = %e, "accept failed");
+                }
+                if out_of_descriptors && shed(listener) {
+                    metrics::accept_shed(kind);
+                    continue;
                 }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
+}
+
+/// The descriptor kept in reserve for [`shed`]: `/dev/null`, open.
+static RESERVE: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
+/// Opens the reserve descriptor, once per process (`serve` does it before
+/// binding); counted in the descriptor budget's runtime allowance.
+pub fn keep_reserve() -> io::Result<()> {
+    let mut reserve = RESERVE.lock().unwrap_or_else(|e| e.into_inner());
+    if reserve.is_none() {
+        *reserve = Some(std::fs::File::open("/dev/null")?);
+    }
+    Ok(())
+}
+
+/// Accepts one pending connection on `listener` with the reserve's
+/// descriptor and closes it at once; true if one was shed. False without a
+/// reserve (another loop is using it, or none was kept).
+fn shed(listener: &TcpListener) -> bool {
+    let mut reserve = RESERVE.lock().unwrap_or_else(|e| e.into_inner());
+    if reserve.take().is_none() {
+        return false;
+    }
+    // The listener is non-blocking: nothing pending is WouldBlock.
+    let shed = SockRef::from(listener).accept().is_ok();
+    *reserve = std::fs::File::open("/dev/null").ok();
+    shed
 }
 
 /// Listen backlog for guarded and knock listeners.
@@ -167,34 +192,109 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_accept_loop_hands_on_connections_with_permits_and_stops() {
+    async fn the_accept_loop_hands_on_connections_and_stops() {
         let listener = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let permits = Arc::new(Semaphore::new(1));
         let stop = CancellationToken::new();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let task = {
-            let (permits, stop) = (permits.clone(), stop.clone());
+            let stop = stop.clone();
             tokio::spawn(async move {
-                accept_loop(&listener, ListenerKind::Guarded, Some(&permits), &stop, |s, peer, p| {
-                    tx.send((s, peer, p)).unwrap();
+                accept_loop(&listener, ListenerKind::Guarded, &stop, |s, peer| {
+                    tx.send((s, peer)).unwrap();
                 })
                 .await;
             })
         };
-        let _a = TcpStream::connect(addr).await.unwrap();
-        let (_s, _, permit) = rx.recv().await.unwrap();
-        assert!(permit.is_some());
-        assert_eq!(permits.available_permits(), 0, "the connection holds the only permit");
-        // A second connection waits in the backlog until the permit is back.
+        let a = TcpStream::connect(addr).await.unwrap();
+        let (_s, peer) = rx.recv().await.unwrap();
+        assert_eq!(peer, a.local_addr().unwrap());
         let _b = TcpStream::connect(addr).await.unwrap();
-        tokio::task::yield_now().await;
-        assert!(rx.try_recv().is_err());
-        drop(permit);
-        let (_s, _, permit) = rx.recv().await.unwrap();
-        assert!(permit.is_some());
+        let _ = rx.recv().await.unwrap();
         stop.cancel();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn the_reserve_sheds_a_pending_connection_and_is_kept_again() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            keep_reserve().unwrap();
+            let listener = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+            let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            assert!(shed(&listener), "a pending connection is shed");
+            // The client sees its connection closed.
+            use std::io::Read as _;
+            client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 1];
+            assert!(matches!(client.read(&mut buf), Ok(0) | Err(_)));
+            assert!(RESERVE.lock().unwrap().is_some(), "the reserve is open again");
+            assert!(!shed(&listener), "nothing pending: nothing shed");
+        });
+    }
+
+    /// Set in the child process [`out_of_descriptors_the_loop_sheds_the_pending_connection`]
+    /// runs itself in: lowering the descriptor limit is for a whole process.
+    const SHED_CHILD: &str = "PORTCULLIS_TEST_SHED_CHILD";
+
+    #[test]
+    fn out_of_descriptors_the_loop_sheds_the_pending_connection() {
+        let name = "net::tests::out_of_descriptors_the_loop_sheds_the_pending_connection";
+        if std::env::var_os(SHED_CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+                .env(SHED_CHILD, "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+            return;
+        }
+        // The child: the runtime and the listener first, then the limit
+        // lowered and the table filled, so the next accept gets EMFILE.
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        keep_reserve().unwrap();
+        let listener = runtime.block_on(async { bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap() });
+        let addr = listener.local_addr().unwrap();
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, 256, hard).unwrap();
+        let mut filler = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            filler.push(f);
+        }
+        drop(filler.pop());
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        assert!(std::fs::File::open("/dev/null").is_err(), "the table is full");
+        let stop = CancellationToken::new();
+        let accepted = std::cell::Cell::new(0);
+        let closed = runtime.block_on(async {
+            let client = tokio::task::spawn_blocking(move || {
+                use std::io::Read as _;
+                let mut client = client;
+                client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 1];
+                // Closed (FIN or reset), not timed out.
+                match client.read(&mut buf) {
+                    Ok(n) => n == 0,
+                    Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+                }
+            });
+            tokio::select! {
+                _ = accept_loop(&listener, ListenerKind::Guarded, &stop, |_, _| accepted.set(accepted.get() + 1)) => false,
+                closed = client => closed.unwrap(),
+            }
+        });
+        assert!(closed, "the pending connection was accepted and closed");
+        assert_eq!(accepted.get(), 0, "and never handed on");
+        assert!(RESERVE.lock().unwrap().is_some(), "the reserve is kept again");
+        drop(filler);
     }
 
     #[cfg(target_os = "linux")]

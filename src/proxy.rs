@@ -2,8 +2,14 @@
 //! grant, then splice to the upstream or apply the service's unauthorised
 //! mode (refuse, blackhole, or allow in audit mode).
 //!
-//! The accept loop only takes a permit and spawns; the grant check, the
-//! upstream connect and the copy run in the spawned task. How the bytes
+//! The accept loop decides at once (a local lookup and non-waiting
+//! permits) and spawns what it keeps; the upstream connect and the copy
+//! run in the spawned task. A granted connection takes a permit of its
+//! service's cap and one of the gateway's, after the accept (an idle loop
+//! holds none); past either cap it is reset. A
+//! blackholed connection is held with a small receive buffer and closed
+//! as soon as its peer closes, so a flood of connect-and-close holds no
+//! descriptors for the hold time. How the bytes
 //! move is [`relay`]'s business; the pipes it splices through come from
 //! [`pipes`].
 
@@ -11,9 +17,14 @@ pub mod dark;
 pub mod pipes;
 pub mod relay;
 
+use std::collections::HashMap;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -34,8 +45,11 @@ pub struct Shared {
     pub store: Arc<dyn GrantStore>,
     pub clock: Arc<dyn Clock>,
     pub gateway: Gateway,
-    /// Permits for proxied connections.
+    /// Permits for proxied connections, over every service.
     pub connections: Arc<Semaphore>,
+    /// Each service's own permits, by name, with the cap they were made
+    /// for: kept across reloads that keep the cap.
+    services: Mutex<HashMap<Arc<str>, ServicePermits>>,
     /// Permits for blackholed connections.
     pub blackholes: Arc<Semaphore>,
     pub life: Lifecycle,
@@ -48,6 +62,7 @@ impl Shared {
         Self {
             connections: Arc::new(Semaphore::new(gateway.max_connections)),
             blackholes: Arc::new(Semaphore::new(gateway.max_blackholed)),
+            services: Mutex::default(),
             store,
             clock,
             gateway,
@@ -55,6 +70,46 @@ impl Shared {
             pipes: Pipes::for_process(),
         }
     }
+
+    /// The permits of `service`'s own cap: the same ones as before a
+    /// reload unless the cap changed.
+    fn service_permits(&self, service: &Service) -> Arc<Semaphore> {
+        let mut services = self.services.lock().expect("the permit map's lock is never poisoned");
+        let entry = services.entry(service.name.clone()).or_insert_with(|| {
+            (
+                service.max_connections,
+                Arc::new(Semaphore::new(service.max_connections)),
+            )
+        });
+        if entry.0 != service.max_connections {
+            *entry = (
+                service.max_connections,
+                Arc::new(Semaphore::new(service.max_connections)),
+            );
+        }
+        entry.1.clone()
+    }
+
+    /// A permit of `service` and one of the gateway, or none when either
+    /// cap is reached.
+    fn permits(&self, service: &Arc<Semaphore>) -> Option<Permits> {
+        let own = service.clone().try_acquire_owned().ok()?;
+        let global = self.connections.clone().try_acquire_owned().ok()?;
+        Some(Permits {
+            _service: own,
+            _gateway: global,
+        })
+    }
+}
+
+/// A service's cap and the permits made for it.
+type ServicePermits = (usize, Arc<Semaphore>);
+
+/// A proxied connection's place under its service's cap and the gateway's.
+#[derive(Debug)]
+struct Permits {
+    _service: OwnedSemaphorePermit,
+    _gateway: OwnedSemaphorePermit,
 }
 
 /// Accepts guarded connections for `service` until `stop` (a child of the
@@ -70,6 +125,7 @@ pub async fn serve(
     door: Option<Arc<Door>>,
 ) -> Option<std::net::TcpListener> {
     let meters = Arc::new(ServiceMetrics::new(&service.name));
+    let permits = shared.service_permits(&service);
     // A socket that does not listen reports a hang-up, and tokio keeps a
     // hang-up for the life of a registration: accepting through one made
     // while it did not listen would spin. So the socket is registered only
@@ -83,7 +139,7 @@ pub async fn serve(
                 return None;
             }
         };
-        accept_all(&listening, &service, &shared, &meters, &stop).await;
+        accept_all(&listening, &service, &shared, &meters, &permits, &stop).await;
         return listening.into_std().ok();
     };
     let closed = listener;
@@ -97,7 +153,7 @@ pub async fn serve(
         match spell {
             Ok(listening) => {
                 tokio::select! {
-                    _ = accept_all(&listening, &service, &shared, &meters, &stop) => break,
+                    _ = accept_all(&listening, &service, &shared, &meters, &permits, &stop) => break,
                     changed = open.wait_for(|open| !*open) => if changed.is_err() { break },
                 }
             }
@@ -113,78 +169,142 @@ pub async fn serve(
     Some(closed)
 }
 
-/// Accepts until `stop`. Waiting for a permit before accepting leaves
-/// excess connections in the kernel's backlog instead of in our memory.
+/// Accepts until `stop`. Each connection is decided in the loop (the grant
+/// check is a local map lookup, the caps are `try_acquire`s): refused ones
+/// are closed there and then, and the others spawned with their permits,
+/// so a flood never holds more descriptors than the caps, however far it
+/// outpaces the tasks. The upstream connect and the copy run in the task.
 async fn accept_all(
     listener: &TcpListener,
     service: &Arc<Service>,
     shared: &Arc<Shared>,
     meters: &Arc<ServiceMetrics>,
+    permits: &Arc<Semaphore>,
     stop: &CancellationToken,
 ) {
-    net::accept_loop(
-        listener,
-        ListenerKind::Guarded,
-        Some(&shared.connections),
-        stop,
-        |stream, peer, permit| {
-            let Some(permit) = permit else { return };
-            let task = (service.clone(), shared.clone(), meters.clone());
-            shared.life.tracker().spawn(async move {
-                let (service, shared, meters) = task;
-                handle(stream, peer, &service, &shared, &meters, permit).await
-            });
-        },
-    )
+    net::accept_loop(listener, ListenerKind::Guarded, stop, |stream, peer| {
+        let Some(kept) = decide(stream, peer, service, shared, meters, permits) else {
+            return;
+        };
+        let task = (service.clone(), shared.clone(), meters.clone());
+        shared.life.tracker().spawn(async move {
+            let (service, shared, meters) = task;
+            match kept {
+                Kept::Splice(stream, source, permits) => {
+                    splice(stream, source, &service, &shared, &meters, permits).await
+                }
+                Kept::Blackhole(stream, source, _hole) => {
+                    if hold(&stream, &shared).await {
+                        tracing::debug!(service = %service.name, %source, "blackholed connection closed by its peer");
+                    }
+                }
+            }
+        });
+    })
     .await;
 }
 
-async fn handle(
+/// A connection that outlives its decision, with the permits it holds.
+enum Kept {
+    Splice(TcpStream, IpAddr, Permits),
+    Blackhole(TcpStream, IpAddr, OwnedSemaphorePermit),
+}
+
+/// Decides what a connection gets, without waiting: `None` when it was
+/// refused (and closed), else what it keeps.
+fn decide(
     stream: TcpStream,
     peer: SocketAddr,
     service: &Service,
     shared: &Shared,
     meters: &ServiceMetrics,
-    permit: OwnedSemaphorePermit,
-) {
+    permits: &Arc<Semaphore>,
+) -> Option<Kept> {
     let source = peer.ip().to_canonical();
-    if shared.store.allows(&service.name, source, shared.clock.now()) {
-        meters.connection(Decision::Allowed);
-        tracing::debug!(service = %service.name, %source, "connection allowed");
-        return splice(stream, source, service, shared, meters, permit).await;
-    }
-    match service.unauthorized {
-        // Listening at all means a grant of the service is active (closed)
-        // or the kernel filter let a granted source through (dark) that
-        // has just lost its grant: refused either way.
-        Unauthorized::Closed | Unauthorized::Dark | Unauthorized::Refuse => {
-            meters.connection(Decision::Refused);
-            tracing::debug!(service = %service.name, %source, "connection refused: no grant");
+    let allowed = shared.store.allows(&service.name, source, shared.clock.now());
+    if allowed || service.unauthorized == Unauthorized::Allow {
+        let Some(permits) = shared.permits(permits) else {
+            meters.connection(Decision::ConnectionLimit);
+            tracing::debug!(service = %service.name, %source, "connection refused: at max_connections");
             net::reset(stream);
-        }
-        Unauthorized::Blackhole => {
-            drop(permit);
-            let Ok(_hole) = shared.blackholes.clone().try_acquire_owned() else {
-                meters.connection(Decision::Overflow);
-                tracing::debug!(service = %service.name, %source, "connection refused: no grant, blackhole full");
-                return net::reset(stream);
-            };
-            meters.connection(Decision::Blackholed);
-            tracing::debug!(service = %service.name, %source, "connection blackholed: no grant");
-            tokio::select! {
-                _ = tokio::time::sleep(shared.gateway.blackhole_hold) => {}
-                _ = shared.life.stop().cancelled() => {}
-            }
-            drop(stream);
-        }
-        Unauthorized::Allow => {
+            return None;
+        };
+        if allowed {
+            meters.connection(Decision::Allowed);
+            tracing::debug!(service = %service.name, %source, "connection allowed");
+        } else {
             meters.connection(Decision::AllowedAudit);
             tracing::info!(
                 service = %service.name,
                 %source,
                 "audit: connection allowed that would have been denied (no grant)"
             );
-            splice(stream, source, service, shared, meters, permit).await;
+        }
+        return Some(Kept::Splice(stream, source, permits));
+    }
+    match service.unauthorized {
+        // Listening at all means a grant of the service is active (closed)
+        // or the kernel filter let a granted source through (dark) that
+        // has just lost its grant: refused either way (allow never gets
+        // here: it passes every connection above).
+        Unauthorized::Closed | Unauthorized::Dark | Unauthorized::Refuse | Unauthorized::Allow => {
+            meters.connection(Decision::Refused);
+            tracing::debug!(service = %service.name, %source, "connection refused: no grant");
+            net::reset(stream);
+            None
+        }
+        Unauthorized::Blackhole => {
+            let Ok(hole) = shared.blackholes.clone().try_acquire_owned() else {
+                meters.connection(Decision::Overflow);
+                tracing::debug!(service = %service.name, %source, "connection refused: no grant, blackhole full");
+                net::reset(stream);
+                return None;
+            };
+            meters.connection(Decision::Blackholed);
+            tracing::debug!(service = %service.name, %source, "connection blackholed: no grant");
+            Some(Kept::Blackhole(stream, source, hole))
+        }
+    }
+}
+
+/// Receive buffer asked for on a blackholed connection (the kernel doubles
+/// it and keeps a floor of a couple of KiB): what a sender can park in our
+/// memory before its window shuts.
+const BLACKHOLE_RCVBUF: usize = 1024;
+
+/// How often what a blackholed peer sends is read and thrown away: slowly,
+/// so its window stays shut as a tarpit's does, while a close queued
+/// behind the bytes is still seen.
+const BLACKHOLE_DRAIN_EVERY: Duration = Duration::from_secs(1);
+
+/// Holds a blackholed connection silently until `blackhole_hold` runs out,
+/// shutdown, or its peer closes or resets it; true in the last case.
+async fn hold(stream: &TcpStream, shared: &Shared) -> bool {
+    // Best effort: a larger buffer only lets a sender park more bytes.
+    let _ = SockRef::from(stream).set_recv_buffer_size(BLACKHOLE_RCVBUF);
+    let deadline = tokio::time::sleep(shared.gateway.blackhole_hold);
+    tokio::pin!(deadline);
+    let mut buf = [0u8; 512];
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return false,
+            _ = shared.life.stop().cancelled() => return false,
+            ready = stream.ready(Interest::READABLE) => match ready {
+                Ok(r) if r.is_read_closed() || r.is_error() => return true,
+                Ok(_) => {}
+                Err(_) => return true,
+            },
+        }
+        match stream.try_read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return true,
+        }
+        tokio::select! {
+            _ = &mut deadline => return false,
+            _ = shared.life.stop().cancelled() => return false,
+            _ = tokio::time::sleep(BLACKHOLE_DRAIN_EVERY) => {}
         }
     }
 }
@@ -195,7 +315,7 @@ async fn splice(
     service: &Service,
     shared: &Shared,
     meters: &ServiceMetrics,
-    _permit: OwnedSemaphorePermit,
+    _permits: Permits,
 ) {
     let started = shared.clock.now();
     let connect = tokio::time::timeout(shared.gateway.connect_timeout, TcpStream::connect(&*service.upstream));

@@ -112,7 +112,7 @@ pub async fn run_udp(
 /// Accepts on a TCP knock listener: each completed handshake is a knock,
 /// and the connection is reset at once without a byte sent.
 pub async fn run_tcp(listener: TcpListener, step: Step, intake: Intake, cancel: CancellationToken) -> TcpListener {
-    net::accept_loop(&listener, ListenerKind::Knock, None, &cancel, |stream, peer, _| {
+    net::accept_loop(&listener, ListenerKind::Knock, &cancel, |stream, peer| {
         net::reset(stream);
         intake.forward(Knock {
             source: peer.ip().to_canonical(),

@@ -48,6 +48,8 @@ pub struct Bound {
 /// ports of `config`. Errors name the config key whose address could not
 /// be bound.
 pub fn bind(mut config: Config) -> anyhow::Result<Bound> {
+    // Before any socket, so it is there when the first accept runs short.
+    crate::net::keep_reserve().context("the reserve descriptor (/dev/null)")?;
     let raw = sensor::raw::resolve(config.gateway.sensor).context("gateway.sensor")?;
     traps::pick(&mut config, None, traps::avoided(raw))?;
     if raw {

@@ -28,6 +28,7 @@
 //! every other client.
 
 mod kernel;
+mod opens;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -160,6 +161,8 @@ impl Upstream {
 struct Table {
     sessions: HashMap<SocketAddr, Arc<Session>>,
     per_source: HashMap<IpAddr, usize>,
+    /// How fast each source has been opening sessions.
+    opens: opens::OpenRate,
 }
 
 /// A service's session table, shared by its receive loop and its session
@@ -447,7 +450,7 @@ impl Opening<'_> {
             );
         }
         {
-            let t = sessions.table.lock().expect("session table lock");
+            let mut t = sessions.table.lock().expect("session table lock");
             let limits = service.udp;
             if t.sessions.len() >= limits.max_sessions {
                 metrics::udp_dropped_counter(&service.name, "session_limit").increment(datagrams);
@@ -457,6 +460,14 @@ impl Opening<'_> {
             if t.per_source.get(&source).copied().unwrap_or(0) >= limits.max_sessions_per_source {
                 metrics::udp_dropped_counter(&service.name, "source_session_limit").increment(datagrams);
                 tracing::debug!(service = %service.name, %client, "udp session refused: source at max_sessions_per_source");
+                return None;
+            }
+            if !t
+                .opens
+                .allow(source, now, limits.session_open_rate, limits.max_sessions_per_source)
+            {
+                metrics::udp_dropped_counter(&service.name, "source_session_rate").increment(datagrams);
+                tracing::debug!(service = %service.name, %client, "udp session refused: source over session_open_rate");
                 return None;
             }
         }

@@ -596,3 +596,87 @@ fn dig_resolves_through_the_gateway_to_dnsmasq_only_after_a_knock() {
     assert_eq!(dig(svc, "127.0.0.5").as_deref(), Ok("10.1.2.3"));
     assert!(dig(svc, "127.0.0.6").is_err(), "another source got an answer");
 }
+
+/// Waits until `done` holds of a scrape; returns that scrape.
+fn scrape_until(gw: &Gateway, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let scraped = gw.scrape();
+        if done(&scraped) {
+            return scraped;
+        }
+        assert!(Instant::now() < deadline, "metrics never got there:\n{scraped}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn dropped(scraped: &str, reason: &str) -> f64 {
+    metric(
+        scraped,
+        "portcullis_udp_datagrams_dropped_total",
+        &[("service", "dns"), ("reason", reason)],
+    )
+    .unwrap_or(0.0)
+}
+
+fn opened(scraped: &str) -> f64 {
+    metric(scraped, "portcullis_udp_sessions_total", &[("service", "dns")]).unwrap_or(0.0)
+}
+
+#[test]
+fn forged_source_ports_of_one_granted_address_open_at_most_32_sessions() {
+    let upstream = udp_echo("127.0.0.1:0");
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| udp_config(upstream, p, ADMIN))
+        .start_on_ports();
+    let svc = gw.addr("dns");
+    knock(&gw, &p, "127.0.0.1", "127.0.0.2");
+    // 256 datagrams from 256 source ports of the one granted address: each
+    // would be a session with a socket of its own.
+    let forged: Vec<UdpSocket> = (0..256).map(|_| client("127.0.0.2")).collect();
+    for s in &forged {
+        s.send_to(b"forged", svc).unwrap();
+    }
+    let scraped = scrape_until(&gw, |s| opened(s) + dropped(s, "source_session_limit") >= 256.0);
+    assert_eq!(opened(&scraped), 32.0, "the default max_sessions_per_source");
+    assert_eq!(dropped(&scraped, "source_session_limit"), 224.0);
+    assert_eq!(
+        metric(&scraped, "portcullis_udp_sessions_active", &[("service", "dns")]),
+        Some(32.0)
+    );
+    // Another granted address still opens its own.
+    knock(&gw, &p, "127.0.0.1", "127.0.0.3");
+    assert_eq!(round_trip(&client("127.0.0.3"), svc, b"mine"), b"mine");
+}
+
+#[test]
+fn a_source_opens_sessions_no_faster_than_session_open_rate() {
+    // Nothing listens upstream: each session ends at the upstream's ICMP
+    // error, so the per-source count never binds and only the rate does.
+    let upstream = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let extra = format!("max_sessions_per_source = 4\nsession_open_rate = 2\n{ADMIN}");
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(10, |p| udp_config(upstream, p, &extra))
+        .start_on_ports();
+    let svc = gw.addr("dns");
+    knock(&gw, &p, "127.0.0.1", "127.0.0.2");
+    let started = Instant::now();
+    let mut sent = 0.0;
+    while started.elapsed() < Duration::from_secs(1) {
+        client("127.0.0.2").send_to(b"churn", svc).unwrap();
+        sent += 1.0;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed().as_secs_f64();
+    let scraped = scrape_until(&gw, |s| {
+        opened(s) + dropped(s, "source_session_rate") + dropped(s, "source_session_limit") >= sent
+    });
+    let (n, limited) = (opened(&scraped), dropped(&scraped, "source_session_rate"));
+    eprintln!("{sent} datagrams from new ports in {took:.2} s: {n} sessions opened, {limited} refused for the rate");
+    assert!(n >= 4.0, "the burst opens: {n}");
+    assert!(
+        n <= 4.0 + 2.0 * (took + 1.0),
+        "{n} sessions in {took:.2} s at 2/s after a burst of 4"
+    );
+    assert!(limited > 0.0, "the rate refused some");
+}

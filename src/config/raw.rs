@@ -115,6 +115,10 @@ pub struct RawService {
     pub idle_timeout: Option<String>,
     pub max_sessions: Option<RawCount>,
     pub max_sessions_per_source: Option<RawCount>,
+    /// Sessions one source may open per second (UDP).
+    pub session_open_rate: Option<RawCount>,
+    /// Proxied connections of this service at once (TCP).
+    pub max_connections: Option<RawCount>,
     pub knock: Option<RawKnock>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub spa_users: Vec<String>,

@@ -12,6 +12,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::config::budget;
+
 /// The capacity asked for each pipe (best effort: the kernel caps it at
 /// `/proc/sys/fs/pipe-max-size`, and refuses an unprivileged user over its
 /// pipe allowance, who keeps the default 64 KiB). A splice moves at most
@@ -24,12 +26,7 @@ pub const PIPE_SIZE: usize = 256 * 1024;
 /// Most pipes the pool ever holds at once (leased and idle): each costs two
 /// descriptors. Pipes are leased per burst, not per connection, so this
 /// many serve far more concurrent bulk connections.
-pub const MAX_PIPES: usize = 256;
-
-/// Share of the process's descriptor limit the pool may use: a bulk
-/// transfer can always fall back to a userspace copy, a connection without
-/// a descriptor is refused.
-const FD_SHARE_DIVISOR: u64 = 16;
+pub const MAX_PIPES: usize = budget::MAX_PIPES as usize;
 
 /// Share of the user's pipe allowance (`/proc/sys/fs/pipe-user-pages-soft`,
 /// counted over all of the user's processes) the pool may fill. Past the
@@ -92,13 +89,11 @@ impl Pipes {
     }
 
     /// The pool for this process: at most [`MAX_PIPES`] of [`PIPE_SIZE`],
-    /// fewer when the descriptor limit or the user's pipe allowance is low.
+    /// fewer when the descriptor limit (its share in the descriptor budget,
+    /// [`budget::pipes`]) or the user's pipe allowance is low.
     pub fn for_process() -> Self {
-        let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .map(|(soft, _)| soft)
-            .unwrap_or(1024);
-        let by_fds = usize::try_from(nofile / FD_SHARE_DIVISOR / 2).unwrap_or(usize::MAX);
-        Self::new(MAX_PIPES.min(by_fds).min(by_allowance(PIPE_SIZE)), PIPE_SIZE)
+        let by_fds = usize::try_from(budget::pipes(budget::descriptor_limit())).unwrap_or(usize::MAX);
+        Self::new(by_fds.min(by_allowance(PIPE_SIZE)), PIPE_SIZE)
     }
 
     /// A pool that never lends a pipe: every direction copies in userspace.
@@ -362,7 +357,7 @@ mod tests {
         let max = pipes.inner.max.load(Ordering::Relaxed);
         assert!(max <= MAX_PIPES);
         let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-        assert!((max as u64) * 2 <= soft / FD_SHARE_DIVISOR);
+        assert!((max as u64) * 2 <= soft / budget::PIPE_SHARE_DIVISOR);
         if let Ok(pages) = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft") {
             let pages: usize = pages.trim().parse().unwrap();
             if pages > 0 {

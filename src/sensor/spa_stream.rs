@@ -31,7 +31,7 @@ use crate::{net, spa};
 /// Longest a connection may take to deliver its packet.
 pub const READ_DEADLINE: Duration = Duration::from_secs(2);
 /// Connections read at once, all sources together.
-pub const MAX_OPEN: usize = 256;
+pub const MAX_OPEN: usize = 64;
 /// Connections read at once from one source address.
 pub const MAX_OPEN_PER_SOURCE: usize = 4;
 /// Most bytes read of an HTTP request: the request line with a packet of
@@ -50,7 +50,7 @@ pub async fn run(
     let sensor = Arc::new(sensor);
     let open = Arc::new(Semaphore::new(MAX_OPEN));
     let per_source: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    net::accept_loop(&listener, ListenerKind::Spa, None, &stop, |stream, peer, _| {
+    net::accept_loop(&listener, ListenerKind::Spa, &stop, |stream, peer| {
         let source = peer.ip().to_canonical();
         let Ok(permit) = open.clone().try_acquire_owned() else {
             return;

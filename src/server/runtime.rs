@@ -110,6 +110,25 @@ pub struct ReloadSummary {
     pub changed: usize,
 }
 
+/// Whether a reload leaves `[gateway]` as it is, caps derived from the
+/// descriptor limit aside: they move a little with every listener a
+/// reload adds or removes, and the running ones stay until a restart.
+fn same_gateway(old: &Config, new: &Config) -> bool {
+    let derived = |c: &Config, path: &str| {
+        c.descriptors
+            .as_ref()
+            .is_some_and(|d| d.derived.iter().any(|p| p == path))
+    };
+    let mut gateway = new.gateway.clone();
+    if derived(old, "gateway.max_connections") && derived(new, "gateway.max_connections") {
+        gateway.max_connections = old.gateway.max_connections;
+    }
+    if derived(old, "gateway.max_blackholed") && derived(new, "gateway.max_blackholed") {
+        gateway.max_blackholed = old.gateway.max_blackholed;
+    }
+    gateway == old.gateway
+}
+
 fn summarize(old: &Config, new: &Config) -> ReloadSummary {
     let mut summary = ReloadSummary::default();
     for s in &new.services {
@@ -405,7 +424,7 @@ impl Runtime {
     /// services that remain, and every established connection, survive.
     pub(super) async fn reload(&mut self, mut new: Config) -> anyhow::Result<ReloadSummary> {
         for (section, same) in [
-            ("gateway", new.gateway == self.config().gateway),
+            ("gateway", same_gateway(self.config(), &new)),
             ("admin", new.admin == self.config().admin),
             ("limits", new.limits == self.config().limits),
         ] {
@@ -464,6 +483,28 @@ impl Runtime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fitted(text: &str, limit: u64) -> Config {
+        let raw: crate::config::raw::RawConfig = toml::from_str(text).unwrap();
+        let mut config = crate::config::validate(&raw).unwrap();
+        crate::config::budget::fit(&raw, &mut config, limit).unwrap();
+        config
+    }
+
+    #[test]
+    fn derived_caps_that_move_with_the_listeners_are_no_gateway_change() {
+        let one = "[service.a]\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\nknock = { sequence = [\"9000/udp\", \"7000/udp\", \"8000/udp\"] }\n";
+        let two = format!("{one}[service.b]\nlisten = \"127.0.0.1:3\"\nupstream = \"127.0.0.1:4\"\nknock = {{ sequence = [\"9001/udp\", \"7001/udp\", \"8001/udp\"] }}\n");
+        let (old, new) = (fitted(one, 512), fitted(&two, 512));
+        assert_ne!(old.gateway.max_connections, new.gateway.max_connections);
+        assert!(same_gateway(&old, &new));
+        // A cap the config sets is a change.
+        let set = fitted(&format!("[gateway]\nmax_connections = 10\n{two}"), 512);
+        assert!(!same_gateway(&old, &set));
+        let mut grace = new.clone();
+        grace.gateway.shutdown_grace = std::time::Duration::from_secs(1);
+        assert!(!same_gateway(&old, &grace));
+    }
 
     #[tokio::test]
     async fn a_core_task_that_panics_or_ends_on_its_own_is_reported() {

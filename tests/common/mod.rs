@@ -102,6 +102,7 @@ pub struct Builder<'a> {
     env: Vec<(String, String)>,
     files: Vec<(String, Vec<u8>)>,
     unprivileged: bool,
+    nofile: Option<(u64, u64)>,
 }
 
 impl<'a> Builder<'a> {
@@ -153,6 +154,13 @@ impl<'a> Builder<'a> {
         self
     }
 
+    /// Runs the process under descriptor limits `soft` and `hard`
+    /// (`prlimit`); the gateway raises its soft limit to the hard one.
+    pub fn nofile(mut self, soft: u64, hard: u64) -> Self {
+        self.nofile = Some((soft, hard));
+        self
+    }
+
     /// Starts and waits for `ready`; panics with the log if it exits first.
     pub fn start(self) -> Gateway {
         match self.try_start() {
@@ -172,12 +180,12 @@ impl<'a> Builder<'a> {
     pub fn try_start(self) -> Result<Gateway, String> {
         let Some((n, config)) = &self.on_ports else {
             let text = self.config.as_deref().expect("a config or on_free_ports");
-            return Gateway::launch(text, &self.env, &self.files, self.unprivileged);
+            return Gateway::launch(text, &self.env, &self.files, self.unprivileged, self.nofile);
         };
         let mut last = String::new();
         for _ in 0..5 {
             let ports = free_ports(*n);
-            match Gateway::launch(&config(&ports), &self.env, &self.files, self.unprivileged) {
+            match Gateway::launch(&config(&ports), &self.env, &self.files, self.unprivileged, self.nofile) {
                 Ok(mut gw) => {
                     gw.ports = ports;
                     return Ok(gw);
@@ -205,6 +213,7 @@ impl Gateway {
         env: &[(String, String)],
         files: &[(String, Vec<u8>)],
         unprivileged: bool,
+        nofile: Option<(u64, u64)>,
     ) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("proxy.toml");
@@ -212,14 +221,19 @@ impl Gateway {
         for (name, content) in files {
             write_private(&dir.path().join(name), content);
         }
-        let mut cmd = if unprivileged {
+        let mut argv: Vec<String> = Vec::new();
+        if let Some((soft, hard)) = nofile {
+            argv.extend(["prlimit".into(), format!("--nofile={soft}:{hard}"), "--".into()]);
+        }
+        if unprivileged {
             readable_by_all(dir.path(), &config_path);
-            let mut cmd = Command::new("setpriv");
-            cmd.args(UNPRIVILEGED).arg("--").arg(BIN);
-            cmd
-        } else {
-            Command::new(BIN)
-        };
+            argv.push("setpriv".into());
+            argv.extend(UNPRIVILEGED.iter().map(|a| a.to_string()));
+            argv.push("--".into());
+        }
+        argv.push(BIN.into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.args(["--log-format", "json", "serve", "-c"])
             .arg(&config_path)
             .env("RUST_LOG", "portcullis=debug")
