@@ -177,7 +177,18 @@ fn all_containers(spec: &Value) -> Vec<&Value> {
 }
 
 /// The `restricted` Pod Security Standard, field by field, for one pod.
-fn assert_restricted(owner: &str, spec: &Value) {
+/// The one capability an overlay adds to the gateway container (and so
+/// runs it as uid 0), named by the overlay's directory; restricted
+/// otherwise.
+fn overlay_capability(dir: &Path) -> Option<&'static str> {
+    match dir.file_name()?.to_str()? {
+        "sidecar-raw" => Some("NET_RAW"),
+        "sidecar-dark" => Some("NET_ADMIN"),
+        _ => None,
+    }
+}
+
+fn assert_restricted(owner: &str, spec: &Value, exception: Option<&str>) {
     for host in ["hostNetwork", "hostPID", "hostIPC"] {
         assert!(spec[host] != true, "{owner}: {host} is set");
     }
@@ -188,6 +199,7 @@ fn assert_restricted(owner: &str, spec: &Value) {
     for c in all_containers(spec) {
         let name = format!("{owner} container {}", c["name"]);
         let sc = &c["securityContext"];
+        let excepted = exception.filter(|_| c["name"] == "portcullis");
         assert!(sc["privileged"] != true, "{name}: privileged");
         assert_eq!(
             sc["allowPrivilegeEscalation"], false,
@@ -198,6 +210,14 @@ fn assert_restricted(owner: &str, spec: &Value) {
             "{name}: capabilities.drop lacks ALL"
         );
         let added = strs(&sc["capabilities"]["add"]);
+        if let Some(cap) = excepted {
+            // Added capabilities reach uid 0 only: the overlay's one
+            // capability, as root, and nothing else.
+            assert_eq!(added, [cap], "{name}: adds {added:?}");
+            assert_eq!(sc["runAsUser"], 0, "{name}: {cap} needs uid 0");
+            continue_checks(&name, c, sc, pod);
+            continue;
+        }
         assert!(
             added.iter().all(|c| *c == "NET_BIND_SERVICE"),
             "{name}: adds {added:?} (restricted allows NET_BIND_SERVICE only)"
@@ -207,6 +227,13 @@ fn assert_restricted(owner: &str, spec: &Value) {
             "{name}: runAsNonRoot"
         );
         assert!(sc["runAsUser"] != 0 && pod["runAsUser"] != 0, "{name}: runs as uid 0");
+        continue_checks(&name, c, sc, pod);
+    }
+}
+
+/// What every container holds to, capability overlays included.
+fn continue_checks(name: &str, c: &Value, sc: &Value, pod: &Value) {
+    {
         let seccomp = sc["seccompProfile"]["type"]
             .as_str()
             .or(pod["seccompProfile"]["type"].as_str());
@@ -227,9 +254,36 @@ fn assert_restricted(owner: &str, spec: &Value) {
 fn every_pod_template_meets_the_restricted_pod_security_standard() {
     for dir in kustomizations() {
         let docs = yaml_docs(&render(&dir));
-        for (owner, spec) in pod_specs(&docs) {
-            assert_restricted(&owner, spec);
+        let exception = overlay_capability(&dir);
+        if let Some(cap) = exception {
+            // The overlay says what the capability costs.
+            let doc = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+            assert!(
+                doc.contains("enforce=privileged") && doc.contains(cap.strip_prefix("NET_").unwrap()),
+                "{}",
+                dir.display()
+            );
         }
+        for (owner, spec) in pod_specs(&docs) {
+            assert_restricted(&owner, spec, exception);
+        }
+    }
+}
+
+#[test]
+fn the_raw_and_dark_overlays_run_the_sidecar_config_with_their_mode_and_pass_check() {
+    for (overlay, line) in [
+        ("sidecar-raw", "sensor = \"raw\""),
+        ("sidecar-dark", "unauthorized = \"dark\""),
+    ] {
+        let docs = yaml_docs(&render(&repo_path(ROOT).join(overlay)));
+        let (spec, gw) = sidecar_pod(&docs);
+        let config = sidecar_config(&docs, spec, gw);
+        assert!(config.lines().any(|l| l.trim() == line), "{overlay}: {config}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = deploy::lay_out(dir.path(), "proxy.toml", &config);
+        let out = deploy::check(&path).unwrap_or_else(|e| panic!("{overlay}: {e}"));
+        assert!(out.contains("ok"), "{overlay}: {out}");
     }
 }
 
