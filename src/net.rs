@@ -63,15 +63,21 @@ pub async fn accept_loop(
     }
 }
 
-/// The descriptor kept in reserve for [`shed`]: `/dev/null`, open.
-static RESERVE: Mutex<Option<std::fs::File>> = Mutex::new(None);
+/// The descriptor kept in reserve for [`shed`]: an unbound UDP socket,
+/// which needs no file system (a `FROM scratch` image has no `/dev/null`)
+/// and takes no port.
+static RESERVE: Mutex<Option<Socket>> = Mutex::new(None);
+
+fn reserve_descriptor() -> io::Result<Socket> {
+    Socket::new(Domain::IPV4, Type::DGRAM, None)
+}
 
 /// Opens the reserve descriptor, once per process (`serve` does it before
 /// binding); counted in the descriptor budget's runtime allowance.
 pub fn keep_reserve() -> io::Result<()> {
     let mut reserve = RESERVE.lock().unwrap_or_else(|e| e.into_inner());
     if reserve.is_none() {
-        *reserve = Some(std::fs::File::open("/dev/null")?);
+        *reserve = Some(reserve_descriptor()?);
     }
     Ok(())
 }
@@ -86,7 +92,7 @@ fn shed(listener: &TcpListener) -> bool {
     }
     // The listener is non-blocking: nothing pending is WouldBlock.
     let shed = SockRef::from(listener).accept().is_ok();
-    *reserve = std::fs::File::open("/dev/null").ok();
+    *reserve = reserve_descriptor().ok();
     shed
 }
 

@@ -49,7 +49,7 @@ pub struct Bound {
 /// be bound.
 pub fn bind(mut config: Config) -> anyhow::Result<Bound> {
     // Before any socket, so it is there when the first accept runs short.
-    crate::net::keep_reserve().context("the reserve descriptor (/dev/null)")?;
+    crate::net::keep_reserve().context("the reserve descriptor")?;
     let raw = sensor::raw::resolve(config.gateway.sensor).context("gateway.sensor")?;
     traps::pick(&mut config, None, traps::avoided(raw))?;
     if raw {
