@@ -160,18 +160,22 @@ pub struct KnockArgs {
     #[arg(short, long)]
     pub verbose: bool,
     /// Knock the current steps of a rotating sequence whose secret is in
-    /// this file (`portcullis keygen --kind totp`), instead of STEPS.
-    #[arg(long, value_name = "KEYFILE", requires = "ports")]
+    /// this file (`portcullis keygen --kind totp`), instead of STEPS. The
+    /// file may also hold TOTP_PORTS, TOTP_STEPS and TOTP_PERIOD lines.
+    #[arg(long, value_name = "KEYFILE")]
     pub totp: Option<PathBuf>,
-    /// The rotating sequence's pool, as the gateway's `totp.ports`.
+    /// The rotating sequence's pool, as the gateway's `totp.ports`
+    /// [default: the key file's TOTP_PORTS].
     #[arg(long, value_name = "FIRST-LAST/PROTO")]
     pub ports: Option<String>,
-    /// Steps of the rotating sequence, as the gateway's `totp.steps`.
-    #[arg(long = "steps", value_name = "N", default_value_t = 4)]
-    pub totp_steps: usize,
-    /// Period of the rotating sequence, as the gateway's `totp.period`.
-    #[arg(long, value_parser = parse_duration, default_value = "30s")]
-    pub period: Duration,
+    /// Steps of the rotating sequence, as the gateway's `totp.steps`
+    /// [default: the key file's TOTP_STEPS, else 4].
+    #[arg(long = "steps", value_name = "N")]
+    pub totp_steps: Option<usize>,
+    /// Period of the rotating sequence, as the gateway's `totp.period`
+    /// [default: the key file's TOTP_PERIOD, else 30s].
+    #[arg(long, value_parser = parse_duration)]
+    pub period: Option<Duration>,
     /// Compute the sequence as if the clock read this much earlier.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub time_offset_minus: Option<Duration>,

@@ -63,6 +63,41 @@ pub fn parse_key(text: &str) -> Result<Secret, String> {
     Ok(key)
 }
 
+/// The settings a client may keep beside the secret (`TOTP_PORTS`,
+/// `TOTP_STEPS`, `TOTP_PERIOD` lines), so `knock --totp FILE HOST` needs no
+/// more; the gateway takes them from its config instead.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KeySettings {
+    pub ports: Option<String>,
+    pub steps: Option<usize>,
+    pub period: Option<String>,
+}
+
+/// The [`KeySettings`] of a key file's text (unreadable values are
+/// errors).
+pub fn key_settings(text: &str) -> Result<KeySettings, String> {
+    let mut out = KeySettings::default();
+    for (i, line) in text.lines().enumerate() {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim().to_string();
+        match name.trim() {
+            "TOTP_PORTS" => out.ports = Some(value),
+            "TOTP_PERIOD" => out.period = Some(value),
+            "TOTP_STEPS" => {
+                out.steps = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("line {}: TOTP_STEPS is not a number", i + 1))?,
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 /// A fresh secret's key-file text.
 pub fn render_key(rng: &mut impl rand::CryptoRng) -> zeroize::Zeroizing<String> {
     let key = Secret::generate(KEY_LEN, rng);

@@ -177,3 +177,38 @@ fn a_totp_profile_opens_with_portcullis_open() {
     gw.wait_grant("db", "127.0.0.51");
     assert!(echo_works("127.0.0.51", gw.addr("db")));
 }
+
+#[test]
+fn knock_totp_takes_its_settings_from_the_key_file_when_no_flag_gives_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("db.totp");
+    let (code, _, err) = run_bin(&["keygen", "--kind", "totp", "-o", key.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    let upstream = echo_server("127.0.0.1:0");
+    let p = free_ports(10);
+    let pool = format!("{}-{}/udp", p[0], p[9]);
+    // The gateway reads the same file: it ignores the client's lines.
+    let mut text = std::fs::read_to_string(&key).unwrap();
+    text.push_str(&format!("TOTP_PORTS: {pool}\nTOTP_STEPS: 3\nTOTP_PERIOD: 1h\n"));
+    write_private(&key, &text);
+    let gw = Gateway::builder()
+        .file("db.totp", &text)
+        .config(&format!(
+            "[service.db]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nunauthorized = \"refuse\"\n\
+             knock = {{ totp = {{ key_file = \"db.totp\", steps = 3, ports = \"{pool}\", period = \"1h\" }} }}\n"
+        ))
+        .start();
+    let (code, _, err) = run_bin(
+        &[
+            "knock",
+            "--totp",
+            key.to_str().unwrap(),
+            "-b",
+            "127.0.0.61",
+            "127.0.0.1",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    gw.wait_grant("db", "127.0.0.61");
+}

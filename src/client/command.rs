@@ -27,14 +27,14 @@ pub async fn knock(args: KnockArgs) -> Outcome {
         if !steps.is_empty() {
             return Err(Failure::usage(anyhow!("give STEPS or --totp, not both")));
         }
-        let ports = args.ports.as_deref().ok_or_else(|| {
-            Failure::usage(anyhow!(
-                "--totp needs --ports FIRST-LAST/PROTO, as the gateway's totp.ports"
-            ))
-        })?;
         let offset = args.time_offset_minus.unwrap_or_default();
         let unix = crate::spa::desk::unix_secs(&SystemClock).saturating_sub(offset.as_secs());
-        steps = totp_steps(key, ports, args.totp_steps, args.period, unix)?;
+        let wanted = TotpWanted {
+            ports: args.ports.clone(),
+            steps: args.totp_steps,
+            period: args.period,
+        };
+        steps = totp_steps(key, &wanted, unix)?;
     }
     let (mut host, mut delay, mut bind) = (args.host.clone(), args.delay, args.bind);
     if let Some(name) = &args.profile {
@@ -69,29 +69,46 @@ pub async fn knock(args: KnockArgs) -> Outcome {
     Ok(0)
 }
 
-/// The current steps of a rotating sequence: the secret from `key` (a
-/// private file), the pool `ports`, at wall-clock second `unix`.
-pub(crate) fn totp_steps(
-    key: &Path,
-    ports: &str,
-    steps: usize,
-    period: Duration,
-    unix: u64,
-) -> Result<Vec<StepSpec>, Failure> {
+/// A rotating sequence's settings as the client was given them; what is
+/// missing comes from the key file, then from the defaults.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TotpWanted {
+    pub ports: Option<String>,
+    pub steps: Option<usize>,
+    pub period: Option<Duration>,
+}
+
+/// The steps of a rotating sequence at wall-clock second `unix`: the
+/// secret from `key` (a private file), settings from `wanted` or the file.
+pub(crate) fn totp_steps(key: &Path, wanted: &TotpWanted, unix: u64) -> Result<Vec<StepSpec>, Failure> {
     let file = crate::secret::read_private(key).map_err(|e| Failure::profile(anyhow!(e)))?;
     if let Some(w) = &file.warning {
         eprintln!("warning: {w}");
     }
     let text =
         std::str::from_utf8(&file.bytes).map_err(|_| Failure::profile(anyhow!("{} is not text", key.display())))?;
-    let secret = crate::totp::parse_key(text).map_err(|e| Failure::profile(anyhow!("{}: {e}", key.display())))?;
-    let (proto, pool) = crate::totp::parse_pool(ports).map_err(|e| Failure::usage(anyhow!("--ports {e}")))?;
+    let in_file = |e: String| Failure::profile(anyhow!("{}: {e}", key.display()));
+    let secret = crate::totp::parse_key(text).map_err(in_file)?;
+    let saved = crate::totp::key_settings(text).map_err(in_file)?;
+    let ports = wanted.ports.clone().or(saved.ports).ok_or_else(|| {
+        Failure::usage(anyhow!(
+            "give --ports FIRST-LAST/PROTO (the gateway's totp.ports), or a TOTP_PORTS line in {}",
+            key.display()
+        ))
+    })?;
+    let (proto, pool) = crate::totp::parse_pool(&ports).map_err(|e| Failure::usage(anyhow!("ports {e}")))?;
+    let steps = wanted.steps.or(saved.steps).unwrap_or(4);
     if steps < 1 || steps > pool.len() {
         return Err(Failure::usage(anyhow!(
-            "--steps {steps}: the pool has {} port(s)",
+            "{steps} steps: the pool has {} port(s)",
             pool.len()
         )));
     }
+    let period = match (wanted.period, &saved.period) {
+        (Some(p), _) => p,
+        (None, Some(text)) => crate::config::parse_duration(text).map_err(|e| in_file(format!("TOTP_PERIOD: {e}")))?,
+        (None, None) => Duration::from_secs(30),
+    };
     let counter = crate::totp::counter(unix, period);
     Ok(crate::totp::sequence(secret.expose(), counter, pool.len(), steps)
         .into_iter()

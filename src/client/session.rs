@@ -93,7 +93,12 @@ pub async fn open(profile: &Profile, verbose: bool) -> Result<(), Failure> {
 /// The current steps of a profile's rotating sequence.
 pub fn totp_now(t: &super::profile::TotpProfile) -> Result<Vec<crate::step::StepSpec>, Failure> {
     let unix = crate::spa::desk::unix_secs(&SystemClock);
-    super::command::totp_steps(&t.key_file, &t.ports, t.steps, t.period, unix)
+    let wanted = super::command::TotpWanted {
+        ports: Some(t.ports.clone()),
+        steps: Some(t.steps),
+        period: Some(t.period),
+    };
+    super::command::totp_steps(&t.key_file, &wanted, unix)
 }
 
 /// Ends the grant the profile's SPA settings open, early: a native close
