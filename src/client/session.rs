@@ -75,19 +75,23 @@ pub async fn open(profile: &Profile, verbose: bool) -> Result<(), Failure> {
             };
             run_knock(&plan, verbose).await
         }
-        Open::Spa(spa) => {
-            let plan = spa_plan(&profile.host, profile.bind, spa, false)
-                .await
-                .map_err(Failure::failed)?;
-            spa::check_keys(&plan).map_err(Failure::profile)?;
-            let packet = spa::build_spa(&plan).map_err(Failure::profile)?;
-            if verbose {
-                print!("{}", spa::describe(&plan, packet.len()));
-            }
-            spa::send_spa(&plan, &packet).await.map_err(Failure::failed)?;
-            Ok(())
-        }
+        Open::Spa(spa) => send_spa_profile(profile, spa, false, verbose).await,
     }
+}
+
+/// Builds and sends a profile's SPA packet (with `close`, its close
+/// request).
+async fn send_spa_profile(profile: &Profile, spa: &SpaProfile, close: bool, verbose: bool) -> Result<(), Failure> {
+    let plan = spa_plan(&profile.host, profile.bind, spa, close)
+        .await
+        .map_err(Failure::failed)?;
+    spa::check_keys(&plan).map_err(Failure::profile)?;
+    let packet = spa::build_spa(&plan).map_err(Failure::profile)?;
+    if verbose {
+        print!("{}", spa::describe(&plan, packet.len()));
+    }
+    spa::send_spa(&plan, &packet).await.map_err(Failure::failed)?;
+    Ok(())
 }
 
 /// The current steps of a profile's rotating sequence.
@@ -111,16 +115,7 @@ pub async fn close(profile: &Profile, verbose: bool) -> Result<(), Failure> {
             profile.name
         )));
     };
-    let plan = spa_plan(&profile.host, profile.bind, spa, true)
-        .await
-        .map_err(Failure::failed)?;
-    spa::check_keys(&plan).map_err(Failure::profile)?;
-    let packet = spa::build_spa(&plan).map_err(Failure::profile)?;
-    if verbose {
-        print!("{}", spa::describe(&plan, packet.len()));
-    }
-    spa::send_spa(&plan, &packet).await.map_err(Failure::failed)?;
-    Ok(())
+    send_spa_profile(profile, spa, true, verbose).await
 }
 
 /// Sends `plan`; with `verbose` prints each step as it goes. A TCP step

@@ -114,16 +114,7 @@ impl Validator {
         if period < Duration::from_secs(5) || period.subsec_nanos() != 0 {
             self.problem(format!("{path}.totp.period"), "use whole seconds, at least 5s");
         }
-        let step_timeout = self.duration(
-            &format!("{path}.step_timeout"),
-            raw.step_timeout.as_ref(),
-            Duration::from_secs(5),
-        );
-        let sequence_timeout = self.duration(
-            &format!("{path}.sequence_timeout"),
-            raw.sequence_timeout.as_ref(),
-            Duration::from_secs(15),
-        );
+        let (step_timeout, sequence_timeout) = self.knock_timeouts(path, raw);
         if self.problems.len() > before {
             return None;
         }
@@ -138,6 +129,21 @@ impl Validator {
             sequence_timeout,
             trap_lockout: raw.trap_lockout.unwrap_or(true),
         })
+    }
+
+    /// `step_timeout` and `sequence_timeout` of the knock rule at `path`.
+    fn knock_timeouts(&mut self, path: &str, raw: &RawKnock) -> (Duration, Duration) {
+        let step = self.duration(
+            &format!("{path}.step_timeout"),
+            raw.step_timeout.as_ref(),
+            Duration::from_secs(5),
+        );
+        let sequence = self.duration(
+            &format!("{path}.sequence_timeout"),
+            raw.sequence_timeout.as_ref(),
+            Duration::from_secs(15),
+        );
+        (step, sequence)
     }
 
     pub(super) fn steps(&mut self, path: &str, raw: &[RawStep], ip: IpAddr) -> Option<Vec<Step>> {
@@ -191,16 +197,7 @@ impl Validator {
                 }
             },
         };
-        let step_timeout = self.duration(
-            &format!("{path}.step_timeout"),
-            raw.step_timeout.as_ref(),
-            Duration::from_secs(5),
-        );
-        let sequence_timeout = self.duration(
-            &format!("{path}.sequence_timeout"),
-            raw.sequence_timeout.as_ref(),
-            Duration::from_secs(15),
-        );
+        let (step_timeout, sequence_timeout) = self.knock_timeouts(path, raw);
         if let Some(seq) = &sequence {
             self.sequence_rules(&format!("{path}.sequence"), seq);
             if let Some(trap) = &trap {
