@@ -746,6 +746,17 @@ fn close_ends_the_grant_new_connections_are_refused_and_the_open_one_lives_on() 
     );
     roundtrip(&mut open);
 
+    // A close naming another address than its source is refused: one
+    // user must not end another's grant.
+    let (code, _, err) = home.run(&["open", "db"]);
+    assert_eq!(code, 0, "{err}");
+    gw.wait_for_nth(2, |l| msg(l) == "grant" && l["source"] == "127.0.0.31");
+    let (code, _, err) = home.run(&["spa", "-n", "db", "--close", "-a", "127.0.0.32"]);
+    assert_eq!(code, 0, "{err}");
+    let refused = gw.wait_for(|l| msg(l) == "spa packet rejected" && l["source"] == "127.0.0.31");
+    assert_eq!(refused["reason"], "source_mismatch", "{refused}");
+    assert!(echo_works("127.0.0.31", echo), "the refused close ended the grant");
+
     // A knock profile has no way to close.
     let (code, _, err) = home.run(&["close", "k"]);
     assert_ne!(code, 0);

@@ -61,23 +61,23 @@ pub async fn run(
         let (sensor, driver) = (sensor.clone(), driver.clone());
         tokio::spawn(async move {
             let _held = (permit, slot);
-            let packet = match tokio::time::timeout(READ_DEADLINE, read(stream, http)).await {
-                Ok(Some(packet)) => packet,
-                // Nothing readable in time, or nothing at all: no packet.
-                Ok(None) | Err(_) => return,
-            };
-            sensor.decide(&packet, source, &driver, &mut Counters::default());
+            let deadline = tokio::time::Instant::now() + READ_DEADLINE;
+            // What came in time is decided, even from a client that never
+            // closed; nothing at all is no packet.
+            if let Some(packet) = read(stream, http, deadline).await {
+                sensor.decide(&packet, source, &driver, &mut Counters::default());
+            }
         });
     })
     .await;
     listener
 }
 
-/// Reads one packet from `stream`: the bytes up to the client's close (at
-/// most one more than a packet may have, so an oversized one is refused
-/// as such), or with `http` the packet of the request line. `None` when
-/// the peer sent nothing.
-async fn read(mut stream: TcpStream, http: bool) -> Option<Vec<u8>> {
+/// Reads one packet from `stream`: the bytes up to the client's close or
+/// `deadline` (at most one more than a packet may have, so an oversized
+/// one is refused as such), or with `http` the packet of the request line.
+/// `None` when the peer sent nothing.
+async fn read(mut stream: TcpStream, http: bool, deadline: tokio::time::Instant) -> Option<Vec<u8>> {
     let limit = if http { MAX_HTTP_LEN } else { spa::MAX_PACKET_LEN + 1 };
     let mut buf = Vec::with_capacity(1024);
     loop {
@@ -86,9 +86,9 @@ async fn read(mut stream: TcpStream, http: bool) -> Option<Vec<u8>> {
         }
         let mut chunk = [0u8; 2048];
         let want = (limit - buf.len()).min(chunk.len());
-        match stream.read(&mut chunk[..want]).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want])).await {
+            Ok(Ok(0) | Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
         if http && buf.windows(2).any(|w| w == b"\r\n") {
             // The request line is complete: the rest is headers.

@@ -251,7 +251,9 @@ impl SpaDesk {
             return Err(Refusal::BeforeStart);
         }
         let grantee = request.allow_ip.map_or(source, |ip| ip.to_canonical());
-        if user.require_source_match && grantee != source {
+        // A close request ends the sender's own grant only: naming another
+        // address would let one user end another's.
+        if (user.require_source_match || request.close) && grantee != source {
             return Err(Refusal::SourceMismatch);
         }
         if request.access.is_empty() {
