@@ -12,6 +12,7 @@ pub use knock::{random_pass_chance, sequence_report, SequenceReport, RANDOM_PASS
 pub mod pem;
 pub mod raw;
 mod spa;
+mod state;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,6 +26,7 @@ use crate::step::Proto;
 pub use admin::{Admin, AdminTls, DEFAULT_ADMIN_LISTEN};
 use raw::{RawConfig, RawCount, RawGateway, RawService};
 pub use spa::{KeySource, Limits, ServiceSpa, Spa, User, DEFAULT_SPA_LISTEN, MAX_SPA_AGE, MIN_FWKNOP_KEY_LEN};
+pub use state::{State, DEFAULT_STATE_DIR};
 
 /// Prefix of environment overrides; sections and keys are joined by `__`.
 pub const ENV_PREFIX: &str = "PORTCULLIS";
@@ -40,6 +42,8 @@ pub struct Config {
     pub limits: Limits,
     /// The SPA listener, when the config has an `[spa]` section.
     pub spa: Option<Spa>,
+    /// Where state that outlives the process is kept.
+    pub state: State,
     pub services: Vec<Service>,
     pub users: Vec<User>,
 }
@@ -280,6 +284,7 @@ pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> 
     let admin = raw.admin.as_ref().and_then(|a| v.admin(a));
     let limits = v.limits(&raw.limits);
     let spa = raw.spa.as_ref().and_then(|s| v.spa(s));
+    let state = v.state(&raw.state);
     let mut users = Vec::new();
     for (name, u) in &raw.user {
         if let Some(u) = v.user(name, u) {
@@ -319,6 +324,7 @@ pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> 
             admin,
             limits,
             spa,
+            state,
             services,
             users,
         })

@@ -12,9 +12,14 @@
 //! rate; the per-source guard is not consulted at all.
 //!
 //! An accepted packet first reserves room for its grants in the driver's
-//! queue (room knocks cannot take), then has its replay digest recorded,
-//! then its grants are queued in that room: it cannot be lost in between,
-//! and the sensor never waits on the driver.
+//! queue (room knocks cannot take), then has its replay digest written to
+//! the replay log (fsync'd), then its grants are queued in that room: it
+//! cannot be lost in between, and the sensor never waits on the driver.
+//!
+//! The write waits on the disk, so it runs in `block_in_place`: the other
+//! tasks of this worker thread (guarded connections) move to another
+//! worker meanwhile. Only authenticated, fresh packets get that far, so
+//! a flood of forgeries or replays costs no disk write at all.
 
 use std::collections::HashMap;
 use std::io;
@@ -30,7 +35,7 @@ use crate::gate::Method;
 use crate::metrics;
 use crate::spa::desk::{unix_secs, Accepted, Refusal, SpaDesk};
 use crate::spa::{self, Format, Reject};
-use crate::store::GrantStore;
+use crate::store::replay::ReplayLog;
 
 /// Receive buffer asked for on the SPA socket: about 200 ms of a
 /// 20,000 packets/s flood, so a valid packet arriving in one is queued
@@ -44,7 +49,8 @@ const MAX_BATCH: usize = 256;
 #[derive(Debug)]
 pub struct SpaSensor {
     pub desk: SpaDesk,
-    pub store: Arc<dyn GrantStore>,
+    /// Every accepted packet's digest; one log shared by every SPA sensor.
+    pub replay: Arc<ReplayLog>,
     pub clock: Arc<dyn Clock>,
     /// Limits how many rejections are logged per second; the rest are
     /// only counted.
@@ -90,7 +96,7 @@ impl SpaSensor {
     pub fn decide(&self, packet: &[u8], source: IpAddr, driver: &DriverHandle, counters: &mut Counters) {
         let now_unix = unix_secs(&*self.clock);
         let refusal = match self.desk.verify(packet, source, now_unix) {
-            Ok(accepted) => match self.grant(accepted, source, driver, counters) {
+            Ok(accepted) => match self.grant(accepted, source, now_unix, driver, counters) {
                 Ok(()) => return,
                 Err(r) => r,
             },
@@ -108,13 +114,14 @@ impl SpaSensor {
         &self,
         accepted: Accepted,
         source: IpAddr,
+        now_unix: u64,
         driver: &DriverHandle,
         counters: &mut Counters,
     ) -> Result<(), Refusal> {
         let Ok(mut room) = driver.reserve_grants(accepted.grants.len()) else {
             return Err(Refusal::Busy);
         };
-        self.desk.remember(&accepted, self.clock.now(), &*self.store)?;
+        off_reactor(|| self.desk.remember(&accepted, now_unix, &self.replay))?;
         counters.count(accepted.format.as_label(), "accepted");
         let services: Vec<&str> = accepted.grants.iter().map(|(s, _)| &**s).collect();
         tracing::info!(
@@ -172,6 +179,17 @@ impl Counters {
             .entry((format, result))
             .or_insert_with(|| metrics::spa_packet_counter(format, result))
             .increment(1);
+    }
+}
+
+/// Runs `f`, which waits on the disk, without holding up the tasks queued
+/// on this worker thread: on a multi-thread runtime they are handed to
+/// another worker meanwhile. Elsewhere (a current-thread runtime, no
+/// runtime) it just runs.
+fn off_reactor<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
