@@ -852,6 +852,21 @@ knock = { sequence = ["5/udp", "1/tcp", "6/udp"] }
     }
 
     #[test]
+    fn the_state_dir_has_a_system_default_and_is_set_by_file_or_environment() {
+        assert_eq!(load_str(ECHO, &[]).unwrap().state.dir, Path::new(DEFAULT_STATE_DIR));
+        let file = format!("[state]\ndir = \"/srv/portcullis\"\n{ECHO}");
+        assert_eq!(load_str(&file, &[]).unwrap().state.dir, Path::new("/srv/portcullis"));
+        let env = [("PORTCULLIS__STATE__DIR", "/tmp/pc-state")];
+        assert_eq!(load_str(&file, &env).unwrap().state.dir, Path::new("/tmp/pc-state"));
+        // Relative to the config file's directory, like every other path.
+        let raw: RawConfig = toml::from_str(&format!("[state]\ndir = \"state\"\n{ECHO}")).unwrap();
+        let c = validate_in(&raw, Path::new("/etc/portcullis")).unwrap();
+        assert_eq!(c.state.dir, Path::new("/etc/portcullis/state"));
+        let err = load_str(&format!("[state]\ndir = \" \"\n{ECHO}"), &[]).unwrap_err();
+        assert_eq!(paths(err), ["state.dir"]);
+    }
+
+    #[test]
     fn unknown_keys_are_named_with_their_path() {
         let err = load_str(&format!("{ECHO}\nbogus = 1\n"), &[]).unwrap_err();
         assert_eq!(err.problems[0].path, "service.echo.bogus");

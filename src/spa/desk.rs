@@ -469,4 +469,54 @@ key_file = "bob.key"
         assert_eq!(f.desk.remember(&again, NOW, &f.log), Ok(()));
         assert_eq!(f.desk.remember(&first, NOW, &f.log), Err(Refusal::Replay));
     }
+
+    #[test]
+    fn a_packet_stamped_ahead_is_a_replay_after_restarts_until_its_window_has_passed() {
+        let f = fixture();
+        let state = f._dir.path().join("state");
+        // A sender 90 s ahead; max_age is 120 s.
+        let stamped = NOW + 90;
+        let p = packet(&f.alice, stamped, 5432, None, 11);
+        let ok = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
+        assert_eq!(ok.timestamp, stamped);
+        assert_eq!(f.desk.remember(&ok, NOW, &f.log), Ok(()));
+        drop(f.log);
+        // Restarts: right after, and in the window's last second (packet
+        // 120 s behind), the packet is still valid and still a replay.
+        for now in [NOW + 1, stamped + 120] {
+            let (log, _) = ReplayLog::open(&state, now, f.desk.keep()).unwrap();
+            let again = f.desk.verify(&p, ip("10.9.9.9"), now).unwrap();
+            assert_eq!(
+                f.desk.remember(&again, now, &log),
+                Err(Refusal::Replay),
+                "at NOW+{}",
+                now - NOW
+            );
+        }
+        // One second later the timestamp check refuses it on its own.
+        assert!(matches!(
+            f.desk.verify(&p, ip("10.0.0.1"), stamped + 121),
+            Err(Refusal::Packet(Reject::Stale { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_sender_two_seconds_behind_is_accepted_right_after_a_start() {
+        let f = fixture();
+        // The log was opened at NOW, as a process starting at NOW does.
+        let p = packet(&f.alice, NOW - 2, 5432, None, 12);
+        let ok = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
+        assert_eq!(f.desk.remember(&ok, NOW, &f.log), Ok(()));
+    }
+
+    #[test]
+    fn a_digest_that_cannot_be_written_refuses_the_packet() {
+        let f = fixture();
+        f.log.fail_writes();
+        let p = packet(&f.alice, NOW, 5432, None, 13);
+        let ok = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
+        assert_eq!(f.desk.remember(&ok, NOW, &f.log), Err(Refusal::ReplayLogFailed));
+        assert_eq!(f.desk.remember(&ok, NOW, &f.log), Err(Refusal::ReplayLogFailed));
+        assert!(f.log.is_empty(), "a digest not on disk was recorded");
+    }
 }

@@ -304,6 +304,19 @@ impl Private for OpenOptions {
 }
 
 #[cfg(test)]
+impl ReplayLog {
+    /// Makes every write fail from now on, as a failed disk would: the
+    /// file is swapped for a read-only handle (appends fail) and the
+    /// directory removed (the rewrite that would heal it fails too).
+    #[allow(clippy::unwrap_used, reason = "test helper")]
+    pub(crate) fn fail_writes(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.file = File::open(self.dir.join(FILE_NAME)).unwrap();
+        fs::remove_dir_all(&self.dir).unwrap();
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::clock::ManualClock;

@@ -225,7 +225,8 @@ impl Gateway {
         }
         // Never the system default (/var/lib/portcullis): tests run side by
         // side, and one gateway's replay log is locked against the others.
-        if !env.iter().any(|(k, _)| k == STATE_DIR_ENV) {
+        // A config with its own [state] section keeps it.
+        if !env.iter().any(|(k, _)| k == STATE_DIR_ENV) && !config.contains("[state]") {
             let state = dir.path().join("state");
             std::fs::create_dir(&state).expect("state dir");
             if unprivileged {
