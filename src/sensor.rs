@@ -31,6 +31,7 @@ use crate::net;
 use crate::step::Step;
 
 pub mod raw;
+pub mod recorder;
 pub mod spa;
 
 /// Where knocks go: the gate driver, behind the per-source guard.

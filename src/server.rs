@@ -26,8 +26,8 @@ use crate::driver::{Driver, DriverHandle, Effects, LocalLog};
 use crate::gate::Gate;
 use crate::guard::SourceGuard;
 use crate::metrics::{self, ReloadResult};
+use crate::sensor::recorder::Recorder;
 use crate::spa::desk::unix_secs;
-use crate::store::replay::ReplayLog;
 use crate::store::{GrantStore, MemoryStore};
 use crate::{proxy, sensor, udp};
 use anyhow::Context as _;
@@ -43,8 +43,8 @@ pub struct Bound {
     readiness: Readiness,
     /// Whether the raw sensor watches the knock and SPA ports.
     raw: bool,
-    /// The SPA replay log under `state.dir`, when the config has SPA.
-    replay: Option<Arc<ReplayLog>>,
+    /// The SPA replay log's writer under `state.dir`, when the config has SPA.
+    replay: Option<Recorder>,
 }
 
 /// Binds every guarded listener, knock endpoint and the SPA and admin

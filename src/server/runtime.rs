@@ -23,13 +23,11 @@ use crate::driver::DriverHandle;
 use crate::gate::{GateLimits, ServiceRule};
 use crate::guard::SourceGuard;
 use crate::proxy::dark::{self, Dark};
+use crate::sensor::recorder::Recorder;
 use crate::spa::desk::{unix_secs, SpaDesk};
 use crate::step::{Proto, Step};
 use crate::store::replay::{self, ReplayLog};
 use crate::{metrics, proxy, sensor, udp};
-
-/// Rejected SPA packets logged per second at most; the rest are counted.
-const SPA_LOG_RATE: std::num::NonZeroU32 = std::num::NonZeroU32::new(20).expect("20 is not zero");
 
 /// Where failures of core tasks are reported.
 pub(super) type Failures = mpsc::UnboundedSender<String>;
@@ -101,7 +99,7 @@ fn listen(service: &str, listener: &std::net::TcpListener) {
 /// Opens the replay log under `state.dir` when `config` has SPA (a config
 /// without it needs no state, so a knock-only gateway writes nothing).
 /// The error names `state.dir`: nothing is served without the log.
-pub(super) fn open_replay(config: &Config, now_unix: u64) -> anyhow::Result<Option<Arc<ReplayLog>>> {
+pub(super) fn open_replay(config: &Config, now_unix: u64) -> anyhow::Result<Option<Recorder>> {
     let Some(spa) = &config.spa else {
         return Ok(None);
     };
@@ -122,7 +120,8 @@ pub(super) fn open_replay(config: &Config, now_unix: u64) -> anyhow::Result<Opti
         torn_tail = loaded.torn_tail,
         "replay log loaded"
     );
-    Ok(Some(Arc::new(log)))
+    let recorder = Recorder::start(log).context("cannot start the replay log's writer thread")?;
+    Ok(Some(recorder))
 }
 
 /// What a reload changed, for its log line.
@@ -172,8 +171,8 @@ pub(super) struct Parts {
     /// Whether the raw sensor watches the knock and SPA ports (chosen at
     /// start, kept across reloads).
     pub raw: bool,
-    /// The SPA replay log, open once a config has SPA (see [`open_replay`]).
-    pub replay: Option<Arc<ReplayLog>>,
+    /// The SPA replay log's writer, once a config has SPA (see [`open_replay`]).
+    pub replay: Option<Recorder>,
 }
 
 /// The running data plane of one config.
@@ -297,16 +296,16 @@ impl Runtime {
     /// The SPA sensor's desk and limits for the running config.
     fn spa_sensor(&self, bound: &[(Arc<str>, SocketAddr)]) -> anyhow::Result<sensor::spa::SpaSensor> {
         let config = self.config();
-        let replay = self
+        let recorder = self
             .parts
             .replay
             .clone()
             .ok_or_else(|| anyhow::anyhow!("no replay log is open for the spa sensor"))?;
         Ok(sensor::spa::SpaSensor {
             desk: SpaDesk::new(config.spa.as_ref(), &config.users, &config.services, bound),
-            replay,
+            recorder,
             clock: self.parts.clock.clone(),
-            log_limit: governor::RateLimiter::direct(governor::Quota::per_second(SPA_LOG_RATE)),
+            refusals: sensor::spa::RefusalLog::new(),
         })
     }
 
@@ -464,14 +463,14 @@ impl Runtime {
     /// The replay log under `new`: the one open, or (the first config with
     /// SPA) a new one. The log cannot move while open: a reload that
     /// changes `state.dir` is refused and the running config kept.
-    fn reload_replay(&self, new: &Config) -> anyhow::Result<Option<Arc<ReplayLog>>> {
+    fn reload_replay(&self, new: &Config) -> anyhow::Result<Option<Recorder>> {
         match &self.parts.replay {
-            Some(log) if log.dir() != new.state.dir => anyhow::bail!(
+            Some(recorder) if recorder.dir() != new.state.dir => anyhow::bail!(
                 "state.dir: changing the state directory ({} to {}) needs a restart",
-                log.dir().display(),
+                recorder.dir().display(),
                 new.state.dir.display()
             ),
-            Some(log) => Ok(Some(log.clone())),
+            Some(recorder) => Ok(Some(recorder.clone())),
             None => open_replay(new, unix_secs(&*self.parts.clock)),
         }
     }

@@ -4,12 +4,14 @@
 //! permissions, and the replay log ([`ReplayLog`], on disk, so a restart
 //! forgets no accepted packet and needs no start-up fence).
 //!
-//! Deciding ([`SpaDesk::verify`]) and remembering ([`SpaDesk::remember`])
-//! are two steps: the sensor records a packet's replay digest only once
-//! the gate driver has room for its grants, so an accepted packet is never
-//! lost between the two (and a packet refused for want of room may be
-//! sent again). No grant is given without its digest on disk: a digest
-//! that cannot be written refuses the packet.
+//! Deciding ([`SpaDesk::verify`]) and remembering are two steps: a
+//! packet's replay digest is recorded only once the gate driver has room
+//! for its grants, so an accepted packet is never lost between the two
+//! (and a packet refused for want of room may be sent again). The SPA
+//! sensors leave the recording to [`crate::sensor::recorder`], which
+//! batches the disk writes; [`SpaDesk::remember`] is the same for one
+//! packet. No grant is given without its digest on disk: a digest that
+//! cannot be written refuses the packet.
 //!
 //! The codecs beside it ([`native`], [`fwknop`], [`super::keyfile`]) know
 //! nothing of the config; the desk is the policy built on top of them from
@@ -294,7 +296,7 @@ impl SpaDesk {
     /// Records an accepted packet's replay digest durably; refuses a
     /// packet seen before, and one whose digest cannot be written. Called
     /// once its grants have room in the driver's queue. Waits on the disk
-    /// (an fsync): callers on the async runtime run it off the reactor.
+    /// (an fsync), so not for the async runtime's threads.
     pub fn remember(&self, accepted: &Accepted, now_unix: u64, log: &ReplayLog) -> Result<(), Refusal> {
         match log.first_sighting(&accepted.digest, accepted.timestamp, now_unix, self.keep()) {
             Ok(true) => Ok(()),

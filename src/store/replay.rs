@@ -74,6 +74,18 @@ struct Inner {
     broken: bool,
 }
 
+/// What [`ReplayLog::record`] made of one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sighting {
+    /// Never seen before, and now on disk: the packet may be honoured.
+    First,
+    /// Recorded before (or earlier in the same batch): a replay.
+    Replay,
+    /// Never seen before, but the write failed: refuse it (it may be sent
+    /// again).
+    Unrecorded,
+}
+
 /// What loading found besides the live entries.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Loaded {
@@ -151,32 +163,55 @@ impl ReplayLog {
         now_unix: u64,
         keep: Duration,
     ) -> io::Result<bool> {
+        let (sightings, written) = self.record(&[(*digest, stamped_unix)], now_unix, keep);
+        written?;
+        Ok(sightings.first() == Some(&Sighting::First))
+    }
+
+    /// Records a batch of packets' digests with one write and one fsync
+    /// (group commit): each is a [`Sighting`]; when the write failed, the
+    /// error comes back beside them and every digest that would have been
+    /// first is [`Sighting::Unrecorded`]. A digest twice in one batch is a
+    /// replay the second time.
+    pub fn record(&self, batch: &[Entry], now_unix: u64, keep: Duration) -> (Vec<Sighting>, io::Result<()>) {
         let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // A digest covers the packet's timestamp, so a recorded one is a
         // replay whether or not it has expired (an expired one would be
         // refused as stale anyway).
-        if inner.seen.contains_key(digest) {
-            return Ok(false);
+        let mut fresh: Vec<usize> = Vec::with_capacity(batch.len());
+        let mut sightings: Vec<Sighting> = Vec::with_capacity(batch.len());
+        for (i, (digest, _)) in batch.iter().enumerate() {
+            if inner.seen.contains_key(digest) || fresh.iter().any(|&j| batch[j].0 == *digest) {
+                sightings.push(Sighting::Replay);
+            } else {
+                fresh.push(i);
+                sightings.push(Sighting::First);
+            }
         }
-        if inner.broken {
-            inner.compact(&self.dir, now_unix, keep)?;
+        if fresh.is_empty() {
+            return (sightings, Ok(()));
         }
-        if let Err(e) = inner.append(digest, stamped_unix) {
-            inner.broken = true;
-            return Err(e);
+        if let Err(e) = inner.append(&self.dir, fresh.iter().map(|&i| &batch[i]), now_unix, keep) {
+            for &i in &fresh {
+                sightings[i] = Sighting::Unrecorded;
+            }
+            return (sightings, Err(e));
         }
-        inner.seen.insert(*digest, stamped_unix);
-        inner.records += 1;
+        for &i in &fresh {
+            let (digest, stamped) = batch[i];
+            inner.seen.insert(digest, stamped);
+        }
+        inner.records += fresh.len();
         if inner.records >= inner.compact_at {
-            // The record is already durable: a failed compaction leaves the
-            // old file (or the new one) whole, and is retried on the next
-            // packet.
+            // The records are already durable: a failed compaction leaves
+            // the old file (or the new one) whole, and is retried on the
+            // next packet.
             if let Err(e) = inner.compact(&self.dir, now_unix, keep) {
                 inner.broken = true;
                 tracing::warn!(error = %e, dir = %self.dir.display(), "replay log compaction failed");
             }
         }
-        Ok(true)
+        (sightings, Ok(()))
     }
 
     /// Digests held in memory (live, or expired since the last compaction).
@@ -200,9 +235,24 @@ impl ReplayLog {
 }
 
 impl Inner {
-    fn append(&mut self, digest: &[u8; 32], stamped_unix: u64) -> io::Result<()> {
-        self.file.write_all(&record(digest, stamped_unix))?;
-        self.file.sync_data()
+    /// Appends `entries` and fsyncs, after rewriting a file whose tail a
+    /// failed write left unknown. A failure leaves it unknown again.
+    fn append<'a>(
+        &mut self,
+        dir: &Path,
+        entries: impl Iterator<Item = &'a Entry>,
+        now_unix: u64,
+        keep: Duration,
+    ) -> io::Result<()> {
+        if self.broken {
+            self.compact(dir, now_unix, keep)?;
+        }
+        let bytes: Vec<u8> = entries.flat_map(|(digest, stamped)| record(digest, *stamped)).collect();
+        let written = self.file.write_all(&bytes).and_then(|()| self.file.sync_data());
+        if written.is_err() {
+            self.broken = true;
+        }
+        written
     }
 
     /// Drops expired entries and rewrites the file with the rest.
@@ -224,7 +274,7 @@ fn is_live(stamped: u64, now_unix: u64, keep: Duration) -> bool {
 }
 
 /// A digest and its packet's timestamp (unix seconds).
-type Entry = ([u8; 32], u64);
+pub type Entry = ([u8; 32], u64);
 
 fn record(digest: &[u8; 32], stamped_unix: u64) -> [u8; RECORD_LEN] {
     let mut r = [0u8; RECORD_LEN];
@@ -350,6 +400,35 @@ mod tests {
         assert!(!log.first_sighting(&digest(1), now, now + 5, KEEP).unwrap());
         assert!(!log.first_sighting(&digest(2), now + 100, now + 5, KEEP).unwrap());
         assert!(log.first_sighting(&digest(3), now, now + 5, KEEP).unwrap());
+    }
+
+    #[test]
+    fn a_batch_is_written_at_once_and_a_digest_twice_in_it_is_a_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 1_800_000_000;
+        let (log, _) = ReplayLog::open(dir.path(), now, KEEP).unwrap();
+        assert!(log.first_sighting(&digest(1), now, now, KEEP).unwrap());
+        let batch = [
+            (digest(1), now),
+            (digest(2), now),
+            (digest(2), now),
+            (digest(3), now + 5),
+        ];
+        let (sightings, written) = log.record(&batch, now, KEEP);
+        written.unwrap();
+        use Sighting::*;
+        assert_eq!(sightings, [Replay, First, Replay, First]);
+        assert_eq!(file_len(dir.path()), (MAGIC.len() + 3 * RECORD_LEN) as u64);
+        drop(log);
+        let (_, loaded) = ReplayLog::open(dir.path(), now, KEEP).unwrap();
+        assert_eq!(loaded.live, 3);
+
+        // A failed write: the new digests are unrecorded, the replay stays one.
+        let (log, _) = ReplayLog::open(dir.path(), now, KEEP).unwrap();
+        log.fail_writes();
+        let (sightings, written) = log.record(&[(digest(1), now), (digest(4), now)], now, KEEP);
+        assert!(written.is_err());
+        assert_eq!(sightings, [Replay, Unrecorded]);
     }
 
     #[test]
