@@ -276,3 +276,74 @@ fn a_reload_that_moves_the_state_directory_is_refused_and_the_old_log_kept() {
     assert!(std::fs::metadata(old_dir.join("replay.log")).unwrap().len() > before);
     assert!(!new_dir.exists());
 }
+
+/// Makes paths immutable (`chattr +i`) until dropped: writes through
+/// descriptors already open fail, as on a failed disk. Needs root and a
+/// file system with attributes (ext4, xfs, btrfs).
+struct Immutable(Vec<PathBuf>);
+
+impl Immutable {
+    fn set(paths: &[&Path]) -> Option<Immutable> {
+        let mut set = Immutable(Vec::new());
+        for path in paths {
+            let ok = Command::new("chattr")
+                .arg("+i")
+                .arg(path)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return None;
+            }
+            set.0.push(path.to_path_buf());
+        }
+        Some(set)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = Command::new("chattr").arg("-i").arg(path).status();
+        }
+    }
+}
+
+#[test]
+fn a_packet_whose_digest_cannot_be_written_is_refused_and_may_be_sent_again() {
+    let upstream = echo_server("127.0.0.1:0");
+    let keys = Keys::new();
+    let state = tempfile::tempdir().unwrap();
+    let (gw, p) = Gateway::builder()
+        .on_free_ports(2, |p| config(&keys, upstream, p, ""))
+        .state_dir(state.path())
+        .start_on_ports();
+    let log = state.path().join("replay.log");
+    let Some(frozen) = Immutable::set(&[&log, state.path()]) else {
+        eprintln!("skipped: chattr +i needs root and a file system with attributes");
+        return;
+    };
+    let saved = keys.dir.path().join("packet.txt");
+    fwknop(&keys, &p, &["--save-packet", saved.to_str().unwrap()]);
+    rejected_nth(&gw, 1, "replay_log_failed");
+    let error = gw.wait_for(|l| msg(l).starts_with("state.dir: cannot write the replay log"));
+    assert!(
+        error["dir"].as_str().unwrap().ends_with(state.path().to_str().unwrap()),
+        "{error}"
+    );
+    let failed = metric(
+        &gw.scrape(),
+        "portcullis_spa_packets_total",
+        &[("result", "replay_log_failed")],
+    );
+    assert_eq!(failed, Some(1.0));
+    assert_eq!(gw.count(|l| msg(l) == "grant"), 0, "granted without a record");
+    assert!(!echo_works("127.0.0.1", gw.addr("pg")));
+
+    // The disk is back: the same packet, never recorded, is honoured once.
+    drop(frozen);
+    let packet = std::fs::read_to_string(&saved).unwrap();
+    udp_from("127.0.0.1", spa_addr(&p), packet.trim().as_bytes());
+    gw.wait_grant("pg", "127.0.0.1");
+    udp_from("127.0.0.1", spa_addr(&p), packet.trim().as_bytes());
+    rejected_nth(&gw, 1, "replay");
+}
