@@ -110,6 +110,7 @@ impl ReplayLog {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode_private()
             .open(dir.join(LOCK_NAME))?;
         let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
             Errno::EWOULDBLOCK => io::Error::new(
