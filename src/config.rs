@@ -13,6 +13,7 @@ pub use knock::{random_pass_chance, sequence_report, SequenceReport, RANDOM_PASS
 pub mod pem;
 pub mod raw;
 mod spa;
+mod state;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -26,6 +27,7 @@ use crate::step::Proto;
 pub use admin::{Admin, AdminTls, DEFAULT_ADMIN_LISTEN};
 use raw::{RawConfig, RawCount, RawGateway, RawService};
 pub use spa::{KeySource, Limits, ServiceSpa, Spa, User, DEFAULT_SPA_LISTEN, MAX_SPA_AGE, MIN_FWKNOP_KEY_LEN};
+pub use state::{State, DEFAULT_STATE_DIR};
 
 /// Prefix of environment overrides; sections and keys are joined by `__`.
 pub const ENV_PREFIX: &str = "PORTCULLIS";
@@ -41,6 +43,8 @@ pub struct Config {
     pub limits: Limits,
     /// The SPA listener, when the config has an `[spa]` section.
     pub spa: Option<Spa>,
+    /// Where state that outlives the process is kept.
+    pub state: State,
     pub services: Vec<Service>,
     pub users: Vec<User>,
     /// What the caps cost in descriptors, once [`budget::fit`] has checked
@@ -307,6 +311,7 @@ pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> 
     let admin = raw.admin.as_ref().and_then(|a| v.admin(a));
     let limits = v.limits(&raw.limits);
     let spa = raw.spa.as_ref().and_then(|s| v.spa(s));
+    let state = v.state(&raw.state);
     let mut users = Vec::new();
     for (name, u) in &raw.user {
         if let Some(u) = v.user(name, u) {
@@ -347,6 +352,7 @@ pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> 
             admin,
             limits,
             spa,
+            state,
             services,
             users,
             descriptors: None,
@@ -849,6 +855,21 @@ knock = { sequence = ["5/udp", "1/tcp", "6/udp"] }
         let got = paths(err);
         assert!(got.contains(&"service.b.listen".to_string()), "{got:?}");
         assert!(got.contains(&"service.b.knock.sequence".to_string()), "{got:?}");
+    }
+
+    #[test]
+    fn the_state_dir_has_a_system_default_and_is_set_by_file_or_environment() {
+        assert_eq!(load_str(ECHO, &[]).unwrap().state.dir, Path::new(DEFAULT_STATE_DIR));
+        let file = format!("[state]\ndir = \"/srv/portcullis\"\n{ECHO}");
+        assert_eq!(load_str(&file, &[]).unwrap().state.dir, Path::new("/srv/portcullis"));
+        let env = [("PORTCULLIS__STATE__DIR", "/tmp/pc-state")];
+        assert_eq!(load_str(&file, &env).unwrap().state.dir, Path::new("/tmp/pc-state"));
+        // Relative to the config file's directory, like every other path.
+        let raw: RawConfig = toml::from_str(&format!("[state]\ndir = \"state\"\n{ECHO}")).unwrap();
+        let c = validate_in(&raw, Path::new("/etc/portcullis")).unwrap();
+        assert_eq!(c.state.dir, Path::new("/etc/portcullis/state"));
+        let err = load_str(&format!("[state]\ndir = \" \"\n{ECHO}"), &[]).unwrap_err();
+        assert_eq!(paths(err), ["state.dir"]);
     }
 
     #[test]

@@ -107,11 +107,18 @@ impl DriverHandle {
     /// Reserves room for `n` authorizations, or fails at once: taken
     /// before a verified SPA packet's replay digest is recorded, so an
     /// accepted packet cannot be lost to a full queue afterwards.
-    pub fn reserve_grants(&self, n: usize) -> Result<Reserved<'_>, DriverError> {
-        self.tx.try_reserve_many(n).map(Reserved).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => DriverError::Busy,
-            mpsc::error::TrySendError::Closed(_) => DriverError::Stopped,
-        })
+    /// The room is owned, so it can travel with the packet to the thread
+    /// that writes the replay log; dropped unused, it is given back.
+    pub fn reserve_grants(&self, n: usize) -> Result<Reserved, DriverError> {
+        let mut permits = Vec::with_capacity(n);
+        for _ in 0..n {
+            let permit = self.tx.clone().try_reserve_owned().map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => DriverError::Busy,
+                mpsc::error::TrySendError::Closed(_) => DriverError::Stopped,
+            })?;
+            permits.push(permit);
+        }
+        Ok(Reserved(permits))
     }
 
     /// Queues a verified authorization; never waits.
@@ -188,13 +195,13 @@ impl DriverHandle {
 
 /// Room reserved in the driver's queue by [`DriverHandle::reserve_grants`].
 #[derive(Debug)]
-pub struct Reserved<'a>(mpsc::PermitIterator<'a, Request>);
+pub struct Reserved(Vec<mpsc::OwnedPermit<Request>>);
 
-impl Reserved<'_> {
+impl Reserved {
     /// Queues a verified authorization in reserved room; false when every
     /// reserved place was used already.
     pub fn authorize(&mut self, service: Arc<str>, source: IpAddr, method: Method, duration: Duration) -> bool {
-        let Some(permit) = self.0.next() else { return false };
+        let Some(permit) = self.0.pop() else { return false };
         permit.send(Request::Input(Input::Authorize {
             service,
             source,
@@ -208,7 +215,7 @@ impl Reserved<'_> {
     /// reserved room, answering no one; false when every reserved place
     /// was used already.
     pub fn revoke(&mut self, service: Arc<str>, source: IpAddr) -> bool {
-        let Some(permit) = self.0.next() else { return false };
+        let Some(permit) = self.0.pop() else { return false };
         let (reply, _) = oneshot::channel();
         permit.send(Request::Revoke { service, source, reply });
         true

@@ -18,11 +18,14 @@
 //! ```
 //!
 //! - [`sensor`]: knock and SPA listeners (bound sockets, or the raw sensor's
-//!   raw sockets); they own sockets and nothing else.
+//!   raw sockets); they own sockets and nothing else. [`sensor::recorder`]
+//!   is the thread that writes accepted SPA packets to the replay log
+//!   before their grants are queued.
 //! - [`driver`]: the only code that talks to the gate; applies its events to
 //!   the store, audit log, metrics and lockouts; the replication seam.
 //! - [`gate`]: knock progress, grants and expiries; pure logic, time passed in.
-//! - [`store`]: where grants live for the connection path ([`store::GrantStore`]).
+//! - [`store`]: where grants live for the connection path ([`store::GrantStore`]),
+//!   and the SPA replay log on disk under `state.dir` ([`store::replay`]).
 //! - [`guard`]: per-source rate limits and lockouts in front of the sensors.
 //! - [`spa`]: SPA packet codecs (native and fwknop) and key files, pure and
 //!   config-free; [`spa::desk`] is the policy that decides on a packet.

@@ -31,6 +31,7 @@ use crate::net;
 use crate::step::Step;
 
 pub mod raw;
+pub mod recorder;
 pub mod spa;
 pub mod spa_stream;
 

@@ -27,6 +27,8 @@ use crate::driver::{Driver, DriverHandle, Effects, LocalLog};
 use crate::gate::Gate;
 use crate::guard::SourceGuard;
 use crate::metrics::{self, ReloadResult};
+use crate::sensor::recorder::Recorder;
+use crate::spa::desk::unix_secs;
 use crate::store::{GrantStore, MemoryStore};
 use crate::{proxy, sensor, udp};
 use anyhow::Context as _;
@@ -42,11 +44,14 @@ pub struct Bound {
     readiness: Readiness,
     /// Whether the raw sensor watches the knock and SPA ports.
     raw: bool,
+    /// The SPA replay log's writer under `state.dir`, when the config has SPA.
+    replay: Option<Recorder>,
 }
 
 /// Binds every guarded listener, knock endpoint and the SPA and admin
-/// ports of `config`. Errors name the config key whose address could not
-/// be bound.
+/// ports of `config`, and opens the SPA replay log under `state.dir`.
+/// Errors name the config key whose address could not be bound, or
+/// `state.dir`.
 pub fn bind(mut config: Config) -> anyhow::Result<Bound> {
     // Before any socket, so it is there when the first accept runs short.
     crate::net::keep_reserve().context("the reserve descriptor")?;
@@ -59,12 +64,14 @@ pub fn bind(mut config: Config) -> anyhow::Result<Bound> {
     let plan = handover::plan(&[], &wanted.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>());
     let sockets = handover::bind_all(&plan.bind, &wanted)?;
     let admin = config.admin.as_ref().map(admin::bind).transpose()?;
+    let replay = runtime::open_replay(&config, unix_secs(&SystemClock))?;
     Ok(Bound {
         config,
         sockets,
         admin,
         readiness: Readiness::new(),
         raw,
+        replay,
     })
 }
 
@@ -106,6 +113,7 @@ impl Bound {
             admin,
             readiness,
             raw,
+            replay,
         } = self;
         let life = Lifecycle::new();
         let (failures_tx, mut failures) = mpsc::unbounded_channel();
@@ -163,6 +171,7 @@ impl Bound {
             clock,
             failures: failures_tx,
             raw,
+            replay,
         });
         runtime.start(sockets).await?;
         readiness.set_ready();

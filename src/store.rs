@@ -5,9 +5,13 @@
 //! the proxy. Lookups are synchronous and local: a backend shared between
 //! replicas keeps a local mirror so the connection path never waits on the
 //! network.
+//!
+//! The SPA replay log lives beside it ([`replay`]): on disk under
+//! `state.dir`, so that a restart forgets no accepted packet.
+
+pub mod replay;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use dashmap::DashMap;
@@ -34,10 +38,6 @@ pub trait GrantStore: std::fmt::Debug + Send + Sync + 'static {
     /// Every grant still held (expired ones not yet removed included).
     fn snapshot(&self) -> Vec<Grant>;
 
-    /// Records an accepted SPA packet's replay digest until `until`.
-    /// Returns false when the digest was already recorded: a replay.
-    fn first_sighting(&self, digest: &[u8; 32], now: Instant, until: Instant) -> bool;
-
     /// Sees a new value after each change to the grants held (one given,
     /// expired or revoked), so that whatever keeps a copy derived from them
     /// (a UDP service's kernel filter) knows when to look again. Changes
@@ -58,8 +58,7 @@ type Grants = SmallVec<[Grant; 1]>;
 
 /// Map hasher: seeded per map, and an order of magnitude cheaper than
 /// SipHash on a 17-byte key. Flooding does not apply: only authenticated
-/// sources (a completed knock or SPA) and authenticated packets' digests
-/// are ever inserted; lookups of anything else cannot lengthen a probe.
+/// sources (a completed knock or SPA) are ever inserted; lookups of anything else cannot lengthen a probe.
 type Hasher = foldhash::fast::RandomState;
 
 /// The embedded store: a concurrent map keyed by source address, holding
@@ -67,10 +66,6 @@ type Hasher = foldhash::fast::RandomState;
 #[derive(Debug)]
 pub struct MemoryStore {
     by_source: DashMap<IpAddr, Grants, Hasher>,
-    /// SPA replay digests and when each may be forgotten.
-    seen: DashMap<[u8; 32], Instant, Hasher>,
-    /// Table size at which expired digests are next swept out.
-    sweep_at: AtomicUsize,
     /// Bumped after each change to `by_source`.
     generation: watch::Sender<u64>,
 }
@@ -79,15 +74,10 @@ impl Default for MemoryStore {
     fn default() -> Self {
         Self {
             by_source: DashMap::default(),
-            seen: DashMap::default(),
-            sweep_at: AtomicUsize::new(0),
             generation: watch::channel(0).0,
         }
     }
 }
-
-/// Smallest replay-table size that triggers a sweep of expired digests.
-const SWEEP_MIN: usize = 1024;
 
 impl MemoryStore {
     pub fn new() -> Self {
@@ -127,29 +117,6 @@ impl GrantStore for MemoryStore {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
-    }
-
-    fn first_sighting(&self, digest: &[u8; 32], now: Instant, until: Instant) -> bool {
-        // Only authenticated packets get here, so the table grows at the pace
-        // of real users; sweeping when it doubles keeps it bounded by the
-        // packets of one retention period.
-        if self.seen.len() >= self.sweep_at.load(Ordering::Relaxed).max(SWEEP_MIN) {
-            self.seen.retain(|_, keep_until| *keep_until > now);
-            self.sweep_at.store(self.seen.len() * 2, Ordering::Relaxed);
-        }
-        match self.seen.entry(*digest) {
-            dashmap::mapref::entry::Entry::Occupied(mut e) => {
-                if *e.get() > now {
-                    return false;
-                }
-                e.insert(until);
-                true
-            }
-            dashmap::mapref::entry::Entry::Vacant(e) => {
-                e.insert(until);
-                true
-            }
-        }
     }
 
     fn holds(&self, service: &str, source: IpAddr) -> bool {
@@ -245,43 +212,6 @@ mod tests {
     }
 
     #[test]
-    fn a_packet_digest_is_accepted_once_until_it_is_forgotten() {
-        let clock = ManualClock::new();
-        let store = MemoryStore::new();
-        let keep = Duration::from_secs(240);
-        let d = [7u8; 32];
-        assert!(store.first_sighting(&d, clock.now(), clock.now() + keep));
-        assert!(
-            !store.first_sighting(&d, clock.now(), clock.now() + keep),
-            "a replay was accepted"
-        );
-        assert!(store.first_sighting(&[8u8; 32], clock.now(), clock.now() + keep));
-        clock.advance(keep - Duration::from_millis(1));
-        assert!(!store.first_sighting(&d, clock.now(), clock.now() + keep));
-        clock.advance(Duration::from_millis(1));
-        assert!(store.first_sighting(&d, clock.now(), clock.now() + keep));
-    }
-
-    #[test]
-    fn the_replay_table_is_swept_of_expired_digests() {
-        let clock = ManualClock::new();
-        let store = MemoryStore::new();
-        for i in 0..5_000u32 {
-            let mut d = [0u8; 32];
-            d[..4].copy_from_slice(&i.to_le_bytes());
-            assert!(store.first_sighting(&d, clock.now(), clock.now() + Duration::from_secs(1)));
-            clock.advance(Duration::from_millis(10));
-        }
-        // Digests older than a second are gone; at most about two sweeps'
-        // worth remain.
-        assert!(
-            store.seen.len() < 2 * SWEEP_MIN + 200,
-            "{} digests kept",
-            store.seen.len()
-        );
-    }
-
-    #[test]
     fn every_change_to_the_grants_is_seen_by_watchers() {
         let clock = ManualClock::new();
         let store = MemoryStore::new();
@@ -302,10 +232,6 @@ mod tests {
         changes.mark_unchanged();
         assert!(store.revoke("echo", a).is_some());
         assert!(changes.has_changed().unwrap(), "a grant revoked");
-        // A replay digest is not a grant.
-        changes.mark_unchanged();
-        store.first_sighting(&[1; 32], clock.now(), clock.now() + Duration::from_secs(1));
-        assert!(!changes.has_changed().unwrap());
     }
 
     #[test]

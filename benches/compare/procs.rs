@@ -290,6 +290,11 @@ impl Portcullis {
         let path: PathBuf = home.join("proxy.toml");
         std::fs::write(&path, config)?;
         let mut cmd = Command::new(bin);
+        // The replay log beside the config, unless the caller chose where
+        // (PORTCULLIS__STATE__DIR=/dev/shm/x measures without the fsync).
+        if std::env::var_os("PORTCULLIS__STATE__DIR").is_none() {
+            cmd.env("PORTCULLIS__STATE__DIR", home.join("state"));
+        }
         cmd.args(["--log-format", "json", "--log-level", "info", "serve", "-c"])
             .arg(&path)
             .env_remove("RUST_LOG")

@@ -19,6 +19,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub spa: Option<RawSpa>,
     #[serde(default)]
+    pub state: RawState,
+    #[serde(default)]
     pub service: BTreeMap<String, RawService>,
     #[serde(default)]
     pub user: BTreeMap<String, RawUser>,
@@ -34,6 +36,13 @@ pub struct RawLimits {
     pub lockout_for: Option<String>,
     pub max_tracked_sources: Option<RawCount>,
     pub ipv6_prefix: Option<RawCount>,
+}
+
+/// Where state that outlives the process is kept.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub dir: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

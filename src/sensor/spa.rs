@@ -12,9 +12,11 @@
 //! rate; the per-source guard is not consulted at all.
 //!
 //! An accepted packet first reserves room for its grants in the driver's
-//! queue (room knocks cannot take), then has its replay digest recorded,
-//! then its grants are queued in that room: it cannot be lost in between,
-//! and the sensor never waits on the driver.
+//! queue (room knocks cannot take), then goes with that room to the
+//! [`Recorder`], which writes its replay digest to disk (fsync'd) and only
+//! then queues its grants: it cannot be lost in between, and the sensor
+//! waits on neither the driver nor the disk. Only authenticated, fresh
+//! packets get that far, so a flood of forgeries costs no disk write.
 
 use std::collections::HashMap;
 use std::io;
@@ -24,13 +26,12 @@ use std::sync::Arc;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use super::recorder::{Pending, Recorder};
 use crate::clock::Clock;
 use crate::driver::DriverHandle;
-use crate::gate::Method;
 use crate::metrics;
 use crate::spa::desk::{unix_secs, Accepted, Refusal, SpaDesk};
 use crate::spa::{self, Format, Reject};
-use crate::store::GrantStore;
 
 /// Receive buffer asked for on the SPA socket: about 200 ms of a
 /// 20,000 packets/s flood, so a valid packet arriving in one is queued
@@ -44,11 +45,11 @@ const MAX_BATCH: usize = 256;
 #[derive(Debug)]
 pub struct SpaSensor {
     pub desk: SpaDesk,
-    pub store: Arc<dyn GrantStore>,
+    /// Writes accepted packets' digests, then grants them; one shared by
+    /// every SPA sensor.
+    pub recorder: Recorder,
     pub clock: Arc<dyn Clock>,
-    /// Limits how many rejections are logged per second; the rest are
-    /// only counted.
-    pub log_limit: governor::DefaultDirectRateLimiter,
+    pub refusals: RefusalLog,
 }
 
 /// Reads the SPA socket until `cancel`.
@@ -90,7 +91,7 @@ impl SpaSensor {
     pub fn decide(&self, packet: &[u8], source: IpAddr, driver: &DriverHandle, counters: &mut Counters) {
         let now_unix = unix_secs(&*self.clock);
         let refusal = match self.desk.verify(packet, source, now_unix) {
-            Ok(accepted) => match self.grant(accepted, source, driver, counters) {
+            Ok(accepted) => match self.grant(accepted, source, now_unix, driver) {
                 Ok(()) => return,
                 Err(r) => r,
             },
@@ -100,56 +101,51 @@ impl SpaSensor {
             Refusal::Packet(Reject::Stale { skew_secs, .. }) => Some(skew_secs),
             _ => None,
         };
-        self.refused(spa::detect(packet), refusal, source, skew, counters);
+        self.refusals
+            .refused(spa::detect(packet), refusal, source, skew, counters);
     }
 
-    /// Reserves room for the grants, records the digest, queues the grants.
-    fn grant(
-        &self,
-        accepted: Accepted,
-        source: IpAddr,
-        driver: &DriverHandle,
-        counters: &mut Counters,
-    ) -> Result<(), Refusal> {
-        let Ok(mut room) = driver.reserve_grants(accepted.grants.len()) else {
+    /// Reserves room for the grants and hands the packet to the recorder,
+    /// which records the digest and then queues the grants.
+    fn grant(&self, accepted: Accepted, source: IpAddr, now_unix: u64, driver: &DriverHandle) -> Result<(), Refusal> {
+        let Ok(room) = driver.reserve_grants(accepted.grants.len()) else {
             return Err(Refusal::Busy);
         };
-        self.desk.remember(&accepted, self.clock.now(), &*self.store)?;
-        counters.count(accepted.format.as_label(), "accepted");
-        let services: Vec<&str> = accepted.grants.iter().map(|(s, _)| &**s).collect();
-        if accepted.close {
-            tracing::info!(
-                user = %accepted.user,
-                %source,
-                grantee = %accepted.grantee,
-                services = ?services,
-                "spa close accepted"
-            );
-            for (service, _) in accepted.grants {
-                let queued = room.revoke(service, accepted.grantee);
-                debug_assert!(queued, "room was reserved for every service");
-            }
-            return Ok(());
+        self.recorder.submit(Pending {
+            accepted,
+            source,
+            now_unix,
+            keep: self.desk.keep(),
+            room,
+        })
+    }
+}
+
+/// Rejected SPA packets logged per second at most; the rest are counted.
+const LOG_RATE: std::num::NonZeroU32 = std::num::NonZeroU32::new(20).expect("20 is not zero");
+
+/// How refused packets are counted and logged, under a rate limit.
+#[derive(Debug)]
+pub struct RefusalLog {
+    /// Limits how many rejections are logged per second; the rest are
+    /// only counted.
+    limit: governor::DefaultDirectRateLimiter,
+}
+
+impl Default for RefusalLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RefusalLog {
+    pub fn new() -> Self {
+        Self {
+            limit: governor::RateLimiter::direct(governor::Quota::per_second(LOG_RATE)),
         }
-        tracing::info!(
-            user = %accepted.user,
-            %source,
-            grantee = %accepted.grantee,
-            format = accepted.format.as_label(),
-            services = ?services,
-            "spa accepted"
-        );
-        for (service, duration) in accepted.grants {
-            let method = Method::Spa {
-                user: accepted.user.clone(),
-            };
-            let queued = room.authorize(service, accepted.grantee, method, duration);
-            debug_assert!(queued, "room was reserved for every grant");
-        }
-        Ok(())
     }
 
-    fn refused(
+    pub(super) fn refused(
         &self,
         format: Option<Format>,
         refusal: Refusal,
@@ -158,7 +154,7 @@ impl SpaSensor {
         counters: &mut Counters,
     ) {
         counters.count(format.map_or("unknown", Format::as_label), refusal.as_label());
-        if self.log_limit.check().is_err() {
+        if self.limit.check().is_err() {
             return;
         }
         if refusal == Refusal::Busy {
@@ -181,7 +177,7 @@ impl SpaSensor {
 pub struct Counters(HashMap<(&'static str, &'static str), ::metrics::Counter>);
 
 impl Counters {
-    fn count(&mut self, format: &'static str, result: &'static str) {
+    pub(super) fn count(&mut self, format: &'static str, result: &'static str) {
         self.0
             .entry((format, result))
             .or_insert_with(|| metrics::spa_packet_counter(format, result))

@@ -23,12 +23,11 @@ use crate::driver::DriverHandle;
 use crate::gate::{GateLimits, ServiceRule};
 use crate::guard::SourceGuard;
 use crate::proxy::dark::{self, Dark};
+use crate::sensor::recorder::Recorder;
 use crate::spa::desk::{unix_secs, SpaDesk};
 use crate::step::{Proto, Step};
+use crate::store::replay::{self, ReplayLog};
 use crate::{metrics, proxy, sensor, udp};
-
-/// Rejected SPA packets logged per second at most; the rest are counted.
-const SPA_LOG_RATE: std::num::NonZeroU32 = std::num::NonZeroU32::new(20).expect("20 is not zero");
 
 /// Where failures of core tasks are reported.
 pub(super) type Failures = mpsc::UnboundedSender<String>;
@@ -102,6 +101,34 @@ fn listen(service: &str, listener: &std::net::TcpListener) {
     }
 }
 
+/// Opens the replay log under `state.dir` when `config` has SPA (a config
+/// without it needs no state, so a knock-only gateway writes nothing).
+/// The error names `state.dir`: nothing is served without the log.
+pub(super) fn open_replay(config: &Config, now_unix: u64) -> anyhow::Result<Option<Recorder>> {
+    let Some(spa) = &config.spa else {
+        return Ok(None);
+    };
+    let dir = &config.state.dir;
+    let (log, loaded) = ReplayLog::open(dir, now_unix, spa.max_age + replay::MARGIN).with_context(|| {
+        format!(
+            "state.dir: cannot open the spa replay log in {}: set state.dir (or PORTCULLIS__STATE__DIR) to a directory this user may write",
+            dir.display()
+        )
+    })?;
+    if loaded.damaged > 0 {
+        tracing::warn!(dir = %dir.display(), damaged = loaded.damaged, "replay log records failed their checksum and were dropped");
+    }
+    tracing::info!(
+        dir = %dir.display(),
+        live = loaded.live,
+        expired = loaded.expired,
+        torn_tail = loaded.torn_tail,
+        "replay log loaded"
+    );
+    let recorder = Recorder::start(log).context("cannot start the replay log's writer thread")?;
+    Ok(Some(recorder))
+}
+
 /// What a reload changed, for its log line.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReloadSummary {
@@ -168,13 +195,14 @@ pub(super) struct Parts {
     /// Whether the raw sensor watches the knock and SPA ports (chosen at
     /// start, kept across reloads).
     pub raw: bool,
+    /// The SPA replay log's writer, once a config has SPA (see [`open_replay`]).
+    pub replay: Option<Recorder>,
 }
 
 /// The running data plane of one config.
 #[derive(Debug)]
 pub(super) struct Runtime {
     parts: Parts,
-    started_unix: u64,
     tasks: Vec<Task>,
     /// The endpoints the running tasks serve.
     running: Vec<Endpoint>,
@@ -186,7 +214,6 @@ pub(super) struct Runtime {
 impl Runtime {
     pub(super) fn new(parts: Parts) -> Self {
         Self {
-            started_unix: unix_secs(&*parts.clock),
             parts,
             tasks: Vec::new(),
             running: Vec::new(),
@@ -243,7 +270,12 @@ impl Runtime {
         if let Some(sockets) = raw {
             let plan = sensor::raw::Plan::new(self.config(), sensor::raw::ephemeral_range());
             sensor::raw::watch(&sockets, &plan).context("the raw sensor's filter was refused")?;
-            let spa_sensor = self.config().spa.is_some().then(|| self.spa_sensor(&bound));
+            let spa_sensor = self
+                .config()
+                .spa
+                .is_some()
+                .then(|| self.spa_sensor(&bound))
+                .transpose()?;
             let intake = intake.clone();
             self.spawn("raw sensor".into(), move |stop| async move {
                 let sockets = sensor::raw::run(sockets, plan, intake, spa_sensor, stop).await;
@@ -253,7 +285,7 @@ impl Runtime {
         if let Some((configured, socket)) = spa {
             let addr = socket.local_addr()?;
             tracing::info!(kind = "spa", %addr, users = self.config().users.len(), "listening");
-            let spa_sensor = self.spa_sensor(&bound);
+            let spa_sensor = self.spa_sensor(&bound)?;
             let driver = self.parts.driver.clone();
             // Keyed by the configured address, as a reloaded config names it
             // (port 0 included), not by the port the kernel chose.
@@ -265,7 +297,7 @@ impl Runtime {
         for (configured, http, listener) in spa_streams {
             let transport = if http { "http" } else { "tcp" };
             tracing::info!(kind = "spa", transport, addr = %listener.local_addr()?, "listening");
-            let spa_sensor = self.spa_sensor(&bound);
+            let spa_sensor = self.spa_sensor(&bound)?;
             let driver = self.parts.driver.clone();
             self.spawn(format!("spa {transport} sensor"), move |stop| async move {
                 let listener = sensor::spa_stream::run(listener, http, spa_sensor, driver, stop).await;
@@ -298,20 +330,19 @@ impl Runtime {
     }
 
     /// The SPA sensor's desk and limits for the running config.
-    fn spa_sensor(&self, bound: &[(Arc<str>, SocketAddr)]) -> sensor::spa::SpaSensor {
+    fn spa_sensor(&self, bound: &[(Arc<str>, SocketAddr)]) -> anyhow::Result<sensor::spa::SpaSensor> {
         let config = self.config();
-        sensor::spa::SpaSensor {
-            desk: SpaDesk::new(
-                config.spa.as_ref(),
-                &config.users,
-                &config.services,
-                bound,
-                self.started_unix,
-            ),
-            store: self.parts.proxy.store.clone(),
+        let recorder = self
+            .parts
+            .replay
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no replay log is open for the spa sensor"))?;
+        Ok(sensor::spa::SpaSensor {
+            desk: SpaDesk::new(config.spa.as_ref(), &config.users, &config.services, bound),
+            recorder,
             clock: self.parts.clock.clone(),
-            log_limit: governor::RateLimiter::direct(governor::Quota::per_second(SPA_LOG_RATE)),
-        }
+            refusals: sensor::spa::RefusalLog::new(),
+        })
     }
 
     /// Spawns a supervised task that runs until its stop token (a child of
@@ -436,6 +467,7 @@ impl Runtime {
         if self.parts.raw {
             sensor::raw::fixed_ports(&new)?;
         }
+        let replay = self.reload_replay(&new)?;
         let summary = summarize(self.config(), &new);
         let wanted = handover::endpoints(&new, self.parts.raw);
         let wanted_endpoints: Vec<Endpoint> = wanted.iter().map(|(e, _)| e.clone()).collect();
@@ -460,8 +492,24 @@ impl Runtime {
             .collect();
         metrics::zero_services(&added);
         self.parts.config = new;
+        self.parts.replay = replay;
         self.start(sockets).await?;
         Ok(summary)
+    }
+
+    /// The replay log under `new`: the one open, or (the first config with
+    /// SPA) a new one. The log cannot move while open: a reload that
+    /// changes `state.dir` is refused and the running config kept.
+    fn reload_replay(&self, new: &Config) -> anyhow::Result<Option<Recorder>> {
+        match &self.parts.replay {
+            Some(recorder) if recorder.dir() != new.state.dir => anyhow::bail!(
+                "state.dir: changing the state directory ({} to {}) needs a restart",
+                recorder.dir().display(),
+                new.state.dir.display()
+            ),
+            Some(recorder) => Ok(Some(recorder.clone())),
+            None => open_replay(new, unix_secs(&*self.parts.clock)),
+        }
     }
 
     /// Stops every listener and sensor and takes their sockets back.

@@ -1,14 +1,17 @@
 //! The SPA desk: every decision on one SPA packet, synchronous and free of
 //! sockets. Decoding (native by key id, fwknop by trying each user's
-//! keys), the user's source restrictions, the start-up fence, the requested
-//! services and permissions, and the replay cache (in the store, so a
-//! shared store shares it).
+//! keys), the user's source restrictions, the requested services and
+//! permissions, and the replay log ([`ReplayLog`], on disk, so a restart
+//! forgets no accepted packet and needs no start-up fence).
 //!
-//! Deciding ([`SpaDesk::verify`]) and remembering ([`SpaDesk::remember`])
-//! are two steps: the sensor records a packet's replay digest only once
-//! the gate driver has room for its grants, so an accepted packet is never
-//! lost between the two (and a packet refused for want of room may be
-//! sent again).
+//! Deciding ([`SpaDesk::verify`]) and remembering are two steps: a
+//! packet's replay digest is recorded only once the gate driver has room
+//! for its grants, so an accepted packet is never lost between the two
+//! (and a packet refused for want of room may be sent again). The SPA
+//! sensors leave the recording to [`crate::sensor::recorder`], which
+//! batches the disk writes; [`SpaDesk::remember`] is the same for one
+//! packet. No grant is given without its digest on disk: a digest that
+//! cannot be written refuses the packet.
 //!
 //! The codecs beside it ([`native`], [`fwknop`], [`super::keyfile`]) know
 //! nothing of the config; the desk is the policy built on top of them from
@@ -17,25 +20,26 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use crate::clock::Clock;
 use crate::config::{Service, Spa, User};
 use crate::spa::native::{self, KeyId};
 use crate::spa::{self, fwknop, Format, Reject, Window};
 use crate::step::Proto;
-use crate::store::GrantStore;
+use crate::store::replay::{self, ReplayLog};
 
 /// Why an SPA packet was not honoured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// The codec refused it (malformed, bad MAC, stale...).
     Packet(Reject),
-    /// Authentic, but seen before.
+    /// Authentic, but seen before (in this run or an earlier one).
     Replay,
-    /// Authentic and fresh, but made before this process started: a
-    /// restart must not reopen a replay window.
-    BeforeStart,
+    /// Authentic and allowed, but its digest could not be written to the
+    /// replay log: refused, since a grant without a record could be
+    /// replayed after a restart. Not recorded, so it may be sent again.
+    ReplayLogFailed,
     /// The user may not send from this address (`allow_from`).
     SourceNotAllowed,
     /// The packet's allow-IP is not its source (`require_source_match`).
@@ -73,7 +77,7 @@ impl Refusal {
         match self {
             Refusal::Packet(r) => r.as_label(),
             Refusal::Replay => "replay",
-            Refusal::BeforeStart => "before_start",
+            Refusal::ReplayLogFailed => "replay_log_failed",
             Refusal::SourceNotAllowed => "source_not_allowed",
             Refusal::SourceMismatch => "source_mismatch",
             Refusal::NoAccess => "no_access",
@@ -113,6 +117,9 @@ pub struct Accepted {
     pub close: bool,
     /// The packet's replay digest, for [`SpaDesk::remember`].
     pub digest: [u8; 32],
+    /// The packet's own timestamp (unix seconds): its digest is kept
+    /// until this has left the window.
+    pub timestamp: u64,
 }
 
 #[derive(Debug)]
@@ -153,22 +160,13 @@ pub struct SpaDesk {
     native_ids: HashMap<KeyId, usize>,
     doors: Vec<Door>,
     max_age: Duration,
-    /// Unix seconds at start-up; older packets are refused.
-    started_unix: u64,
 }
 
 impl SpaDesk {
     /// Builds the desk from the validated `[spa]` section, users and
     /// services. `bound` holds each service's real listen address (port 0
     /// resolved): a request names the port clients connect to.
-    /// `started_unix` is the wall-clock second the process started.
-    pub fn new(
-        spa: Option<&Spa>,
-        users: &[User],
-        services: &[Service],
-        bound: &[(Arc<str>, SocketAddr)],
-        started_unix: u64,
-    ) -> Self {
+    pub fn new(spa: Option<&Spa>, users: &[User], services: &[Service], bound: &[(Arc<str>, SocketAddr)]) -> Self {
         let users = users.to_vec();
         let native_ids = users
             .iter()
@@ -203,7 +201,6 @@ impl SpaDesk {
             native_ids,
             doors,
             max_age: spa.map_or(spa::DEFAULT_MAX_AGE, |s| s.max_age),
-            started_unix,
         }
     }
 
@@ -246,9 +243,6 @@ impl SpaDesk {
         }
         if user.require_source_address && request.allow_ip.is_none() {
             return Err(Refusal::SourceAddressRequired);
-        }
-        if request.timestamp < self.started_unix {
-            return Err(Refusal::BeforeStart);
         }
         let grantee = request.allow_ip.map_or(source, |ip| ip.to_canonical());
         // A close request ends the sender's own grant only: naming another
@@ -300,17 +294,34 @@ impl SpaDesk {
             grants,
             close: request.close,
             digest: request.digest,
+            timestamp: request.timestamp,
         })
     }
 
-    /// Records an accepted packet's replay digest; refuses a packet seen
-    /// before. Called once its grants have room in the driver's queue.
-    pub fn remember(&self, accepted: &Accepted, now: Instant, store: &dyn GrantStore) -> Result<(), Refusal> {
-        if store.first_sighting(&accepted.digest, now, now + 2 * self.max_age) {
-            Ok(())
-        } else {
-            Err(Refusal::Replay)
+    /// Records an accepted packet's replay digest durably; refuses a
+    /// packet seen before, and one whose digest cannot be written. Called
+    /// once its grants have room in the driver's queue. Waits on the disk
+    /// (an fsync), so not for the async runtime's threads.
+    pub fn remember(&self, accepted: &Accepted, now_unix: u64, log: &ReplayLog) -> Result<(), Refusal> {
+        match log.first_sighting(&accepted.digest, accepted.timestamp, now_unix, self.keep()) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Refusal::Replay),
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    dir = %log.dir().display(),
+                    "state.dir: cannot write the replay log: spa packet refused"
+                );
+                Err(Refusal::ReplayLogFailed)
+            }
         }
+    }
+
+    /// How long past its own timestamp a digest is kept: the window in
+    /// which the packet could still be accepted, plus a margin for the
+    /// wall clock stepping back.
+    pub fn keep(&self) -> Duration {
+        self.max_age + replay::MARGIN
     }
 }
 
@@ -322,18 +333,15 @@ pub fn unix_secs(clock: &dyn Clock) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
     use crate::spa::keyfile::{self, KeyKind};
     use crate::spa::Fields;
-    use crate::store::MemoryStore;
 
     const NOW: u64 = 1_800_000_000;
 
     struct Fixture {
         desk: SpaDesk,
         alice: native::NativeKey,
-        store: MemoryStore,
-        clock: ManualClock,
+        log: ReplayLog,
         _dir: tempfile::TempDir,
     }
 
@@ -373,11 +381,12 @@ key_file = "bob.key"
         )
         .unwrap();
         let config = crate::config::validate_in(&raw, dir.path()).unwrap();
+        let desk = SpaDesk::new(config.spa.as_ref(), &config.users, &config.services, &[]);
+        let (log, _) = ReplayLog::open(&dir.path().join("state"), NOW, desk.keep()).unwrap();
         Fixture {
-            desk: SpaDesk::new(config.spa.as_ref(), &config.users, &config.services, &[], NOW - 10),
+            desk,
             alice: alice.native.unwrap(),
-            store: MemoryStore::new(),
-            clock: ManualClock::new(),
+            log,
             _dir: dir,
         }
     }
@@ -402,7 +411,7 @@ key_file = "bob.key"
         let f = fixture();
         let verify = |p: &[u8], src: &str| {
             let ok = f.desk.verify(p, ip(src), NOW)?;
-            f.desk.remember(&ok, f.clock.now(), &f.store).map(|()| ok)
+            f.desk.remember(&ok, NOW, &f.log).map(|()| ok)
         };
         let ok = verify(&packet(&f.alice, NOW, 5432, None, 1), "10.1.2.3").unwrap();
         assert_eq!(&*ok.user, "alice");
@@ -426,11 +435,6 @@ key_file = "bob.key"
                 packet(&f.alice, NOW, 7777, None, 5),
                 "10.1.2.3",
                 Refusal::UnknownService(Proto::Tcp, 7777),
-            ),
-            (
-                packet(&f.alice, NOW - 11, 5432, None, 6),
-                "10.1.2.3",
-                Refusal::BeforeStart,
             ),
             (
                 packet(&f.alice, NOW - 500, 5432, None, 7),
@@ -458,7 +462,7 @@ key_file = "bob.key"
         let p = packet(&f.alice, NOW, 5432, None, 9);
         assert_eq!(f.desk.verify(&p, ip("192.0.2.1"), NOW), Err(Refusal::SourceNotAllowed));
         let ok = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
-        assert_eq!(f.desk.remember(&ok, f.clock.now(), &f.store), Ok(()));
+        assert_eq!(f.desk.remember(&ok, NOW, &f.log), Ok(()));
     }
 
     #[test]
@@ -470,7 +474,57 @@ key_file = "bob.key"
         let first = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
         let again = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
         assert_eq!(first.digest, again.digest);
-        assert_eq!(f.desk.remember(&again, f.clock.now(), &f.store), Ok(()));
-        assert_eq!(f.desk.remember(&first, f.clock.now(), &f.store), Err(Refusal::Replay));
+        assert_eq!(f.desk.remember(&again, NOW, &f.log), Ok(()));
+        assert_eq!(f.desk.remember(&first, NOW, &f.log), Err(Refusal::Replay));
+    }
+
+    #[test]
+    fn a_packet_stamped_ahead_is_a_replay_after_restarts_until_its_window_has_passed() {
+        let f = fixture();
+        let state = f._dir.path().join("state");
+        // A sender 90 s ahead; max_age is 120 s.
+        let stamped = NOW + 90;
+        let p = packet(&f.alice, stamped, 5432, None, 11);
+        let ok = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
+        assert_eq!(ok.timestamp, stamped);
+        assert_eq!(f.desk.remember(&ok, NOW, &f.log), Ok(()));
+        drop(f.log);
+        // Restarts: right after, and in the window's last second (packet
+        // 120 s behind), the packet is still valid and still a replay.
+        for now in [NOW + 1, stamped + 120] {
+            let (log, _) = ReplayLog::open(&state, now, f.desk.keep()).unwrap();
+            let again = f.desk.verify(&p, ip("10.9.9.9"), now).unwrap();
+            assert_eq!(
+                f.desk.remember(&again, now, &log),
+                Err(Refusal::Replay),
+                "at NOW+{}",
+                now - NOW
+            );
+        }
+        // One second later the timestamp check refuses it on its own.
+        assert!(matches!(
+            f.desk.verify(&p, ip("10.0.0.1"), stamped + 121),
+            Err(Refusal::Packet(Reject::Stale { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_sender_two_seconds_behind_is_accepted_right_after_a_start() {
+        let f = fixture();
+        // The log was opened at NOW, as a process starting at NOW does.
+        let p = packet(&f.alice, NOW - 2, 5432, None, 12);
+        let ok = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
+        assert_eq!(f.desk.remember(&ok, NOW, &f.log), Ok(()));
+    }
+
+    #[test]
+    fn a_digest_that_cannot_be_written_refuses_the_packet() {
+        let f = fixture();
+        f.log.fail_writes();
+        let p = packet(&f.alice, NOW, 5432, None, 13);
+        let ok = f.desk.verify(&p, ip("10.0.0.1"), NOW).unwrap();
+        assert_eq!(f.desk.remember(&ok, NOW, &f.log), Err(Refusal::ReplayLogFailed));
+        assert_eq!(f.desk.remember(&ok, NOW, &f.log), Err(Refusal::ReplayLogFailed));
+        assert!(f.log.is_empty(), "a digest not on disk was recorded");
     }
 }

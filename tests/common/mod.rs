@@ -77,6 +77,9 @@ struct Log {
     closed: bool,
 }
 
+/// The environment variable that sets `state.dir`.
+pub const STATE_DIR_ENV: &str = "PORTCULLIS__STATE__DIR";
+
 /// A running gateway.
 pub struct Gateway {
     child: Child,
@@ -145,6 +148,13 @@ impl<'a> Builder<'a> {
     pub fn file(mut self, name: &str, content: impl AsRef<[u8]>) -> Self {
         self.files.push((name.to_owned(), content.as_ref().to_vec()));
         self
+    }
+
+    /// Keeps the gateway's state (the SPA replay log) in `dir`, which
+    /// outlives the gateway: a restart with the same `dir` is a restart of
+    /// the same gateway. Without it each gateway gets a fresh directory.
+    pub fn state_dir(self, dir: &Path) -> Self {
+        self.env(STATE_DIR_ENV, dir.to_str().expect("a UTF-8 state dir"))
     }
 
     /// Runs the process as `nobody` without capabilities (see
@@ -216,10 +226,26 @@ impl Gateway {
         nofile: Option<(u64, u64)>,
     ) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd_env: Vec<(String, String)> = Vec::new();
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, config).expect("write config");
         for (name, content) in files {
             write_private(&dir.path().join(name), content);
+        }
+        // Never the system default (/var/lib/portcullis): tests run side by
+        // side, and one gateway's replay log is locked against the others.
+        // A config with its own [state] section keeps it.
+        if !env.iter().any(|(k, _)| k == STATE_DIR_ENV) && !config.contains("[state]") {
+            let state = dir.path().join("state");
+            std::fs::create_dir(&state).expect("state dir");
+            if unprivileged {
+                std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                    .expect("state dir writable by nobody");
+            }
+            cmd_env.push((
+                STATE_DIR_ENV.to_owned(),
+                state.to_str().expect("a UTF-8 tempdir").to_owned(),
+            ));
         }
         let mut argv: Vec<String> = Vec::new();
         if let Some((soft, hard)) = nofile {
@@ -240,7 +266,7 @@ impl Gateway {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for (k, v) in env {
+        for (k, v) in env.iter().chain(&cmd_env) {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn portcullis");

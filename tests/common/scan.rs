@@ -89,12 +89,17 @@ pub fn run_unprivileged(config: &str, args: &[&str]) -> (Vec<String>, Option<i32
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, config).unwrap();
     readable_by_all(dir.path(), &path);
+    // A state dir nobody may write to, as an operator would give one.
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
     let mut child = Command::new("setpriv")
         .args(UNPRIVILEGED)
         .arg("--")
         .arg(BIN)
         .args(args)
         .arg(&path)
+        .env(super::STATE_DIR_ENV, &state)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
