@@ -38,7 +38,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => {
-            tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting portcullis");
+            tracing::info!(version = %env!("CARGO_PKG_VERSION"), "starting portcullis");
             if let Err(e) = config::budget::raise_descriptor_limit() {
                 tracing::warn!(error = %e, "cannot raise the descriptor limit to the hard limit");
             }
