@@ -39,8 +39,15 @@ pub struct Cli {
         env = "PORTCULLIS_LOG_FORMAT"
     )]
     pub log_format: Format,
-    /// Log level or filter (RUST_LOG takes precedence).
-    #[arg(long, global = true, default_value = "info", env = "PORTCULLIS_LOG_LEVEL")]
+    /// Log level: error, warn (or warning), info, debug, trace or off; or a
+    /// filter such as warn,portcullis::audit=info (RUST_LOG takes precedence).
+    #[arg(
+        long,
+        global = true,
+        default_value = "info",
+        env = "PORTCULLIS_LOG_LEVEL",
+        value_parser = crate::logging::parse_level
+    )]
     pub log_level: String,
     #[command(subcommand)]
     pub command: Command,

@@ -285,13 +285,16 @@ pub fn load_str(text: &str, origin: &str, env: HashMap<String, String>) -> Resul
     })
 }
 
-/// Loads and validates the config at `path` with the process environment.
 /// Loads and validates the config at `path` with the process environment,
 /// and fits its caps to the process's descriptor limit ([`budget::fit`]).
 pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-    let raw = load(path)?;
-    let mut config = validate_in(&raw, &base_dir(path))?;
-    budget::fit(&raw, &mut config, budget::descriptor_limit())?;
+    from_raw(&load(path)?, path)
+}
+
+/// [`from_file`] on a config already loaded from `path`.
+pub fn from_raw(raw: &RawConfig, path: &Path) -> Result<Config, ConfigError> {
+    let mut config = validate_in(raw, &base_dir(path))?;
+    budget::fit(raw, &mut config, budget::descriptor_limit())?;
     Ok(config)
 }
 

@@ -40,7 +40,7 @@
 //! - [`drain`]: the lifecycle: stop, cut, task tracker, in-flight count, signals.
 //! - [`net`]: socket set-up and the one accept loop every listener runs
 //!   (it takes no permit, and sheds with a reserve descriptor on EMFILE).
-//! - [`reload`]: SIGHUP and config-directory changes into validated reloads.
+//! - [`reload`]: SIGHUP and changes of the config and the files it names into validated reloads.
 //! - [`notify`]: tells a service manager (systemd `Type=notify`) when it is ready, reloading, stopping.
 //! - [`config`]: file and environment into validated runtime types;
 //!   [`config::budget`] fits every cap to the descriptor limit.

@@ -38,13 +38,14 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => {
+            tracing::info!(version = %env!("CARGO_PKG_VERSION"), "starting portcullis");
             if let Err(e) = config::budget::raise_descriptor_limit() {
                 tracing::warn!(error = %e, "cannot raise the descriptor limit to the hard limit");
             }
             let config = match config::from_file(&args.config) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::error!("{}: {e}", args.config.display());
+                    fatal(&format!("{}: {e}", args.config.display()));
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
@@ -244,8 +245,19 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            fatal(&format!("{e:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs the error that ends the process, or, when the log level hides
+/// errors (`off`, or a filter naming other targets only), prints it on
+/// stderr: the reason for exiting is never lost.
+fn fatal(message: &str) {
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!("{message}");
+    } else {
+        eprintln!("error: {message}");
     }
 }

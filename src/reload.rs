@@ -1,29 +1,36 @@
-//! Where reloads come from: SIGHUP, or a change in the config file's
-//! directory. Kubernetes swaps a ConfigMap by renaming a directory, which a
-//! watch on the file itself misses, so the whole directory (its regular
-//! files, following links) is fingerprinted on a short interval.
+//! Where reloads come from: SIGHUP, or a change in the config file or a
+//! file it names ([`watched`]: key files, the admin token and TLS files,
+//! wherever they are, Kubernetes' `..data` link swaps included).
+//!
+//! Why a `stat` of those few files every [`WATCH_INTERVAL`] rather than
+//! inotify (the `notify` crate): a watch on a file is lost when Kubernetes
+//! replaces the directory it is in, so inotify would need a watch on each
+//! directory, events filtered to the named files and `..data`, and the
+//! watches rebuilt after each swap and each reload; it sees nothing on some
+//! mounts (NFS, FUSE, some overlay set-ups). A look at a handful of files a
+//! second is a few system calls, costs nothing measurable while idle, does
+//! not depend on the filesystem, and follows whatever link chain a mount
+//! uses. A file nobody named, such as a log written beside the config,
+//! is never looked at. The list is taken again from each config read.
 //!
 //! A config that fails validation is reported with every problem and
 //! never reaches the server: the running config stays.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+mod watched;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{Clock as _, SystemClock};
 use crate::config::{self, Config};
 use crate::metrics::{self, ReloadResult};
+pub use watched::{named_files, Watched};
 
-/// How often the config directory is checked for changes.
+/// How often the watched files are looked at.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Files in the directory past which the rest are not looked at.
-const MAX_FILES: usize = 256;
-/// Larger files count by size and modification time only.
-const MAX_HASHED_LEN: u64 = 1 << 20;
 
 /// Watches for SIGHUP from the moment it returns, so that a reload asked
 /// for right after start-up (before the watch task first runs) is not
@@ -39,38 +46,44 @@ pub fn hangups() -> Option<tokio::signal::unix::Signal> {
 }
 
 /// Sends each new valid config from `path` on `tx` until `stop`, on each
-/// SIGHUP seen by `hup` (from [`hangups`]) and each change in the
-/// config's directory.
+/// SIGHUP seen by `hup` (from [`hangups`]) and each change of the config
+/// file or a file it names.
 pub async fn watch(
     path: PathBuf,
     mut hup: Option<tokio::signal::unix::Signal>,
     tx: mpsc::Sender<Config>,
     stop: CancellationToken,
 ) {
-    let dir = config::base_dir(&path);
-    let dir = if dir.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        dir
-    };
-    let mut last = fingerprint(&dir);
+    let clock = SystemClock;
+    let mut watched = Watched::new(files_of(&path, config::load(&path).ok().as_ref()), clock.wall());
+    tracing::debug!(files = ?watched.paths(), "watching for changes");
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let trigger = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => "SIGHUP",
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                // What changed before the signal is read now, not again
+                // at the next tick.
+                watched.changed(clock.wall());
+                "SIGHUP"
+            }
             _ = tick.tick() => {
-                let now = fingerprint(&dir);
-                if now == last {
+                if !watched.changed(clock.wall()) {
                     continue;
                 }
-                last = now;
                 "file change"
             }
         };
         tracing::info!(trigger, path = %path.display(), "reloading config");
-        match config::from_file(&path) {
+        let raw = config::load(&path);
+        if let Ok(raw) = &raw {
+            // Taken from an invalid config too: the key file it is
+            // waiting for may appear next.
+            watched.replace(files_of(&path, Some(raw)), clock.wall());
+            tracing::debug!(files = ?watched.paths(), "watching for changes");
+        }
+        match raw.and_then(|raw| config::from_raw(&raw, &path)) {
             Ok(c) => {
                 if tx.send(c).await.is_err() {
                     return;
@@ -88,67 +101,11 @@ pub async fn watch(
     }
 }
 
-/// A hash of the directory's regular files: names, sizes and contents.
-fn fingerprint(dir: &Path) -> u64 {
-    let mut h = DefaultHasher::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    files.sort();
-    for file in files.into_iter().take(MAX_FILES) {
-        // `metadata` follows links, as a ConfigMap's files are links.
-        let Ok(meta) = std::fs::metadata(&file) else { continue };
-        if !meta.is_file() {
-            continue;
-        }
-        file.hash(&mut h);
-        meta.len().hash(&mut h);
-        if meta.len() <= MAX_HASHED_LEN {
-            if let Ok(bytes) = std::fs::read(&file) {
-                bytes.hash(&mut h);
-            }
-        } else {
-            meta.modified().ok().hash(&mut h);
-        }
-    }
-    h.finish()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_fingerprint_follows_contents_and_names_in_the_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("proxy.toml"), "a").unwrap();
-        let a = fingerprint(dir.path());
-        assert_eq!(a, fingerprint(dir.path()));
-        std::fs::write(dir.path().join("proxy.toml"), "b").unwrap();
-        let b = fingerprint(dir.path());
-        assert_ne!(a, b);
-        std::fs::write(dir.path().join("alice.key"), "k").unwrap();
-        assert_ne!(b, fingerprint(dir.path()));
-    }
-
-    #[test]
-    fn a_swapped_link_counts_as_a_change() {
-        // The Kubernetes layout: proxy.toml -> ..data/proxy.toml, and
-        // ..data -> a timestamped directory that an update replaces.
-        let dir = tempfile::tempdir().unwrap();
-        let v1 = dir.path().join("v1");
-        let v2 = dir.path().join("v2");
-        std::fs::create_dir(&v1).unwrap();
-        std::fs::create_dir(&v2).unwrap();
-        std::fs::write(v1.join("proxy.toml"), "one").unwrap();
-        std::fs::write(v2.join("proxy.toml"), "two").unwrap();
-        std::os::unix::fs::symlink(&v1, dir.path().join("..data")).unwrap();
-        std::os::unix::fs::symlink("..data/proxy.toml", dir.path().join("proxy.toml")).unwrap();
-        let before = fingerprint(dir.path());
-        let tmp = dir.path().join("..data_tmp");
-        std::os::unix::fs::symlink(&v2, &tmp).unwrap();
-        std::fs::rename(&tmp, dir.path().join("..data")).unwrap();
-        assert_ne!(before, fingerprint(dir.path()));
+/// The files to watch: those `raw` names, or the config alone when it
+/// cannot be read.
+fn files_of(path: &Path, raw: Option<&config::raw::RawConfig>) -> Vec<PathBuf> {
+    match raw {
+        Some(raw) => named_files(path, raw),
+        None => vec![path.to_path_buf()],
     }
 }

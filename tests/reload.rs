@@ -14,9 +14,12 @@ mod common;
 use common::*;
 use nix::sys::signal::Signal;
 use std::io::{Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
+use std::os::unix::fs::symlink;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 fn knock(seq: [u16; 3], source: &str) {
     knock_udp(&seq, source);
@@ -159,9 +162,10 @@ fn a_reload_that_changes_nothing_keeps_every_port() {
         .start_on_ports();
     let first = |kind: &str| gw.wait_for(|l| msg(l) == "listening" && l["kind"] == kind)["addr"].clone();
     let (spa, echo) = (first("spa"), first("guarded"));
-    // Another file appearing beside the config triggers a reload that
-    // finds the same config.
-    std::fs::write(gw.dir.path().join("unrelated.txt"), "x").unwrap();
+    // A comment added to the config triggers a reload that finds the
+    // same config.
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    replace(&gw.config_path, text + "\n# a comment\n");
     gw.wait_for(|l| msg(l) == "config reloaded");
     let second = |kind: &str| gw.wait_for_nth(2, |l| msg(l) == "listening" && l["kind"] == kind)["addr"].clone();
     assert_eq!(second("spa"), spa, "the SPA port moved");
@@ -169,6 +173,159 @@ fn a_reload_that_changes_nothing_keeps_every_port() {
     knock(p_seq(&p), "127.0.0.1");
     gw.wait_grant("echo", "127.0.0.1");
     assert!(echo_works("127.0.0.1", gw.addr("echo")));
+}
+
+/// Replaces `path` by a file holding `content`, mode 0600, written aside
+/// and renamed as editors do, so that no look sees it half written.
+fn replace(path: &Path, content: impl AsRef<[u8]>) {
+    let tmp = path.with_extension("tmp");
+    write_private(&tmp, content);
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A new native key file's text.
+fn new_key() -> String {
+    let (code, out, err) = run_bin(&["keygen"], &[]);
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
+/// An echo service opened by SPA for the users named, with a key file each.
+fn spa_config(upstream: SocketAddr, users: &[(&str, &str)]) -> String {
+    let names: Vec<String> = users.iter().map(|(u, _)| format!("{u:?}")).collect();
+    let mut text = format!(
+        "[spa]\nlisten = \"127.0.0.1:0\"\n\n[service.echo]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nspa_users = [{}]\n",
+        names.join(", ")
+    );
+    for (user, file) in users {
+        text.push_str(&format!("\n[user.{user}]\nkey_file = \"{file}\"\n"));
+    }
+    text
+}
+
+/// Sends an SPA packet for `echo` with the key in `key_file` and waits for
+/// its grant to `source`: the key is the one the gateway holds.
+fn open_with(gw: &Gateway, key_file: &Path, source: &str) {
+    let spa = gw.wait_for(|l| msg(l) == "listening" && l["kind"] == "spa")["addr"]
+        .as_str()
+        .unwrap()
+        .parse::<SocketAddr>()
+        .unwrap();
+    let (port, access) = (spa.port().to_string(), format!("tcp/{}", gw.addr("echo").port()));
+    let key = key_file.to_str().unwrap();
+    let args = [
+        "spa",
+        "-D",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-A",
+        &access,
+        "--key-file",
+        key,
+        "-b",
+        source,
+        "-a",
+        "source",
+    ];
+    let (code, _, err) = run_bin(&args, &[]);
+    assert_eq!(code, 0, "portcullis {args:?}: {err}");
+    gw.wait_grant("echo", source);
+}
+
+fn reloads(gw: &Gateway) -> usize {
+    gw.count(|l| msg(l) == "reloading config")
+}
+
+/// `portcullis serve -c proxy.toml 2> up.err` beside the config: the log
+/// is written to (and a 1 MB file appears) all through a 5 s window, in
+/// which no reload may start; the config itself still reloads after.
+#[test]
+fn a_log_file_written_beside_the_config_for_five_seconds_reloads_nothing() {
+    let upstream = echo_server("127.0.0.1:0");
+    let gw = Gateway::builder()
+        .on_free_ports(3, |p| knock_service("echo", upstream, &[p[0], p[2], p[1]]))
+        .start();
+    gw.wait_for(|l| msg(l) == "watching for changes");
+    let mut log = std::fs::File::create(gw.dir.path().join("up.err")).unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut n = 0u32;
+    while Instant::now() < end {
+        writeln!(log, "2026-12-01T09:00:00Z INFO reloading config line={n}").unwrap();
+        if n % 100 == 0 {
+            std::fs::write(gw.dir.path().join(format!("up.err.{n}")), vec![b'x'; 1 << 20]).unwrap();
+        }
+        n += 1;
+        // Pacing the writer, not waiting for the gateway.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(reloads(&gw), 0, "a file nobody named reloaded:\n{}", gw.log_text());
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    replace(&gw.config_path, text + "\n# edited\n");
+    let line = gw.wait_for(|l| msg(l) == "reloading config");
+    assert_eq!(line["trigger"], "file change");
+    gw.wait_for(|l| msg(l) == "config reloaded");
+}
+
+/// A key file the config names is watched; so is one a reloaded config
+/// names for the first time (in a subdirectory).
+#[test]
+fn a_key_file_change_reloads_and_a_newly_named_key_file_is_watched() {
+    let upstream = echo_server("127.0.0.1:0");
+    let gw = Gateway::builder()
+        .config(&spa_config(upstream, &[("alice", "alice.key")]))
+        .file("alice.key", new_key())
+        .start();
+    gw.wait_for(|l| msg(l) == "watching for changes");
+    let alice = gw.dir.path().join("alice.key");
+    replace(&alice, new_key());
+    let line = gw.wait_for(|l| msg(l) == "reloading config");
+    assert_eq!(line["trigger"], "file change");
+    gw.wait_for(|l| msg(l) == "config reloaded");
+    open_with(&gw, &alice, "127.0.0.2");
+
+    std::fs::create_dir(gw.dir.path().join("keys")).unwrap();
+    let bob = gw.dir.path().join("keys/bob.key");
+    write_private(&bob, new_key());
+    replace(
+        &gw.config_path,
+        spa_config(upstream, &[("alice", "alice.key"), ("bob", "keys/bob.key")]),
+    );
+    gw.wait_for_nth(2, |l| msg(l) == "config reloaded");
+    replace(&bob, new_key());
+    gw.wait_for_nth(3, |l| msg(l) == "config reloaded");
+    open_with(&gw, &bob, "127.0.0.3");
+    assert_eq!(reloads(&gw), 3, "{}", gw.log_text());
+}
+
+/// A Kubernetes Secret mounted in a subdirectory: `alice.key` links to
+/// `..data/alice.key`, `..data` to a timestamped directory; an update
+/// renames a new `..data` over the old one, then removes the old directory.
+#[test]
+fn a_secret_style_link_swap_in_a_subdirectory_reloads() {
+    let upstream = echo_server("127.0.0.1:0");
+    let gw = Gateway::builder()
+        .config(&spa_config(upstream, &[("alice", "secrets/alice.key")]))
+        .prepare(|dir| {
+            let secrets = dir.join("secrets");
+            std::fs::create_dir_all(secrets.join("..2026_12_01_09_00_00.1")).unwrap();
+            write_private(&secrets.join("..2026_12_01_09_00_00.1/alice.key"), new_key());
+            symlink("..2026_12_01_09_00_00.1", secrets.join("..data")).unwrap();
+            symlink("..data/alice.key", secrets.join("alice.key")).unwrap();
+        })
+        .start();
+    gw.wait_for(|l| msg(l) == "watching for changes");
+    let secrets = gw.dir.path().join("secrets");
+    let v2 = secrets.join("..2026_12_01_09_05_00.2");
+    std::fs::create_dir(&v2).unwrap();
+    write_private(&v2.join("alice.key"), new_key());
+    symlink("..2026_12_01_09_05_00.2", secrets.join("..data_tmp")).unwrap();
+    std::fs::rename(secrets.join("..data_tmp"), secrets.join("..data")).unwrap();
+    std::fs::remove_dir_all(secrets.join("..2026_12_01_09_00_00.1")).unwrap();
+    let line = gw.wait_for(|l| msg(l) == "reloading config");
+    assert_eq!(line["trigger"], "file change");
+    gw.wait_for(|l| msg(l) == "config reloaded");
+    open_with(&gw, &secrets.join("alice.key"), "127.0.0.4");
 }
 
 fn p_seq(p: &[u16]) -> [u16; 3] {

@@ -97,6 +97,9 @@ pub struct Gateway {
 /// Builds a config's text from the free ports picked for it.
 type ConfigFn<'a> = Box<dyn Fn(&[u16]) -> String + 'a>;
 
+/// Prepares the config's directory before start (see [`Builder::prepare`]).
+type PrepareFn<'a> = Box<dyn Fn(&Path) + 'a>;
+
 /// The config, environment and files of a gateway to start.
 #[derive(Default)]
 pub struct Builder<'a> {
@@ -106,6 +109,7 @@ pub struct Builder<'a> {
     files: Vec<(String, Vec<u8>)>,
     unprivileged: bool,
     nofile: Option<(u64, u64)>,
+    prepare: Option<PrepareFn<'a>>,
 }
 
 impl<'a> Builder<'a> {
@@ -157,6 +161,13 @@ impl<'a> Builder<'a> {
         self.env(STATE_DIR_ENV, dir.to_str().expect("a UTF-8 state dir"))
     }
 
+    /// Runs `prepare` on the config's directory after the files are
+    /// written and before the gateway starts (links, subdirectories).
+    pub fn prepare(mut self, prepare: impl Fn(&Path) + 'a) -> Self {
+        self.prepare = Some(Box::new(prepare));
+        self
+    }
+
     /// Runs the process as `nobody` without capabilities (see
     /// [`scan::UNPRIVILEGED`]); needs root. Files stay readable by root only.
     pub fn unprivileged(mut self) -> Self {
@@ -190,12 +201,12 @@ impl<'a> Builder<'a> {
     pub fn try_start(self) -> Result<Gateway, String> {
         let Some((n, config)) = &self.on_ports else {
             let text = self.config.as_deref().expect("a config or on_free_ports");
-            return Gateway::launch(text, &self.env, &self.files, self.unprivileged, self.nofile);
+            return Gateway::launch(text, &self, self.unprivileged, self.nofile);
         };
         let mut last = String::new();
         for _ in 0..5 {
             let ports = free_ports(*n);
-            match Gateway::launch(&config(&ports), &self.env, &self.files, self.unprivileged, self.nofile) {
+            match Gateway::launch(&config(&ports), &self, self.unprivileged, self.nofile) {
                 Ok(mut gw) => {
                     gw.ports = ports;
                     return Ok(gw);
@@ -220,8 +231,7 @@ impl Gateway {
     /// process that exited before that is the error.
     fn launch(
         config: &str,
-        env: &[(String, String)],
-        files: &[(String, Vec<u8>)],
+        builder: &Builder<'_>,
         unprivileged: bool,
         nofile: Option<(u64, u64)>,
     ) -> Result<Gateway, String> {
@@ -229,13 +239,14 @@ impl Gateway {
         let mut cmd_env: Vec<(String, String)> = Vec::new();
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, config).expect("write config");
-        for (name, content) in files {
+        for (name, content) in &builder.files {
             write_private(&dir.path().join(name), content);
         }
+
         // Never the system default (/var/lib/portcullis): tests run side by
         // side, and one gateway's replay log is locked against the others.
         // A config with its own [state] section keeps it.
-        if !env.iter().any(|(k, _)| k == STATE_DIR_ENV) && !config.contains("[state]") {
+        if !builder.env.iter().any(|(k, _)| k == STATE_DIR_ENV) && !config.contains("[state]") {
             let state = dir.path().join("state");
             std::fs::create_dir(&state).expect("state dir");
             if unprivileged {
@@ -246,6 +257,9 @@ impl Gateway {
                 STATE_DIR_ENV.to_owned(),
                 state.to_str().expect("a UTF-8 tempdir").to_owned(),
             ));
+        }
+        if let Some(prepare) = &builder.prepare {
+            prepare(dir.path());
         }
         let mut argv: Vec<String> = Vec::new();
         if let Some((soft, hard)) = nofile {
@@ -266,7 +280,7 @@ impl Gateway {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for (k, v) in env.iter().chain(&cmd_env) {
+        for (k, v) in builder.env.iter().chain(&cmd_env) {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn portcullis");
