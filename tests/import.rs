@@ -363,20 +363,23 @@ fn debian_knockd_conf_with_its_suggested_knock_opens_to_the_stock_knock_client()
         suggested.contains("sequence = [\"7000/tcp\", \"9000/tcp\", \"8000/tcp\"]"),
         "{suggested}"
     );
+    // Only openssh is knocked here. openhttps's steps (12345, 54321, ...)
+    // lie in the ephemeral range, where any outgoing connection of the
+    // machine may hold one: it is left out so the test does not depend on it.
+    let mut table: toml::Table = toml::from_str(&toml).unwrap();
+    table["service"].as_table_mut().unwrap().remove("openhttps");
+    let toml = toml::to_string(&table).unwrap();
     let upstream = echo_server("127.0.0.1:0");
     let gw = Gateway::builder()
         .config(&toml)
         .envs(&[
             ("PORTCULLIS__SERVICE__OPENSSH__LISTEN", "127.0.0.1:0"),
             ("PORTCULLIS__SERVICE__OPENSSH__UPSTREAM", &upstream.to_string()),
-            ("PORTCULLIS__SERVICE__OPENHTTPS__LISTEN", "127.0.0.1:0"),
             ("PORTCULLIS__GATEWAY__SENSOR", "socket"),
         ])
         .try_start()
         .unwrap_or_else(|log| {
-            panic!(
-                "the imported config did not start (are Debian's knock ports 6996-9004 and 12341-54325 free?):\n{log}"
-            )
+            panic!("the imported config did not start (are Debian's knock ports 6996-9004 free?):\n{log}")
         });
     let addr = gw.addr("openssh");
     assert!(!echo_works("127.0.0.1", addr), "open before the knock");

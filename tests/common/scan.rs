@@ -53,9 +53,11 @@ pub fn nmap_connect(ports: &[u16]) -> HashMap<u16, (String, String)> {
 
 fn nmap_with(args: &[&str], ports: &[u16]) -> HashMap<u16, (String, String)> {
     let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    // In port order (-r), so a scan of knock steps is the same every run:
+    // nmap's default random order would now and then walk a sequence.
     let out = Command::new("nmap")
         .args(args)
-        .args(["-Pn", "-n", "--reason", "-p", &list.join(",")])
+        .args(["-Pn", "-n", "-r", "--reason", "-p", &list.join(",")])
         .arg("127.0.0.1")
         .output()
         .expect("nmap (scripts/install-test-deps installs it)");
