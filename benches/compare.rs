@@ -440,8 +440,10 @@ impl Bench {
         let nofile = raise_nofile(2 * biggest + 4096)?;
         // This process holds a client and an upstream socket per idle
         // connection, and so does the proxy, which inherits the limit: a
-        // container's hard limit may allow fewer than asked for.
-        let fit = (nofile.saturating_sub(400) / 2) as usize;
+        // container's hard limit may allow fewer than asked for. The
+        // proxy's descriptor budget also keeps room for its listeners, the
+        // runtime and the splice pool (under 1000 in all here).
+        let fit = (nofile.saturating_sub(1000) / 2) as usize;
         for count in &mut sizes.memory_counts {
             if *count > fit {
                 note(format!(
@@ -575,7 +577,7 @@ impl Bench {
                 )
             };
             format!(
-                "[gateway]\nmax_connections = 20000\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+                "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
                  [spa]\nlisten = \"127.0.0.1:0\"\nmax_age = \"120s\"\n\n[user.bench]\nkey_file = \"bench.key\"\n\n\
                  {}\n{}\n{}\n\
                  [service.udp]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nprotocol = \"udp\"\n\
@@ -1119,9 +1121,12 @@ impl Bench {
         if col == PORTCULLIS {
             let (gw, seq) = self.start_gateway(name, &[], |seq| {
                 format!(
-                    "[gateway]\nmax_connections = 25000\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+                    // As many connections as the test holds, and the rest of
+                    // the descriptor budget left to them (no blackholing).
+                    "[gateway]\nmax_connections = {}\nmax_blackholed = 1\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
                      [service.hold]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nopen_for = \"1h\"\n\
                      knock = {{ sequence = [{}] }}\n",
+                    self.sizes.memory_counts.iter().copied().max().unwrap_or(1000).max(1),
                     hold.addr,
                     seq.iter()
                         .map(|s| format!("\"{}/udp\"", s.port()))
