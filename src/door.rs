@@ -11,7 +11,11 @@
 //!
 //! The door holds a duplicate of the listener's descriptor, so it switches
 //! the very socket the service's accept loop owns; the accept loop only
-//! accepts while the door is open.
+//! accepts while the door is open. Each opening is a new [`Spell`]: a
+//! close and a reopen in quick succession (a revoke, then a new grant) may
+//! reach the accept loop as one change, and the spell number tells it the
+//! socket stopped listening in between, so it registers the socket afresh
+//! rather than accepting through a registration that saw the hang-up.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -28,7 +32,14 @@ pub struct Door {
     service: Arc<str>,
     /// The listener's socket (a duplicate descriptor of it).
     socket: Mutex<Socket>,
-    open: watch::Sender<bool>,
+    open: watch::Sender<Spell>,
+}
+
+/// Whether the door is open, and how many times it has been opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spell {
+    pub open: bool,
+    pub number: u64,
 }
 
 impl Door {
@@ -41,7 +52,11 @@ impl Door {
         Ok(Arc::new(Self {
             service,
             socket: Mutex::new(socket),
-            open: watch::channel(listening).0,
+            open: watch::channel(Spell {
+                open: listening,
+                number: 0,
+            })
+            .0,
         }))
     }
 
@@ -53,7 +68,8 @@ impl Door {
     /// and connections keep being answered with a reset.
     pub fn open(&self) {
         let socket = self.socket.lock().expect("door lock");
-        if *self.open.borrow() {
+        let was = *self.open.borrow();
+        if was.open {
             return;
         }
         // SO_REUSEADDR while listening: connections accepted in an earlier
@@ -65,7 +81,10 @@ impl Door {
             .and_then(|()| net::listen(&socket2::SockRef::from(&*socket)));
         match listened {
             Ok(()) => {
-                self.open.send_replace(true);
+                self.open.send_replace(Spell {
+                    open: true,
+                    number: was.number + 1,
+                });
                 tracing::debug!(service = %self.service, "closed service: listening while a grant is active");
             }
             Err(e) => tracing::error!(service = %self.service, error = %e, "closed service: cannot listen"),
@@ -75,12 +94,14 @@ impl Door {
     /// Stops listening (if listening): the port answers like an unused one.
     pub fn close(&self) {
         let socket = self.socket.lock().expect("door lock");
-        if !*self.open.borrow() {
+        let was = *self.open.borrow();
+        if !was.open {
             return;
         }
-        // The accept loop stops first, so it never sees the socket leave
-        // the listening state under it.
-        self.open.send_replace(false);
+        // The accept loop is told first. It may not have stopped before the
+        // socket leaves the listening state, or before the next open: then
+        // the new spell number makes it register the socket afresh.
+        self.open.send_replace(Spell { open: false, ..was });
         let stopped = crate::sys::unlisten(socket.as_fd()).and_then(|()| socket.set_reuse_address(false));
         match stopped {
             Ok(()) => tracing::debug!(service = %self.service, "closed service: no grant active, not listening"),
@@ -90,11 +111,12 @@ impl Door {
 
     /// Whether the socket listens now.
     pub fn is_open(&self) -> bool {
-        *self.open.borrow()
+        self.open.borrow().open
     }
 
-    /// Sees every change of [`Door::is_open`].
-    pub fn watch(&self) -> watch::Receiver<bool> {
+    /// Sees the door open and close (a close and a reopen may arrive as one
+    /// change, with a new spell number).
+    pub fn watch(&self) -> watch::Receiver<Spell> {
         self.open.subscribe()
     }
 }
@@ -146,6 +168,26 @@ mod tests {
         door.open();
         assert!(door.is_open());
         assert!(connects(addr));
+    }
+
+    #[test]
+    fn a_close_and_reopen_seen_as_one_change_still_tell_a_new_spell() {
+        let listener = net::bind_tcp_unlistened("127.0.0.1:0".parse().unwrap()).unwrap();
+        let door = Door::new("pg".into(), &listener).unwrap();
+        let mut seen = door.watch();
+        door.open();
+        let first = *seen.borrow_and_update();
+        assert!(first.open);
+        // A revoke and a new grant before the accept loop looks again.
+        door.close();
+        door.open();
+        assert!(seen.has_changed().unwrap());
+        let now = *seen.borrow_and_update();
+        assert!(now.open);
+        assert_ne!(
+            now.number, first.number,
+            "the loop would keep a registration that saw the hang-up"
+        );
     }
 
     #[test]

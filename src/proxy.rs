@@ -145,23 +145,28 @@ pub async fn serve(
     let closed = listener;
     let mut open = door.watch();
     loop {
-        tokio::select! {
+        let number = tokio::select! {
             _ = stop.cancelled() => break,
-            changed = open.wait_for(|open| *open) => if changed.is_err() { break },
-        }
-        let spell = closed.try_clone().and_then(TcpListener::from_std);
-        match spell {
+            changed = open.wait_for(|s| s.open) => match changed {
+                Ok(spell) => spell.number,
+                Err(_) => break,
+            },
+        };
+        // This spell ends when the door closes, or when it has closed and
+        // opened again since (both may arrive as one change).
+        let ended = |s: &crate::door::Spell| !s.open || s.number != number;
+        match closed.try_clone().and_then(TcpListener::from_std) {
             Ok(listening) => {
                 tokio::select! {
                     _ = accept_all(&listening, &service, &shared, &meters, &permits, &stop) => break,
-                    changed = open.wait_for(|open| !*open) => if changed.is_err() { break },
+                    changed = open.wait_for(ended) => if changed.is_err() { break },
                 }
             }
             Err(e) => {
                 tracing::error!(service = %service.name, error = %e, "closed service: cannot accept");
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    changed = open.wait_for(|open| !*open) => if changed.is_err() { break },
+                    changed = open.wait_for(ended) => if changed.is_err() { break },
                 }
             }
         }

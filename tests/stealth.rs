@@ -195,6 +195,21 @@ fn a_closed_service_stops_listening_when_its_last_grant_is_revoked() {
         "still listening after the last grant was revoked"
     );
     assert!(reset_at_syn(b, addr));
+
+    // Revoked and granted again at once, many times over: every new grant
+    // is let through. (A close and a reopen that the accept loop saw as one
+    // change once left it on a stale registration; the bench's closed-mode
+    // row caught it, about once in twenty, and door's unit test pins the
+    // spell number that fixed it.)
+    for i in 0..30 {
+        let source = format!("127.78.6.{}", i + 1);
+        knock_and_wait(&gw, "pg", &seq(&p), &source);
+        assert!(
+            echo_works(&source, addr),
+            "round {i}: the new grant was not let through"
+        );
+        revoke(&source);
+    }
 }
 
 #[test]
