@@ -1,5 +1,5 @@
 //! Where reloads come from: SIGHUP, or a change in the config file or a
-//! file it names ([`watched`]: key files, the admin token and TLS files,
+//! file it names (`watched`: key files, the admin token and TLS files,
 //! wherever they are, Kubernetes' `..data` link swaps included).
 //!
 //! Why a `stat` of those few files every [`WATCH_INTERVAL`] rather than
