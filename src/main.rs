@@ -69,6 +69,7 @@ fn main() -> ExitCode {
                 // is said, so none sent after that meets the default action.
                 let terminate = portcullis::drain::shutdown_signal()?;
                 let hup = reload::hangups();
+                let baseline = reload::baseline(&args.config);
                 let bound = server::bind(config)?;
                 let shutdown = CancellationToken::new();
                 let trigger = shutdown.clone();
@@ -77,7 +78,13 @@ fn main() -> ExitCode {
                     trigger.cancel();
                 });
                 let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-                tokio::spawn(reload::watch(args.config.clone(), hup, reload_tx, shutdown.clone()));
+                tokio::spawn(reload::watch(
+                    args.config.clone(),
+                    baseline,
+                    hup,
+                    reload_tx,
+                    shutdown.clone(),
+                ));
                 bound.run(shutdown, reload_rx).await
             })
         }

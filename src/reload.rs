@@ -45,17 +45,33 @@ pub fn hangups() -> Option<tokio::signal::unix::Signal> {
     }
 }
 
+/// What the config and the files it names look like when the gateway
+/// reads its config at start: taken before anything is bound, so a change
+/// made right after start-up (before the watch task first runs) is seen
+/// as one.
+#[derive(Debug)]
+pub struct Baseline(Watched);
+
+/// The [`Baseline`] of the config at `path`, now.
+pub fn baseline(path: &Path) -> Baseline {
+    Baseline(Watched::new(
+        files_of(path, config::load(path).ok().as_ref()),
+        SystemClock.wall(),
+    ))
+}
+
 /// Sends each new valid config from `path` on `tx` until `stop`, on each
 /// SIGHUP seen by `hup` (from [`hangups`]) and each change of the config
-/// file or a file it names.
+/// file or a file it names since `baseline`.
 pub async fn watch(
     path: PathBuf,
+    baseline: Baseline,
     mut hup: Option<tokio::signal::unix::Signal>,
     tx: mpsc::Sender<Config>,
     stop: CancellationToken,
 ) {
     let clock = SystemClock;
-    let mut watched = Watched::new(files_of(&path, config::load(&path).ok().as_ref()), clock.wall());
+    let Baseline(mut watched) = baseline;
     tracing::debug!(files = ?watched.paths(), "watching for changes");
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
