@@ -50,6 +50,7 @@
 //! - [`import`]: `portcullis import`: knockd and fwknopd configs into a `proxy.toml`.
 //! - [`clock`]: the only place that reads the clock.
 //! - [`secret`]: key bytes that are redacted and zeroized; constant-time MAC comparison.
+//! - [`version`]: the build's version, git commit and profile (from `build.rs`).
 //! - [`step`]: knock steps and protocols, parsed from every common spelling.
 //! - [`totp`]: rotating knock sequences derived from a shared secret per period.
 //! - `sys`: the only `unsafe` code: `splice(2)`, pipes and batched UDP calls.
@@ -89,3 +90,4 @@ pub mod store;
 mod sys;
 pub mod totp;
 pub mod udp;
+pub mod version;

@@ -352,7 +352,13 @@ pub fn install(config: &Config) -> anyhow::Result<()> {
         .set(handle)
         .map_err(|_| anyhow::anyhow!("the metrics recorder is already installed"))?;
     describe();
-    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!(
+        BUILD_INFO,
+        "version" => crate::version::VERSION,
+        "commit" => crate::version::COMMIT,
+        "profile" => crate::version::PROFILE
+    )
+    .set(1.0);
     zero(config);
     Ok(())
 }
@@ -376,7 +382,10 @@ pub fn upkeep() {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build.");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version, commit and profile labels name the running build."
+    );
     describe_counter!(KNOCKS_TOTAL, "Knocks the gate processed, by service and result.");
     describe_counter!(
         KNOCKS_DROPPED_TOTAL,
