@@ -592,7 +592,7 @@ fn audit_grant(grant: &Grant, clock: &dyn Clock) {
         source = %grant.source,
         method = grant.method.as_label(),
         user,
-        open_for = %humantime::format_duration(round_ms(open_for)),
+        open_for_s = round_ms(open_for).as_secs_f64(),
         "grant"
     );
 }

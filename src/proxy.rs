@@ -341,7 +341,7 @@ async fn splice(
                 service = %service.name,
                 upstream = %service.upstream,
                 %source,
-                timeout = ?shared.gateway.connect_timeout,
+                timeout_s = shared.gateway.connect_timeout.as_secs_f64(),
                 "upstream connect timed out"
             );
             return net::reset(client);

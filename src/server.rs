@@ -214,7 +214,7 @@ impl Bound {
         let _ = driver_task.await;
         tracing::info!(
             in_flight = life.active(),
-            grace = %humantime::format_duration(grace),
+            grace_s = grace.as_secs_f64(),
             "listeners closed, draining connections"
         );
         if !life.drained_within(grace).await {

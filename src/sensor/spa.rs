@@ -124,12 +124,24 @@ impl SpaSensor {
 /// Rejected SPA packets logged per second at most; the rest are counted.
 const LOG_RATE: std::num::NonZeroU32 = std::num::NonZeroU32::new(20).expect("20 is not zero");
 
+/// At most one summary of junk datagrams per this long.
+pub const JUNK_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How refused packets are counted and logged, under a rate limit.
+///
+/// Junk (datagrams of no SPA format, malformed or oversized ones) is what
+/// any scanner or stray sender puts on a UDP port: it is counted, logged
+/// at debug, and summarised in one info line per [`JUNK_REPORT_EVERY`] at
+/// most, never a warning each.
 #[derive(Debug)]
 pub struct RefusalLog {
     /// Limits how many rejections are logged per second; the rest are
     /// only counted.
     limit: governor::DefaultDirectRateLimiter,
+    /// One junk summary per [`JUNK_REPORT_EVERY`].
+    junk_report: governor::DefaultDirectRateLimiter,
+    /// Junk datagrams since the last summary.
+    junk: std::sync::atomic::AtomicU64,
 }
 
 impl Default for RefusalLog {
@@ -140,8 +152,11 @@ impl Default for RefusalLog {
 
 impl RefusalLog {
     pub fn new() -> Self {
+        let every = governor::Quota::with_period(JUNK_REPORT_EVERY).expect("the report period is not zero");
         Self {
             limit: governor::RateLimiter::direct(governor::Quota::per_second(LOG_RATE)),
+            junk_report: governor::RateLimiter::direct(every),
+            junk: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -154,6 +169,9 @@ impl RefusalLog {
         counters: &mut Counters,
     ) {
         counters.count(format.map_or("unknown", Format::as_label), refusal.as_label());
+        if is_junk(format, refusal) {
+            return self.junk(source, refusal);
+        }
         if self.limit.check().is_err() {
             return;
         }
@@ -164,11 +182,33 @@ impl RefusalLog {
             %source,
             reason = refusal.as_label(),
             format = format.map_or("unknown", Format::as_label),
-            skew_secs = skew,
+            skew_s = skew,
             detail = refusal.detail(),
             "spa packet rejected"
         );
     }
+
+    fn junk(&self, source: IpAddr, refusal: Refusal) {
+        use std::sync::atomic::Ordering;
+        tracing::debug!(%source, reason = refusal.as_label(), "malformed spa packet");
+        self.junk.fetch_add(1, Ordering::Relaxed);
+        if self.junk_report.check().is_ok() {
+            let count = self.junk.swap(0, Ordering::Relaxed);
+            tracing::info!(
+                count,
+                window_s = JUNK_REPORT_EVERY.as_secs_f64(),
+                "{count} malformed spa packet(s) since the last report (at most one per {}s; counted in portcullis_spa_packets_total)",
+                JUNK_REPORT_EVERY.as_secs()
+            );
+        }
+    }
+}
+
+/// A datagram no SPA client sent: no format, or not shaped like its format.
+/// A well-formed packet with a bad MAC or a stale time stays a warning:
+/// that is a client with the wrong key or clock, or someone trying.
+fn is_junk(format: Option<Format>, refusal: Refusal) -> bool {
+    format.is_none() || matches!(refusal, Refusal::Packet(Reject::Malformed(_) | Reject::TooLarge { .. }))
 }
 
 /// The `portcullis_spa_packets_total` series by (format, result) label,
