@@ -25,7 +25,7 @@ Every client error is one line on stderr: error: ...";
 #[derive(Debug, Parser)]
 #[command(
     name = "portcullis",
-    version,
+    version = crate::version::LONG,
     about = "Hide TCP services behind port knocking, without a firewall or root",
     after_help = EXIT_CODES
 )]
@@ -58,9 +58,15 @@ pub enum Command {
     /// Run the gateway in the foreground.
     Serve(ConfigArgs),
     /// Validate a config and print every problem with its key path.
-    Check(ConfigArgs),
-    /// Print the effective config (file, then PORTCULLIS__* environment).
-    Config(ConfigArgs),
+    Check(CheckArgs),
+    /// Print the effective config (file, then PORTCULLIS__* environment),
+    /// every default filled in.
+    Config(ShowConfigArgs),
+    /// Print a shell completion script (e.g. `portcullis completions bash
+    /// > /etc/bash_completion.d/portcullis`).
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff) on stdout (`portcullis man | man -l -`).
+    Man,
     /// Send a knock sequence.
     #[command(after_help = EXIT_CODES)]
     Knock(KnockArgs),
@@ -121,6 +127,43 @@ pub struct ConfigArgs {
     /// Config file.
     #[arg(short, long, default_value = "proxy.toml", env = "PORTCULLIS_CONFIG")]
     pub config: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Output: text for people, or one JSON object (ok, errors, warnings,
+    /// each error and warning a {key, message}).
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: CheckFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShowConfigArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "toml")]
+    pub format: ConfigFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConfigFormat {
+    Toml,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    pub shell: clap_complete::Shell,
 }
 
 /// Where profiles come from.

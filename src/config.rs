@@ -8,7 +8,12 @@
 
 mod admin;
 pub mod budget;
+mod effective;
 mod knock;
+pub use effective::effective;
+mod origin;
+pub use origin::EnvOverride;
+pub mod resolve;
 pub use knock::{random_pass_chance, sequence_report, SequenceReport, RANDOM_PASS_WARN};
 pub mod pem;
 pub mod raw;
@@ -239,6 +244,13 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
+    /// The problems as a JSON array of `{"key": ..., "message": ...}`: the
+    /// `problems` field of the log line that reports an invalid config, at
+    /// start-up and at reload alike, and `check --format json`'s errors.
+    pub fn to_json(&self) -> serde_json::Value {
+        problems_json(&self.problems)
+    }
+
     fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             problems: vec![Problem {
@@ -247,6 +259,15 @@ impl ConfigError {
             }],
         }
     }
+}
+
+/// `problems` as a JSON array of `{"key": ..., "message": ...}` (`key` is
+/// the key path, empty for the file as a whole).
+pub fn problems_json(problems: &[Problem]) -> serde_json::Value {
+    problems
+        .iter()
+        .map(|p| serde_json::json!({ "key": p.path, "message": p.message }))
+        .collect()
 }
 
 /// Reads the file at `path` and overlays the process environment.
@@ -266,6 +287,7 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<RawCon
 /// errors. Pure: reads no file (validation does, for the files the config
 /// names).
 pub fn load_str(text: &str, origin: &str, env: HashMap<String, String>) -> Result<RawConfig, ConfigError> {
+    let overrides = origin::env_overrides(&env);
     // Keys the environment overrides are matched lowercase, so names in the
     // file must be too; checked in validation with a clear message.
     let built = ::config::Config::builder()
@@ -278,11 +300,15 @@ pub fn load_str(text: &str, origin: &str, env: HashMap<String, String>) -> Resul
         )
         .build()
         .map_err(|e| ConfigError::one("", format!("{origin}: {e}")))?;
-    serde_path_to_error::deserialize(built).map_err(|e| {
+    let mut raw: RawConfig = serde_path_to_error::deserialize(built).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
-        ConfigError::one(path, e.into_inner().to_string())
-    })
+        let mut err = ConfigError::one(path, origin::suggest(&e.into_inner().to_string()));
+        origin::attribute(&mut err.problems, &overrides);
+        err
+    })?;
+    raw.env = overrides;
+    Ok(raw)
 }
 
 /// Loads and validates the config at `path` with the process environment,
@@ -294,7 +320,10 @@ pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
 /// [`from_file`] on a config already loaded from `path`.
 pub fn from_raw(raw: &RawConfig, path: &Path) -> Result<Config, ConfigError> {
     let mut config = validate_in(raw, &base_dir(path))?;
-    budget::fit(raw, &mut config, budget::descriptor_limit())?;
+    budget::fit(raw, &mut config, budget::descriptor_limit()).map_err(|mut e| {
+        origin::attribute(&mut e.problems, &raw.env);
+        e
+    })?;
     Ok(config)
 }
 
@@ -361,7 +390,9 @@ pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> 
             descriptors: None,
         })
     } else {
-        Err(ConfigError { problems: v.problems })
+        let mut problems = v.problems;
+        origin::attribute(&mut problems, &raw.env);
+        Err(ConfigError { problems })
     }
 }
 

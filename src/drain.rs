@@ -92,19 +92,39 @@ impl Drop for InFlight {
     }
 }
 
-/// Watches SIGTERM and SIGINT from the moment it returns (so a signal
-/// that arrives before the returned future is first polled is not lost
-/// to the default action); the future resolves on the first of them.
+/// SIGTERM and SIGINT, watched from the moment [`shutdown_signals`]
+/// returns (so a signal that arrives before [`Signals::next`] is first
+/// polled is not lost to the default action). The first starts a drain; a
+/// second, while it runs, is the operator saying "now".
 /// (SIGHUP means reload: see [`hangups`].)
-pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+#[derive(Debug)]
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+/// Exit status of a process a second signal ends mid-drain: 128 + SIGINT,
+/// as a shell reports an interrupted command.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+impl Signals {
+    /// The next SIGTERM or SIGINT, logged; its name.
+    pub async fn next(&mut self) -> &'static str {
+        let name = tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "signal received");
+        name
+    }
+}
+
+/// Starts watching SIGTERM and SIGINT (see [`Signals`]).
+pub fn shutdown_signals() -> anyhow::Result<Signals> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
-            _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
-        }
+    Ok(Signals {
+        term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+        int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
     })
 }
 

@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use portcullis::cli::{Cli, Command};
+use clap::{CommandFactory as _, Parser};
+use portcullis::cli::{CheckFormat, Cli, Command, ConfigFormat};
 use portcullis::{client, config, logging, metrics, reload, server};
 use tokio_util::sync::CancellationToken;
 
@@ -21,31 +21,52 @@ fn main() -> ExitCode {
         Command::Check(args) => {
             // As serve does, so the caps fit the limit serve would have.
             let _ = config::budget::raise_descriptor_limit();
-            check(&args.config)
+            match args.format {
+                CheckFormat::Text => check(&args.config.config),
+                CheckFormat::Json => check_json(&args.config.config),
+            }
         }
-        Command::Config(args) => match config::load(&args.config) {
-            Ok(raw) => {
-                print!("{}", config::render(&raw));
-                if let Err(e) = config::validate_in(&raw, &config::base_dir(&args.config)) {
-                    eprintln!("{}: {e}", args.config.display());
-                    return ExitCode::FAILURE;
-                }
-                ExitCode::SUCCESS
+        Command::Config(args) => show_config(&args.config.config, args.format),
+        Command::Completions(args) => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(args.shell, &mut cmd, "portcullis", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            if let Err(e) = clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                eprintln!("error: cannot render the manual page: {e}");
+                return ExitCode::FAILURE;
             }
-            Err(e) => {
-                eprintln!("{}: {e}", args.config.display());
-                ExitCode::FAILURE
+            use std::io::Write as _;
+            if std::io::stdout().write_all(&out).is_err() {
+                return ExitCode::FAILURE;
             }
-        },
+            ExitCode::SUCCESS
+        }
         Command::Serve(args) => {
-            tracing::info!(version = %env!("CARGO_PKG_VERSION"), "starting portcullis");
+            tracing::info!(
+                version = portcullis::version::VERSION,
+                commit = portcullis::version::COMMIT,
+                profile = portcullis::version::PROFILE,
+                "starting portcullis"
+            );
             if let Err(e) = config::budget::raise_descriptor_limit() {
                 tracing::warn!(error = %e, "cannot raise the descriptor limit to the hard limit");
             }
             let config = match config::from_file(&args.config) {
                 Ok(c) => c,
                 Err(e) => {
-                    fatal(&format!("{}: {e}", args.config.display()));
+                    if cli.log_format == logging::Format::Json && tracing::enabled!(tracing::Level::ERROR) {
+                        // The same shape as a failed reload's line.
+                        tracing::error!(
+                            config = %args.config.display(),
+                            problems = %e.to_json(),
+                            "invalid config: not starting"
+                        );
+                    } else {
+                        fatal(&format!("{}: {e}", args.config.display()));
+                    }
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
@@ -59,6 +80,13 @@ fn main() -> ExitCode {
                     "descriptor budget"
                 );
             }
+            // A warning, not a refusal: DNS may come up after the gateway.
+            let services = config.services.clone();
+            std::thread::spawn(move || {
+                for p in config::resolve::unresolvable(&services, config::resolve::DNS_TIMEOUT) {
+                    tracing::warn!(key = %p.path, "{}", p.message);
+                }
+            });
             run(async move {
                 // Only a scrape reads the recorder, so without an admin
                 // endpoint metrics are not recorded at all.
@@ -67,15 +95,22 @@ fn main() -> ExitCode {
                 }
                 // Signals are watched before anything is bound or `ready`
                 // is said, so none sent after that meets the default action.
-                let terminate = portcullis::drain::shutdown_signal()?;
+                let mut signals = portcullis::drain::shutdown_signals()?;
                 let hup = reload::hangups();
                 let baseline = reload::baseline(&args.config);
                 let bound = server::bind(config)?;
                 let shutdown = CancellationToken::new();
                 let trigger = shutdown.clone();
                 tokio::spawn(async move {
-                    terminate.await;
+                    signals.next().await;
                     trigger.cancel();
+                    let again = signals.next().await;
+                    tracing::warn!(
+                        signal = again,
+                        exit = portcullis::drain::EXIT_INTERRUPTED,
+                        "second signal during the drain: exiting now, cutting every connection still open"
+                    );
+                    std::process::exit(i32::from(portcullis::drain::EXIT_INTERRUPTED));
                 });
                 let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
                 tokio::spawn(reload::watch(
@@ -129,13 +164,6 @@ fn check(path: &std::path::Path) -> ExitCode {
                         r.traps,
                         1.0 / r.chance
                     );
-                if let Some((traps, with_a_step)) = r.add_traps {
-                    eprintln!(
-                            "warning: {}: above 1 in {:.0}: add {traps} trap port(s), or one step and {with_a_step} trap port(s); or use SPA",
-                            r.path,
-                            1.0 / config::RANDOM_PASS_WARN
-                        );
-                }
             }
             for t in c.services.iter().filter_map(|s| s.totp.as_ref()) {
                 println!(
@@ -148,17 +176,8 @@ fn check(path: &std::path::Path) -> ExitCode {
                     1.0 / t.random_pass_chance()
                 );
             }
-            for s in c
-                .services
-                .iter()
-                .filter(|s| s.unauthorized == config::Unauthorized::Dark)
-            {
-                if !portcullis::proxy::dark::has_net_admin() {
-                    eprintln!(
-                            "warning: service.{}.unauthorized: dark needs CAP_NET_ADMIN, which this process lacks: it would run as closed",
-                            s.name
-                        );
-                }
+            for w in warnings(&c) {
+                eprintln!("warning: {w}");
             }
             ExitCode::SUCCESS
         }
@@ -167,6 +186,89 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `portcullis config`: the effective config, every default filled in; an
+/// invalid one as loaded (no defaults), then its problems.
+fn show_config(path: &std::path::Path, format: ConfigFormat) -> ExitCode {
+    let raw = match config::load(path) {
+        Ok(raw) => raw,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let (shown, problems) = match config::from_raw(&raw, path) {
+        Ok(c) => (config::effective(&raw, &c), None),
+        Err(e) => (raw, Some(e)),
+    };
+    let text = match format {
+        ConfigFormat::Toml => config::render(&shown),
+        ConfigFormat::Json => serde_json::to_string_pretty(&shown).map_or_else(
+            |e| format!("{{\"error\": \"cannot render the config: {e}\"}}\n"),
+            |t| t + "\n",
+        ),
+    };
+    print!("{text}");
+    match problems {
+        None => ExitCode::SUCCESS,
+        Some(e) => {
+            eprintln!("{}: {e}", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `check --format json`: one object on stdout, `{"ok", "config",
+/// "errors": [{key, message}], "warnings": [{key, message}]}`.
+fn check_json(path: &std::path::Path) -> ExitCode {
+    let (errors, warnings) = match config::from_file(path) {
+        Ok(c) => (Vec::new(), warnings(&c)),
+        Err(e) => (e.problems, Vec::new()),
+    };
+    let report = serde_json::json!({
+        "ok": errors.is_empty(),
+        "config": path.display().to_string(),
+        "errors": config::problems_json(&errors),
+        "warnings": config::problems_json(&warnings),
+    });
+    println!("{report}");
+    if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// What `check` warns about in a valid config: sequences a scan opens too
+/// easily, `dark` without CAP_NET_ADMIN, upstreams that do not resolve.
+fn warnings(c: &config::Config) -> Vec<config::Problem> {
+    let mut found = Vec::new();
+    for r in config::sequence_report(&c.services) {
+        if let Some((traps, with_a_step)) = r.add_traps {
+            found.push(config::Problem {
+                path: r.path.clone(),
+                message: format!(
+                    "above 1 in {:.0}: add {traps} trap port(s), or one step and {with_a_step} trap port(s); or use SPA",
+                    1.0 / config::RANDOM_PASS_WARN
+                ),
+            });
+        }
+    }
+    for s in c
+        .services
+        .iter()
+        .filter(|s| s.unauthorized == config::Unauthorized::Dark)
+    {
+        if !portcullis::proxy::dark::has_net_admin() {
+            found.push(config::Problem {
+                path: format!("service.{}.unauthorized", s.name),
+                message: "dark needs CAP_NET_ADMIN, which this process lacks: it would run as closed".to_owned(),
+            });
+        }
+    }
+    found.extend(config::resolve::unresolvable(&c.services, config::resolve::DNS_TIMEOUT));
+    found
 }
 
 /// `check`'s line about the descriptor budget.

@@ -107,9 +107,8 @@ pub async fn watch(
             }
             Err(e) => {
                 metrics::config_reload(ReloadResult::Failure);
-                let problems: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
                 tracing::error!(
-                    problems = ?problems,
+                    problems = %e.to_json(),
                     "config reload failed: the running config is unchanged"
                 );
             }

@@ -252,3 +252,200 @@ fn two_users_with_the_same_fwknop_keys_are_refused_naming_both_files() {
         )
     });
 }
+
+#[test]
+fn version_names_the_commit_and_the_profile() {
+    let (code, out, err) = run_bin(&["--version"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    assert!(
+        out.starts_with(&format!("portcullis {} (commit ", env!("CARGO_PKG_VERSION")))
+            && out.trim_end().ends_with(&format!(", {profile})")),
+        "{out}"
+    );
+    // Built from this checkout: its HEAD, not "unknown".
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    if let Some(head) = head.ok().filter(|o| o.status.success()) {
+        let head = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+        assert!(out.contains(&format!("(commit {head}")), "{out} is not HEAD {head}");
+    }
+}
+
+#[test]
+fn completions_are_valid_scripts_that_know_the_subcommands() {
+    let (code, bash, err) = run_bin(&["completions", "bash"], &[]);
+    assert_eq!(code, 0, "{err}");
+    for sub in ["serve", "check", "config", "completions", "man", "knock", "spa"] {
+        assert!(bash.contains(sub), "bash completion lacks {sub}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("portcullis.bash");
+    std::fs::write(&script, &bash).unwrap();
+    let check = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let (code, out, err) = run_bin(&["completions", shell], &[]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        assert!(out.contains("serve"), "{shell}: {out}");
+    }
+    let (code, _, err) = run_bin(&["completions", "tcsh"], &[]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn man_prints_a_manual_page_that_renders() {
+    let (code, roff, err) = run_bin(&["man"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(roff.contains("\n.TH portcullis 1"), "not a manual page:\n{roff}");
+    assert!(roff.contains("completions") && roff.contains("serve"), "{roff}");
+    let groff = std::process::Command::new("groff")
+        .args(["-man", "-Tutf8"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    // groff is optional: without it the .TH header is the check.
+    if let Ok(mut groff) = groff {
+        use std::io::Write as _;
+        groff.stdin.take().unwrap().write_all(roff.as_bytes()).unwrap();
+        let out = groff.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "groff: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("portcullis"), "{text}");
+    }
+}
+
+#[test]
+fn an_environment_override_error_names_the_variable_and_the_key() {
+    let file = repo_path("tests/fixtures/config/valid/issue-echo.toml");
+    for cmd in ["check", "serve"] {
+        let (code, _, err) = run_bin(
+            &[cmd, "-c", file.to_str().unwrap()],
+            &[("PORTCULLIS__SERVICE__ECHO__OPEN_FOR", "abc")],
+        );
+        assert_ne!(code, 0, "{cmd}: {err}");
+        assert!(
+            err.contains("service.echo.open_for") && err.contains("PORTCULLIS__SERVICE__ECHO__OPEN_FOR"),
+            "{cmd}: {err}"
+        );
+    }
+    // A key the file has too: the value refused is the environment's.
+    let (_, _, err) = run_bin(
+        &["check", "-c", file.to_str().unwrap()],
+        &[("PORTCULLIS__SERVICE__ECHO__PROTOCOL", "sctp")],
+    );
+    assert!(err.contains("PORTCULLIS__SERVICE__ECHO__PROTOCOL"), "{err}");
+}
+
+#[test]
+fn an_unknown_key_close_to_a_known_one_gets_a_suggestion() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let text = std::fs::read_to_string(repo_path("tests/fixtures/config/valid/issue-echo.toml")).unwrap();
+    std::fs::write(&path, text.replace("open_for", "open_fro")).unwrap();
+    let (code, _, err) = run_bin(&["check", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("service.echo.open_fro") && err.contains("did you mean `open_for`?"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("PORTCULLIS__"),
+        "a file key blamed on the environment: {err}"
+    );
+    // From the environment: the suggestion, and the variable.
+    let file = repo_path("tests/fixtures/config/valid/issue-echo.toml");
+    let (code, _, err) = run_bin(
+        &["check", "-c", file.to_str().unwrap()],
+        &[("PORTCULLIS__GATEWAY__MAX_CONECTIONS", "5")],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("gateway.max_conections")
+            && err.contains("did you mean `max_connections`?")
+            && err.contains("PORTCULLIS__GATEWAY__MAX_CONECTIONS"),
+        "{err}"
+    );
+    // Nothing close: no guess.
+    std::fs::write(&path, text.replace("open_for", "colour")).unwrap();
+    let (_, _, err) = run_bin(&["check", "-c", path.to_str().unwrap()], &[]);
+    assert!(
+        err.contains("unknown field `colour`") && !err.contains("did you mean"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_fills_in_every_default_and_keeps_types() {
+    let file = repo_path("tests/fixtures/config/valid/issue-echo.toml");
+    let env = [("PORTCULLIS__GATEWAY__MAX_CONNECTIONS", "77")];
+    let (code, out, err) = run_bin(&["config", "-c", file.to_str().unwrap()], &env);
+    assert_eq!(code, 0, "{err}");
+    let parsed: toml::Value = toml::from_str(&out).expect("config prints TOML");
+    let g = &parsed["gateway"];
+    assert_eq!(g["max_connections"].as_integer(), Some(77), "{out}");
+    assert_eq!(g["connect_timeout"].as_str(), Some("5s"), "{out}");
+    assert_eq!(g["shutdown_grace"].as_str(), Some("10s"), "{out}");
+    assert_eq!(g["sensor"].as_str(), Some("socket"), "{out}");
+    assert_eq!(parsed["limits"]["lockout_after"].as_integer(), Some(10), "{out}");
+    let echo = &parsed["service"]["echo"];
+    assert_eq!(echo["max_connections"].as_integer(), Some(77), "{out}");
+    assert_eq!(echo["knock"]["trap_lockout"].as_bool(), Some(true), "{out}");
+    // What it prints is a config that means the same.
+    let dir = tempfile::tempdir().unwrap();
+    let again = dir.path().join("effective.toml");
+    std::fs::write(&again, &out).unwrap();
+    let (code, out2, err) = run_bin(&["config", "-c", again.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out2, out);
+    // And as JSON, with the same types.
+    let (code, out, err) = run_bin(&["config", "--format", "json", "-c", file.to_str().unwrap()], &env);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).expect("config prints JSON");
+    assert_eq!(json["gateway"]["max_connections"], 77, "{out}");
+    assert_eq!(json["gateway"]["connect_timeout"], "5s", "{out}");
+}
+
+#[test]
+fn check_json_lists_errors_and_warnings_with_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let text = std::fs::read_to_string(repo_path("tests/fixtures/config/valid/issue-echo.toml")).unwrap();
+    std::fs::write(&path, text.replace("127.0.0.1:15001", "db.example.invalid:5432")).unwrap();
+    let (code, out, err) = run_bin(&["check", "--format", "json", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "an unresolvable upstream is not an error: {out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["errors"], serde_json::json!([]), "{report}");
+    let warnings = report["warnings"].as_array().unwrap();
+    let dns = warnings
+        .iter()
+        .find(|w| w["key"] == "service.echo.upstream")
+        .unwrap_or_else(|| panic!("no upstream warning: {report}"));
+    assert!(dns["message"].as_str().unwrap().contains("db.example.invalid"), "{dns}");
+    // The text form says the same on stderr.
+    let (code, _, err) = run_bin(&["check", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("warning: service.echo.upstream: \"db.example.invalid:5432\" does not resolve"),
+        "{err}"
+    );
+    // An invalid config: ok false, each error with its key, exit 1.
+    std::fs::write(&path, text.replace("\"10s\"", "\"soon\"")).unwrap();
+    let (code, out, _) = run_bin(&["check", "--format", "json", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["errors"][0]["key"], "service.echo.open_for", "{report}");
+}

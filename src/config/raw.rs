@@ -24,6 +24,10 @@ pub struct RawConfig {
     pub service: BTreeMap<String, RawService>,
     #[serde(default)]
     pub user: BTreeMap<String, RawUser>,
+    /// The `PORTCULLIS__*` variables that were laid over the file, so that
+    /// problems with what they set name them.
+    #[serde(skip)]
+    pub env: Vec<super::EnvOverride>,
 }
 
 /// Per-source limits on knock and SPA packets.
