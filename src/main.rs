@@ -26,7 +26,11 @@ fn main() -> ExitCode {
                 CheckFormat::Json => check_json(&args.config.config),
             }
         }
-        Command::Config(args) => show_config(&args.config.config, args.format),
+        Command::Config(args) => {
+            // The defaults derived from the descriptor limit are serve's.
+            let _ = config::budget::raise_descriptor_limit();
+            show_config(&args.config.config, args.format)
+        }
         Command::Completions(args) => {
             let mut cmd = Cli::command();
             clap_complete::generate(args.shell, &mut cmd, "portcullis", &mut std::io::stdout());
