@@ -104,3 +104,37 @@ fn fill_duration(slot: &mut Option<String>, value: Duration) {
 fn fill_count(slot: &mut Option<RawCount>, value: usize) {
     *slot = Some(RawCount::Int(i64::try_from(value).unwrap_or(i64::MAX)));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn effective_of(text: &str, env: &[(&str, &str)]) -> RawConfig {
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let raw = crate::config::load_str(text, "test", env).unwrap();
+        let config = crate::config::validate(&raw).unwrap();
+        effective(&raw, &config)
+    }
+
+    #[test]
+    fn udp_services_get_their_session_defaults_and_env_counts_become_integers() {
+        let e = effective_of(
+            "[service.dns]\nlisten = \"127.0.0.1:53\"\nupstream = \"127.0.0.1:5353\"\nprotocol = \"udp\"\nknock = { sequence = [\"7/udp\", \"9/udp\", \"8/udp\"] }\n",
+            &[("PORTCULLIS__SERVICE__DNS__MAX_SESSIONS", "12")],
+        );
+        let dns = &e.service["dns"];
+        assert_eq!(dns.idle_timeout.as_deref(), Some("1m"));
+        assert!(
+            matches!(dns.max_sessions, Some(RawCount::Int(12))),
+            "{:?}",
+            dns.max_sessions
+        );
+        assert!(matches!(dns.max_sessions_per_source, Some(RawCount::Int(32))));
+        assert!(dns.max_connections.is_none(), "a TCP setting on a UDP service");
+        assert_eq!(dns.unauthorized.as_deref(), Some("closed"));
+        assert_eq!(dns.open_for.as_deref(), Some("30s"));
+        let text = toml::to_string(&e).unwrap();
+        assert!(text.contains("max_sessions = 12"), "{text}");
+    }
+}
