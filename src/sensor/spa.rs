@@ -131,7 +131,7 @@ pub const JUNK_REPORT_EVERY: std::time::Duration = std::time::Duration::from_sec
 ///
 /// Junk (datagrams of no SPA format, malformed or oversized ones) is what
 /// any scanner or stray sender puts on a UDP port: it is counted, logged
-/// at debug, and summarised in one info line per [`JUNK_REPORT_EVERY`] at
+/// at debug under the same rate limit, and summarised in one info line per [`JUNK_REPORT_EVERY`] at
 /// most, never a warning each.
 #[derive(Debug)]
 pub struct RefusalLog {
@@ -190,8 +190,13 @@ impl RefusalLog {
 
     fn junk(&self, source: IpAddr, refusal: Refusal) {
         use std::sync::atomic::Ordering;
-        tracing::debug!(%source, reason = refusal.as_label(), "malformed spa packet");
         self.junk.fetch_add(1, Ordering::Relaxed);
+        // Under the same limit as warnings (one clock read a packet, as
+        // any refusal): a flood at debug level is not a flood of lines.
+        if self.limit.check().is_err() {
+            return;
+        }
+        tracing::debug!(%source, reason = refusal.as_label(), "malformed spa packet");
         if self.junk_report.check().is_ok() {
             let count = self.junk.swap(0, Ordering::Relaxed);
             tracing::info!(
