@@ -117,6 +117,9 @@ impl Bound {
         } = self;
         let life = Lifecycle::new();
         let (failures_tx, mut failures) = mpsc::unbounded_channel();
+        if let Some(recorder) = &replay {
+            runtime::watch_recorder(recorder, &failures_tx);
+        }
         let (driver, requests) = DriverHandle::channel();
         // Started first, so probes are answered (503) while the rest starts.
         let admin = match admin {
