@@ -226,9 +226,9 @@ impl DurationSpec {
         }
         if d > MAX_MANUAL_GRANT {
             return Err(format!(
-                "duration {} is over the {} a manual grant may last",
+                "duration {} is over the {}h a manual grant may last",
                 humantime::format_duration(d),
-                humantime::format_duration(MAX_MANUAL_GRANT)
+                MAX_MANUAL_GRANT.as_secs() / 3600
             ));
         }
         Ok(d)
