@@ -517,9 +517,9 @@ pub fn zero_config(config: &Config) {
     }
 }
 
-/// Sets every series of `services` to zero: at start, and for the services
-/// a reload adds (a service that already has series keeps its counts,
-/// since `absolute(0)` is only applied to counters that are new).
+/// Sets every series of `services` to zero: at start, and after each
+/// reload for every service of the new config (a service that already
+/// has series keeps its counts: registering adds nothing to a count).
 pub fn zero_services(services: &[Service]) {
     if PROMETHEUS.get().is_none() {
         return;

@@ -195,7 +195,7 @@ struct LockoutView {
 }
 
 /// The longest manual grant: a break-glass grant is for an incident, not
-/// a standing rule (put those in `static` lists of the config).
+/// a standing rule (that belongs in the config).
 pub(super) const MAX_MANUAL_GRANT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The body of `POST /v1/grants`.
