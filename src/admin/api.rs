@@ -879,12 +879,14 @@ mod tests {
         let auth = Auth::new(&config, "0.0.0.0:9464".parse().unwrap());
         let c = conn(false);
         let bearer = format!("Bearer {token}");
-        for path in ["/v1/grants", "/metrics"] {
+        for path in ["/v1/grants", "/v1/lockouts", "/metrics"] {
             let (status, headers, _) = call(&f, &auth, &c, request("GET", path, &[])).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
             assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
         }
         let with = request("GET", "/v1/grants", &[("authorization", &bearer)]);
+        assert_eq!(call(&f, &auth, &c, with).await.0, StatusCode::OK);
+        let with = request("GET", "/v1/lockouts", &[("authorization", &bearer)]);
         assert_eq!(call(&f, &auth, &c, with).await.0, StatusCode::OK);
         let verified = conn(true);
         assert_eq!(
