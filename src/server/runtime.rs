@@ -496,13 +496,11 @@ impl Runtime {
         // their own when idle; the table is no longer needed for new ones.
         self.udp_sessions
             .retain(|name, _| new.services.iter().any(|s| s.name == *name && s.protocol == Proto::Udp));
-        let added: Vec<Service> = new
-            .services
-            .iter()
-            .filter(|s| !self.config().services.iter().any(|o| o.name == s.name))
-            .cloned()
-            .collect();
-        metrics::zero_services(&added);
+        // Every series the new config implies, from zero: a service added
+        // or changed (it gained a knock, it became UDP), SPA turned on.
+        // Counts already made are kept.
+        metrics::zero_config(&new);
+        metrics::zero_services(&new.services);
         self.parts.config = new;
         self.parts.replay = replay;
         self.start(sockets).await?;
