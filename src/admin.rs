@@ -1,7 +1,9 @@
 //! The admin endpoint: `GET /metrics` (Prometheus text), `GET /healthz`,
 //! `GET /readyz`, and a small JSON API over the grants (`GET /v1/grants`,
-//! `DELETE /v1/grants/{service}/{source}`), over HTTP/1 with optional TLS
-//! and client certificates ([`tls`]).
+//! `POST /v1/grants` for an operator's break-glass grant, `DELETE
+//! /v1/grants/{service}/{source}`) and the lockouts (`GET /v1/lockouts`,
+//! `DELETE /v1/lockouts/{source}`), over HTTP/1 with optional TLS and
+//! client certificates ([`tls`]).
 //!
 //! # Why it runs on a thread of its own
 //!
@@ -20,15 +22,22 @@
 //!
 //! # Who may change and read things
 //!
-//! The mutating endpoints (revoking a grant) are allowed with the
+//! The mutating endpoints (granting, revoking, clearing a lockout) are
+//! allowed with the
 //! configured bearer token (`Authorization: Bearer ...`, compared in
 //! constant time), or over TLS with a client certificate verified against
 //! `client_ca`. A configured token is required everywhere, loopback
 //! included; only when no token is configured does a loopback-bound
 //! listener trust whoever reaches it (unless `allow_loopback_mutations =
-//! false`). Anything else gets 403. Reads (`/metrics`, `/v1/grants`) are
-//! open unless `require_token_for_reads = true`, which asks them for the
-//! same credentials (401 without); the probes are always open.
+//! false`). Anything else gets 403. Reads (`/metrics`, `/v1/grants`,
+//! `/v1/lockouts`) are open unless `require_token_for_reads = true`, which
+//! asks them for the same credentials (401 without); the probes are always
+//! open.
+//!
+//! Every change is audited (target `portcullis::audit`) with who made it,
+//! `by`: `token`, `client-cert CN=...` (the verified certificate's subject,
+//! or its fingerprint), or `loopback ADDR:PORT` (the peer of a trusted
+//! loopback listener). Never the token itself.
 //!
 //! A listener bound to loopback answers only requests whose `Host` is
 //! `localhost` (or under `.localhost`) or a loopback address: a web page
@@ -46,8 +55,9 @@
 //! takes the place of the oldest one that has sent nothing yet, so idle
 //! connections cannot make a liveness probe fail however many there are.
 //!
-//! This module does not decide anything about grants: a revocation is an
-//! revocation handed to the gate driver, which answers once it is applied.
+//! This module does not decide anything about grants or lockouts: a
+//! revocation, a manual grant or an unlock is a request handed to the gate
+//! driver, which answers once it is applied.
 
 mod api;
 pub mod tls;
@@ -73,6 +83,7 @@ use tokio_util::task::TaskTracker;
 use crate::clock::Clock;
 use crate::config::Admin;
 use crate::driver::DriverHandle;
+use crate::guard::SourceGuard;
 use crate::metrics::{self, ListenerKind};
 use crate::net;
 use crate::store::GrantStore;
@@ -93,6 +104,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the metrics recorder's housekeeping runs.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// Largest request body read (a manual grant's JSON is far smaller).
+const MAX_BODY: usize = 4096;
+/// Longest a client may take to send a request's body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long requests in flight may finish once the endpoint stops.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -169,8 +184,11 @@ impl Readiness {
 pub struct Context {
     pub store: Arc<dyn GrantStore>,
     pub clock: Arc<dyn Clock>,
-    /// The gate driver, which applies revocations.
+    /// The gate driver, which applies revocations, manual grants and
+    /// unlocks.
     pub driver: DriverHandle,
+    /// The per-source lockouts, read by `GET /v1/lockouts`.
+    pub guard: Arc<SourceGuard>,
     pub readiness: Readiness,
 }
 
@@ -475,6 +493,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, entry: Entry, shared: A
         let conn = api::Conn {
             peer,
             client_verified: false,
+            client: None,
             probes_only,
         };
         return http(stream, conn, shared.clone()).await;
@@ -488,10 +507,16 @@ async fn connection(stream: TcpStream, peer: SocketAddr, entry: Entry, shared: A
     };
     // The verifier rejects a certificate it cannot verify during the
     // handshake, so a certificate that is present here was verified.
-    let client_verified = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+    let client = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|leaf| Arc::<str>::from(tls::client_identity(leaf)));
     let conn = api::Conn {
         peer,
-        client_verified,
+        client_verified: client.is_some(),
+        client,
         probes_only,
     };
     http(stream, conn, shared.clone()).await
@@ -502,10 +527,19 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let stop = shared.stop.clone();
-    let service = service_fn(move |req| {
+    let (peer, probes_only) = (conn.peer, conn.probes_only);
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let shared = shared.clone();
+        let conn = conn.clone();
         async move {
-            let response = api::handle(&req, &shared.context, &shared.auth, &conn).await;
+            let (parts, body) = req.into_parts();
+            let response = match read_body(body).await {
+                Ok(body) => {
+                    let req = hyper::Request::from_parts(parts, body);
+                    api::handle(&req, &shared.context, &shared.auth, &conn).await
+                }
+                Err(response) => response,
+            };
             Ok::<_, std::convert::Infallible>(response)
         }
     });
@@ -513,7 +547,7 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(!conn.probes_only);
+        .keep_alive(!probes_only);
     let served = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(served);
     let result = tokio::select! {
@@ -524,7 +558,31 @@ where
         }
     };
     if let Err(e) = result {
-        tracing::debug!(peer = %conn.peer, error = %e, "admin connection ended with an error");
+        tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+    }
+}
+
+/// A request's body, at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`];
+/// else the response that says why not.
+async fn read_body(
+    body: hyper::body::Incoming,
+) -> Result<hyper::body::Bytes, hyper::Response<http_body_util::Full<hyper::body::Bytes>>> {
+    use http_body_util::BodyExt as _;
+    let limited = http_body_util::Limited::new(body, MAX_BODY);
+    match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(api::text(
+            hyper::StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over {MAX_BODY} bytes\n"),
+        )),
+        Ok(Err(_)) => Err(api::text(
+            hyper::StatusCode::BAD_REQUEST,
+            "the body could not be read\n",
+        )),
+        Err(_) => Err(api::text(
+            hyper::StatusCode::REQUEST_TIMEOUT,
+            "the body was not sent in time\n",
+        )),
     }
 }
 

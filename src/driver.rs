@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::door::Door;
 use crate::gate::{Event, Gate, GateLimits, Grant, Input, Knock, KnockResult, Method, ServiceRule};
-use crate::guard::{SourceGuard, StrikeKind};
+use crate::guard::{Lockout, SourceGuard, StrikeKind};
 use crate::metrics;
 use crate::store::GrantStore;
 use crate::totp;
@@ -61,6 +61,31 @@ pub enum Request {
     Doors {
         doors: Vec<Arc<Door>>,
         reply: oneshot::Sender<()>,
+    },
+    /// An operator's break-glass grant ([`Method::Manual`]); answered with
+    /// the grant once the store admits the source, `None` when the service
+    /// is unknown.
+    Grant {
+        service: Arc<str>,
+        source: IpAddr,
+        by: Arc<str>,
+        duration: Duration,
+        reply: oneshot::Sender<Option<Grant>>,
+    },
+    /// [`Request::Revoke`] on an operator's request: the audit line says
+    /// `by` whom.
+    RevokeBy {
+        service: Arc<str>,
+        source: IpAddr,
+        by: Arc<str>,
+        reply: oneshot::Sender<Option<Grant>>,
+    },
+    /// Ends a source's lockout; answered with the lockout that ended, `None`
+    /// when the source was not locked out.
+    Unlock {
+        source: IpAddr,
+        by: Arc<str>,
+        reply: oneshot::Sender<Option<Lockout>>,
     },
     /// A reloaded config's rules; answered once the gate has them.
     Reconfigure {
@@ -163,6 +188,75 @@ impl DriverHandle {
             .map_err(|_| DriverError::Busy)?
     }
 
+    /// An operator's grant of `service` to `source` for `duration`, asked
+    /// `by` someone: waits (at most `timeout`) until the store admits the
+    /// source. `Ok(None)` when the gate knows no such service.
+    pub async fn grant(
+        &self,
+        service: Arc<str>,
+        source: IpAddr,
+        by: Arc<str>,
+        duration: Duration,
+        timeout: Duration,
+    ) -> Result<Option<Grant>, DriverError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Grant {
+            service,
+            source,
+            by,
+            duration,
+            reply,
+        };
+        self.ask(request, answer, timeout).await
+    }
+
+    /// [`DriverHandle::revoke`] on an operator's request, audited as `by`
+    /// them.
+    pub async fn revoke_by(
+        &self,
+        service: Arc<str>,
+        source: IpAddr,
+        by: Arc<str>,
+        timeout: Duration,
+    ) -> Result<Option<Grant>, DriverError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::RevokeBy {
+            service,
+            source,
+            by,
+            reply,
+        };
+        self.ask(request, answer, timeout).await
+    }
+
+    /// Ends `source`'s lockout, asked `by` someone; waits (at most
+    /// `timeout`) until it is applied. `Ok(None)` when it was not locked out.
+    pub async fn unlock(
+        &self,
+        source: IpAddr,
+        by: Arc<str>,
+        timeout: Duration,
+    ) -> Result<Option<Lockout>, DriverError> {
+        let (reply, answer) = oneshot::channel();
+        self.ask(Request::Unlock { source, by, reply }, answer, timeout).await
+    }
+
+    /// Sends `request` and waits for its answer, at most `timeout` in all.
+    async fn ask<T>(
+        &self,
+        request: Request,
+        answer: oneshot::Receiver<T>,
+        timeout: Duration,
+    ) -> Result<T, DriverError> {
+        let asked = async {
+            self.tx.send(request).await.map_err(|_| DriverError::Stopped)?;
+            answer.await.map_err(|_| DriverError::Stopped)
+        };
+        tokio::time::timeout(timeout, asked)
+            .await
+            .map_err(|_| DriverError::Busy)?
+    }
+
     /// Installs the doors of the `closed` services and waits until each
     /// listens exactly when its service has a grant.
     pub async fn doors(&self, doors: Vec<Arc<Door>>) -> Result<(), DriverError> {
@@ -235,6 +329,16 @@ pub enum Reply {
     None,
     Revoked(oneshot::Sender<Option<Grant>>),
     Reconfigured(oneshot::Sender<()>),
+    /// An operator's revocation: answered like [`Reply::Revoked`], and the
+    /// audit line says `by` whom.
+    RevokedBy {
+        reply: oneshot::Sender<Option<Grant>>,
+        by: Arc<str>,
+    },
+    /// An operator's grant, answered with the grant given.
+    Granted(oneshot::Sender<Option<Grant>>),
+    /// An unlock, answered with the lockout that ended.
+    Unlocked(oneshot::Sender<Option<Lockout>>),
 }
 
 /// The replication seam: every gate input passes through a log, which
@@ -291,6 +395,9 @@ pub struct Driver {
     doors: HashMap<Arc<str>, Arc<Door>>,
     /// Rotating sequences: their knocks are judged here, not by the gate.
     totp: totp::Tracker,
+    /// Who asked for the entry being fed, for its audit lines (local
+    /// operator requests only).
+    requested_by: Option<Arc<str>>,
 }
 
 impl Driver {
@@ -304,6 +411,7 @@ impl Driver {
             held: HashMap::new(),
             doors: HashMap::new(),
             totp: totp::Tracker::default(),
+            requested_by: None,
         }
     }
 
@@ -345,7 +453,18 @@ impl Driver {
             Input::Revoke { service, source } => Some((service.clone(), *source)),
             _ => None,
         };
+        let granted = match &input {
+            Input::Authorize { service, source, .. } => Some((service.clone(), *source)),
+            _ => None,
+        };
         let now = self.effects.clock.now();
+        if let Input::Unlock { source, by } = &input {
+            let ended = self.unlock(*source, by, now);
+            if let Reply::Unlocked(tx) = reply {
+                let _ = tx.send(ended);
+            }
+            return;
+        }
         // Knocks queued before their source hit a trap arrive after the
         // lockout the trap caused: they must not walk the sequence on.
         if let Input::Knock(k) = &input {
@@ -375,16 +494,47 @@ impl Driver {
                 _ => None,
             })
         });
+        let given = granted.and_then(|(service, source)| {
+            self.events.iter().find_map(|e| match e {
+                Event::Granted(g) if g.service == service && g.source == source => Some(g.clone()),
+                _ => None,
+            })
+        });
+        if let Reply::RevokedBy { by, .. } = &reply {
+            self.requested_by = Some(by.clone());
+        }
         self.apply_events();
+        self.requested_by = None;
         match reply {
             Reply::None => {}
-            Reply::Revoked(tx) => {
+            Reply::Revoked(tx) | Reply::RevokedBy { reply: tx, .. } => {
                 let _ = tx.send(grant);
             }
             Reply::Reconfigured(tx) => {
                 let _ = tx.send(());
             }
+            Reply::Granted(tx) => {
+                let _ = tx.send(given);
+            }
+            Reply::Unlocked(tx) => {
+                let _ = tx.send(None);
+            }
         }
+    }
+
+    /// Ends `source`'s lockout and audits it; the lockout that ended.
+    fn unlock(&mut self, source: IpAddr, by: &Arc<str>, now: Instant) -> Option<Lockout> {
+        let ended = self.effects.guard.clear_lockout(source, now)?;
+        let left = ended.until.saturating_duration_since(now);
+        tracing::info!(
+            target: AUDIT_TARGET,
+            source = %ended.source,
+            reason = ended.why.as_label(),
+            left_s = round_ms(left).as_secs_f64(),
+            by = %by,
+            "lockout cleared"
+        );
+        Some(ended)
     }
 
     /// A knock on a rotating sequence's pool: an opened sequence is a
@@ -462,7 +612,8 @@ impl Driver {
                 if store.revoke(&grant.service, grant.source).is_some() {
                     self.ended(&grant.service);
                 }
-                tracing::info!(target: AUDIT_TARGET, service = %grant.service, source = %grant.source, method = grant.method.as_label(), "grant revoked");
+                let by = self.requested_by.as_deref();
+                tracing::info!(target: AUDIT_TARGET, service = %grant.service, source = %grant.source, method = grant.method.as_label(), by, "grant revoked");
             }
             other => apply_progress(other),
         }
@@ -511,6 +662,34 @@ impl Driver {
             Request::Revoke { service, source, reply } => Entry {
                 input: Input::Revoke { service, source },
                 reply: Reply::Revoked(reply),
+            },
+            Request::RevokeBy {
+                service,
+                source,
+                by,
+                reply,
+            } => Entry {
+                input: Input::Revoke { service, source },
+                reply: Reply::RevokedBy { reply, by },
+            },
+            Request::Grant {
+                service,
+                source,
+                by,
+                duration,
+                reply,
+            } => Entry {
+                input: Input::Authorize {
+                    service,
+                    source,
+                    method: Method::Manual { by },
+                    duration,
+                },
+                reply: Reply::Granted(reply),
+            },
+            Request::Unlock { source, by, reply } => Entry {
+                input: Input::Unlock { source, by },
+                reply: Reply::Unlocked(reply),
             },
             Request::Reconfigure {
                 services,
@@ -582,9 +761,10 @@ fn apply_progress(event: Event) {
 fn audit_grant(grant: &Grant, clock: &dyn Clock) {
     metrics::grant(&grant.service, &grant.method);
     let open_for = grant.expires_at.saturating_duration_since(clock.now());
-    let user = match &grant.method {
-        Method::Spa { user } => Some(user.to_string()),
-        Method::Knock => None,
+    let (user, by) = match &grant.method {
+        Method::Spa { user } => (Some(user.to_string()), None),
+        Method::Manual { by } => (None, Some(by.to_string())),
+        Method::Knock => (None, None),
     };
     tracing::info!(
         target: AUDIT_TARGET,
@@ -592,6 +772,7 @@ fn audit_grant(grant: &Grant, clock: &dyn Clock) {
         source = %grant.source,
         method = grant.method.as_label(),
         user,
+        by,
         open_for_s = round_ms(open_for).as_secs_f64(),
         "grant"
     );
@@ -782,6 +963,37 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), expired)
             .await
             .expect("the grant expires at its deadline");
+    }
+
+    #[tokio::test]
+    async fn a_manual_grant_and_an_unlock_are_answered_once_applied() {
+        let f = start();
+        let source: IpAddr = "10.0.0.1".parse().unwrap();
+        let t = Duration::from_secs(5);
+        let grant = f
+            .handle
+            .grant("pg".into(), source, "token".into(), OPEN, t)
+            .await
+            .unwrap();
+        let grant = grant.expect("a known service");
+        assert_eq!(grant.method, Method::Manual { by: "token".into() });
+        assert!(f.store.allows("pg", source, f.clock.now()));
+        assert_eq!(
+            f.handle
+                .grant("nope".into(), source, "token".into(), OPEN, t)
+                .await
+                .unwrap(),
+            None
+        );
+
+        f.handle.knock(knock("10.0.0.5", 7009)).unwrap();
+        settle(&f).await;
+        let locked: IpAddr = "10.0.0.5".parse().unwrap();
+        assert!(f.guard.locked_out(locked, f.clock.now()));
+        let ended = f.handle.unlock(locked, "token".into(), t).await.unwrap();
+        assert_eq!(ended.map(|l| l.why), Some(crate::guard::LockReason::Trap));
+        assert!(!f.guard.locked_out(locked, f.clock.now()));
+        assert_eq!(f.handle.unlock(locked, "token".into(), t).await.unwrap(), None);
     }
 
     #[test]

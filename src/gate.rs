@@ -53,18 +53,26 @@ pub struct ServiceRule {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Method {
     Knock,
-    Spa { user: Arc<str> },
+    Spa {
+        user: Arc<str>,
+    },
+    /// An operator's break-glass grant through the admin API; `by` says
+    /// who asked (never a secret: see `admin`).
+    Manual {
+        by: Arc<str>,
+    },
 }
 
 impl Method {
     /// The label of every kind of method.
-    pub const LABELS: [&'static str; 2] = ["knock", "spa"];
+    pub const LABELS: [&'static str; 3] = ["knock", "spa", "manual"];
 
     /// Stable label for logs and metrics.
     pub fn as_label(&self) -> &'static str {
         match self {
             Method::Knock => "knock",
             Method::Spa { .. } => "spa",
+            Method::Manual { .. } => "manual",
         }
     }
 }
@@ -112,6 +120,14 @@ pub enum Input {
     Reconfigure {
         services: Vec<ServiceRule>,
         limits: GateLimits,
+    },
+    /// Ends a source's lockout (an operator's request, `by` whom). The
+    /// lockouts are the driver's business, not the gate's, which ignores
+    /// this input; it is one so that a replicated log carries it in order
+    /// with the knocks that caused the lockout.
+    Unlock {
+        source: IpAddr,
+        by: Arc<str>,
     },
 }
 
@@ -412,6 +428,7 @@ impl Gate {
                 self.handle_timeout(now, out);
                 self.reconfigure(services, limits, out);
             }
+            Input::Unlock { .. } => {}
         }
     }
 

@@ -58,6 +58,42 @@ struct Strikes {
     /// When the first strike of the current run was counted.
     since: Instant,
     locked_until: Option<Instant>,
+    /// When and why the last lockout began (kept while `locked_until`
+    /// is in the future; stale otherwise).
+    locked_at: Instant,
+    why: LockReason,
+}
+
+/// Why a source was locked out: the `reason` label of
+/// `portcullis_lockouts_total`, and what `GET /v1/lockouts` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockReason {
+    /// It hit a trap port (one hit is enough).
+    Trap,
+    /// `lockout_after` wrong knocks within `lockout_for`.
+    Strikes,
+}
+
+impl LockReason {
+    pub const ALL: [LockReason; 2] = [LockReason::Trap, LockReason::Strikes];
+
+    pub fn as_label(self) -> &'static str {
+        match self {
+            LockReason::Trap => "trap",
+            LockReason::Strikes => "strikes",
+        }
+    }
+}
+
+/// One source locked out now, as [`SourceGuard::lockouts`] lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lockout {
+    /// The key the source is filed under: the address, or its IPv6 prefix
+    /// (see "IPv6" in the module doc).
+    pub source: IpAddr,
+    pub why: LockReason,
+    pub since: Instant,
+    pub until: Instant,
 }
 
 /// A token bucket in its GCRA form: the time at which the bucket is full
@@ -180,15 +216,24 @@ impl SourceGuard {
             count: 0,
             since: now,
             locked_until: None,
+            locked_at: now,
+            why: LockReason::Strikes,
         };
         let (slot, _) = strikes.get_or_insert(key, fresh);
         let s = strikes.value_mut(slot);
         if now.saturating_duration_since(s.since) >= window {
-            *s = fresh;
+            *s = Strikes {
+                locked_until: s.locked_until,
+                locked_at: s.locked_at,
+                why: s.why,
+                ..fresh
+            };
         }
         s.count += 1;
         if s.count >= self.limits.lockout_after && s.locked_until.is_none_or(|u| u <= now) {
             s.locked_until = Some(crate::clock::later(now, window));
+            s.locked_at = now;
+            s.why = LockReason::Strikes;
             // A new run of strikes starts when the lockout ends.
             s.since = crate::clock::later(now, window);
             s.count = 0;
@@ -217,6 +262,8 @@ impl SourceGuard {
                 count: 0,
                 since: until,
                 locked_until: None,
+                locked_at: now,
+                why: LockReason::Trap,
             };
             let (slot, _) = strikes.get_or_insert(key, fresh);
             let s = strikes.value_mut(slot);
@@ -225,12 +272,14 @@ impl SourceGuard {
                 count: 0,
                 since: until,
                 locked_until: Some(until),
+                locked_at: if already { s.locked_at } else { now },
+                why: if already { s.why } else { LockReason::Trap },
             };
             strikes.touch(key, LOCKED);
             already
         };
         if !already {
-            crate::metrics::lockout();
+            crate::metrics::lockout(LockReason::Trap);
             tracing::warn!(%source, "source locked out: it hit a trap port");
         }
     }
@@ -240,12 +289,63 @@ impl SourceGuard {
     pub fn strike_and_report(&self, source: IpAddr, now: Instant, kind: StrikeKind) -> StrikeOutcome {
         let outcome = self.strike(source, now);
         if outcome == StrikeOutcome::LockedOut {
-            crate::metrics::lockout();
+            crate::metrics::lockout(LockReason::Strikes);
             match kind {
                 StrikeKind::Knock => tracing::warn!(%source, "source locked out after repeated wrong knocks"),
             }
         }
         outcome
+    }
+
+    /// Every source locked out at `now`, oldest lockout first. A scan of
+    /// the table (at most `max_tracked_sources` entries, under its lock
+    /// but never across an await): for the admin endpoint, not the packet
+    /// path.
+    pub fn lockouts(&self, now: Instant) -> Vec<Lockout> {
+        let strikes = self.strikes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<Lockout> = strikes
+            .entries()
+            .filter_map(|(source, s)| {
+                let until = s.locked_until.filter(|&u| u > now)?;
+                Some(Lockout {
+                    source,
+                    why: s.why,
+                    since: s.locked_at,
+                    until,
+                })
+            })
+            .collect();
+        out.sort_by_key(|l| (l.since, l.source));
+        out
+    }
+
+    /// How many sources are locked out at `now` (a scan, as [`SourceGuard::lockouts`]).
+    pub fn lockouts_active(&self, now: Instant) -> usize {
+        let strikes = self.strikes.lock().unwrap_or_else(PoisonError::into_inner);
+        strikes
+            .entries()
+            .filter(|(_, s)| s.locked_until.is_some_and(|u| u > now))
+            .count()
+    }
+
+    /// Ends `source`'s lockout (and forgets its strikes); the lockout
+    /// that ended, `None` when it was not locked out.
+    pub fn clear_lockout(&self, source: IpAddr, now: Instant) -> Option<Lockout> {
+        let key = self.key(source);
+        let mut strikes = self.strikes.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = strikes.get_mut(key)?;
+        let until = s.locked_until.filter(|&u| u > now)?;
+        let ended = Lockout {
+            source: key,
+            why: s.why,
+            since: s.locked_at,
+            until,
+        };
+        s.count = 0;
+        s.since = now;
+        s.locked_until = None;
+        strikes.touch(key, SEEN_AGAIN);
+        Some(ended)
     }
 }
 
@@ -306,6 +406,17 @@ impl<V> Table<V> {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.index.len()
+    }
+
+    /// Every entry, in no order (every slot holds one: an evicted
+    /// entry's slot is reused at once).
+    fn entries(&self) -> impl Iterator<Item = (IpAddr, &V)> {
+        self.slots.iter().map(|slot| (slot.key, &slot.value))
+    }
+
+    fn get_mut(&mut self, key: IpAddr) -> Option<&mut V> {
+        let &i = self.index.get(&key)?;
+        Some(&mut self.slots[i as usize].value)
     }
 
     fn peek(&self, key: IpAddr) -> Option<&V> {
@@ -573,6 +684,49 @@ mod tests {
             whole.strike(a, clock.now());
         }
         assert_eq!(whole.admit(b, clock.now()), Ok(()));
+    }
+
+    #[test]
+    fn lockouts_are_listed_with_why_and_cleared_one_by_one() {
+        let clock = ManualClock::new();
+        let guard = SourceGuard::new(limits());
+        let trapped = IpAddr::from([127, 0, 0, 9]);
+        let guessing = IpAddr::from([127, 0, 0, 8]);
+        let t0 = clock.now();
+        guard.lock_out(trapped, t0);
+        clock.advance(Duration::from_secs(1));
+        for _ in 0..3 {
+            guard.strike(guessing, clock.now());
+        }
+        guard.strike(IpAddr::from([127, 0, 0, 7]), clock.now());
+        let now = clock.now();
+        let listed = guard.lockouts(now);
+        assert_eq!(
+            listed,
+            vec![
+                Lockout {
+                    source: trapped,
+                    why: LockReason::Trap,
+                    since: t0,
+                    until: t0 + Duration::from_secs(60),
+                },
+                Lockout {
+                    source: guessing,
+                    why: LockReason::Strikes,
+                    since: now,
+                    until: now + Duration::from_secs(60),
+                },
+            ]
+        );
+        assert_eq!(guard.lockouts_active(now), 2);
+        assert_eq!(guard.clear_lockout(trapped, now).map(|l| l.why), Some(LockReason::Trap));
+        assert_eq!(guard.clear_lockout(trapped, now), None, "cleared already");
+        assert_eq!(guard.admit(trapped, now), Ok(()));
+        assert_eq!(guard.admit(guessing, now), Err(Refusal::LockedOut));
+        // Its strikes were forgotten with it: one more is not a lockout.
+        assert_eq!(guard.strike(trapped, now), StrikeOutcome::Counted);
+        clock.advance(Duration::from_secs(60));
+        assert!(guard.lockouts(clock.now()).is_empty(), "both ended");
     }
 
     #[test]

@@ -44,7 +44,7 @@
 //! - [`notify`]: tells a service manager (systemd `Type=notify`) when it is ready, reloading, stopping.
 //! - [`config`]: file and environment into validated runtime types;
 //!   [`config::budget`] fits every cap to the descriptor limit.
-//! - [`admin`]: `/metrics`, health probes and the grants API, on a thread of its own.
+//! - [`admin`]: `/metrics`, health probes and the grants and lockouts API, on a thread of its own.
 //! - [`metrics`]: every metric name, the Prometheus recorder and process metrics.
 //! - [`client`]: the client commands (knock, spa, keygen, profiles, open, exec, connect, forward).
 //! - [`import`]: `portcullis import`: knockd and fwknopd configs into a `proxy.toml`.

@@ -15,6 +15,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::config::Config;
 use crate::config::Service;
 use crate::gate::{ExpiryCause, KnockResult, Method};
+use crate::guard::{LockReason, Refusal};
+use crate::spa::Format;
 use crate::step::Proto;
 
 pub const KNOCKS_TOTAL: &str = "portcullis_knocks_total";
@@ -141,6 +143,23 @@ pub fn udp_datagrams(service: &str, direction: Direction) -> metrics::Counter {
 pub fn udp_dropped_counter(service: &str, reason: &'static str) -> metrics::Counter {
     metrics::counter!(UDP_DATAGRAMS_DROPPED_TOTAL, "service" => service.to_owned(), "reason" => reason)
 }
+
+/// Every `reason` label `udp` counts in [`UDP_DATAGRAMS_DROPPED_TOTAL`]
+/// (a unit test reads `udp.rs` to keep this list whole).
+pub const UDP_DROP_REASONS: [&str; 8] = [
+    "no_grant",
+    "session_limit",
+    "source_session_limit",
+    "source_session_rate",
+    "buffer_full",
+    "pending_full",
+    "reply_buffer_full",
+    "no_upstream",
+];
+
+/// Every `reason` label of [`UDP_SESSIONS_ENDED_TOTAL`]: the labels of
+/// `udp::SessionEnd`.
+pub const UDP_SESSION_END_REASONS: [&str; 3] = ["idle", "upstream_error", "shutdown"];
 
 pub fn udp_session_opened(service: &str) {
     metrics::counter!(UDP_SESSIONS_TOTAL, "service" => service.to_owned()).increment(1);
@@ -452,7 +471,11 @@ fn describe() {
         SOURCE_REFUSALS_TOTAL,
         "Knock and SPA packets ignored by the per-source guard, by listener and reason."
     );
-    describe_counter!(LOCKOUTS_TOTAL, "Sources locked out after repeated bad packets.");
+    describe_counter!(
+        LOCKOUTS_TOTAL,
+        "Sources locked out, by reason (trap: a trap port was hit; strikes: repeated wrong knocks)."
+    );
+    describe_gauge!(LOCKOUTS_ACTIVE, "Sources locked out now (computed when scraped).");
     describe_gauge!(
         UNAUTHORIZED_MODE,
         "1 for the unauthorised mode in effect for a TCP service (dark falls back to closed without CAP_NET_ADMIN), 0 for the others."
@@ -462,7 +485,6 @@ fn describe() {
 /// Sets every series whose labels the config determines to zero.
 fn zero(config: &Config) {
     metrics::counter!(KNOCKS_DROPPED_TOTAL).absolute(0);
-    metrics::counter!(LOCKOUTS_TOTAL).absolute(0);
     for listener in ListenerKind::ALL {
         metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => listener.as_label()).absolute(0);
         metrics::counter!(ACCEPT_SHED_TOTAL, "listener" => listener.as_label()).absolute(0);
@@ -470,12 +492,43 @@ fn zero(config: &Config) {
     for result in ReloadResult::ALL {
         metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_label()).absolute(0);
     }
+    zero_config(config);
     zero_services(&config.services);
 }
 
-/// Sets every series of `services` to zero: at start, and for the services
-/// a reload adds (a service that already has series keeps its counts,
-/// since `absolute(0)` is only applied to counters that are new).
+/// Sets to zero the series of the features `config` turns on (SPA,
+/// knocking, lockouts), beyond those of each service: at start, and after
+/// a reload that may turn one on. Counts already made are kept.
+pub fn zero_config(config: &Config) {
+    if PROMETHEUS.get().is_none() {
+        return;
+    }
+    let knocks = config.services.iter().any(|s| s.knock.is_some());
+    if knocks {
+        for reason in [Refusal::RateLimited, Refusal::LockedOut] {
+            metrics::counter!(SOURCE_REFUSALS_TOTAL, "listener" => "knock", "reason" => reason.as_label()).increment(0);
+        }
+    }
+    for why in LockReason::ALL {
+        metrics::counter!(LOCKOUTS_TOTAL, "reason" => why.as_label()).increment(0);
+    }
+    metrics::gauge!(LOCKOUTS_ACTIVE).increment(0.0);
+    if config.spa.is_some() {
+        for format in [Format::Native, Format::Fwknop] {
+            for result in SPA_RESULTS {
+                spa_packet_counter(format.as_label(), result).increment(0);
+            }
+        }
+        // A packet of no known format fails before it is decoded.
+        for result in SPA_UNDECODED_RESULTS {
+            spa_packet_counter("unknown", result).increment(0);
+        }
+    }
+}
+
+/// Sets every series of `services` to zero: at start, and after each
+/// reload for every service of the new config (a service that already
+/// has series keeps its counts: registering adds nothing to a count).
 pub fn zero_services(services: &[Service]) {
     if PROMETHEUS.get().is_none() {
         return;
@@ -514,6 +567,17 @@ pub fn zero_services(services: &[Service]) {
             let _ = metrics::histogram!(UPSTREAM_CONNECT_DURATION_SECONDS, "service" => s());
         }
         if service.protocol == Proto::Udp {
+            counter(metrics::counter!(UDP_SESSIONS_TOTAL, "service" => s()));
+            metrics::gauge!(UDP_SESSIONS_ACTIVE, "service" => s()).increment(0.0);
+            for r in UDP_SESSION_END_REASONS {
+                counter(metrics::counter!(UDP_SESSIONS_ENDED_TOTAL, "service" => s(), "reason" => r));
+            }
+            for d in Direction::ALL {
+                counter(udp_datagrams(&service.name, d));
+            }
+            for r in UDP_DROP_REASONS {
+                counter(udp_dropped_counter(&service.name, r));
+            }
             metrics::gauge!(UDP_KERNEL_FILTER, "service" => s()).increment(0.0);
             for f in FilterFallback::ALL {
                 counter(
@@ -527,6 +591,45 @@ pub fn zero_services(services: &[Service]) {
 pub const SPA_PACKETS_TOTAL: &str = "portcullis_spa_packets_total";
 pub const SOURCE_REFUSALS_TOTAL: &str = "portcullis_source_refusals_total";
 pub const LOCKOUTS_TOTAL: &str = "portcullis_lockouts_total";
+pub const LOCKOUTS_ACTIVE: &str = "portcullis_lockouts_active";
+
+/// Every `result` of [`SPA_PACKETS_TOTAL`]: "accepted", or the label of a
+/// `spa::desk::Refusal` (a unit test keeps the two in step). The lockout
+/// is not among them: SPA packets never meet it.
+pub const SPA_RESULTS: [&str; 27] = [
+    "accepted",
+    // The codecs' `spa::Reject`.
+    "malformed",
+    "too_large",
+    "openssl_prefix",
+    "bad_mac",
+    "decrypt",
+    "unsupported_mode",
+    "command",
+    "gpg",
+    "digest_mismatch",
+    "unknown_user",
+    "stale",
+    // The desk's policy.
+    "replay",
+    "replay_log_failed",
+    "source_not_allowed",
+    "source_mismatch",
+    "no_access",
+    "unknown_service",
+    "not_permitted",
+    "expired",
+    "username_mismatch",
+    "source_address_required",
+    "nat_unknown_target",
+    "nat_ambiguous_target",
+    "nat_not_permitted",
+    "rate_limited",
+    "busy",
+];
+
+/// The results a packet of no known format (`format="unknown"`) can have.
+pub const SPA_UNDECODED_RESULTS: [&str; 3] = ["malformed", "too_large", "rate_limited"];
 
 /// `format` and `result` are fixed labels from `spa::Format` and
 /// `spa::desk::Refusal` (or "accepted").
@@ -545,8 +648,13 @@ pub fn source_refused(listener: &'static str, reason: &'static str) {
     metrics::counter!(SOURCE_REFUSALS_TOTAL, "listener" => listener, "reason" => reason).increment(1);
 }
 
-pub fn lockout() {
-    metrics::counter!(LOCKOUTS_TOTAL).increment(1);
+pub fn lockout(why: LockReason) {
+    metrics::counter!(LOCKOUTS_TOTAL, "reason" => why.as_label()).increment(1);
+}
+
+/// How many sources are locked out now (set when scraped).
+pub fn lockouts_active(n: usize) {
+    metrics::gauge!(LOCKOUTS_ACTIVE).set(n as f64);
 }
 
 #[cfg(test)]
@@ -560,5 +668,106 @@ mod tests {
         }
         let labels: std::collections::HashSet<_> = Decision::ALL.map(Decision::as_label).into_iter().collect();
         assert_eq!(labels.len(), Decision::ALL.len());
+    }
+
+    #[test]
+    fn every_spa_result_label_is_zeroed() {
+        use crate::spa::desk::Refusal as Desk;
+        use crate::spa::Reject;
+        use crate::step::Proto;
+        // One of each variant; the match below fails to compile when a
+        // variant is added, so this list cannot fall behind.
+        let all = [
+            Desk::Packet(Reject::Malformed("")),
+            Desk::Packet(Reject::TooLarge { len: 0, max: 0 }),
+            Desk::Packet(Reject::OpensslPrefix),
+            Desk::Packet(Reject::BadMac),
+            Desk::Packet(Reject::Decrypt("")),
+            Desk::Packet(Reject::UnsupportedMode("")),
+            Desk::Packet(Reject::Command),
+            Desk::Packet(Reject::Gpg),
+            Desk::Packet(Reject::DigestMismatch),
+            Desk::Packet(Reject::UnknownUser),
+            Desk::Packet(Reject::Stale {
+                skew_secs: 0,
+                max_age_secs: 0,
+            }),
+            Desk::Replay,
+            Desk::ReplayLogFailed,
+            Desk::SourceNotAllowed,
+            Desk::SourceMismatch,
+            Desk::NoAccess,
+            Desk::UnknownService(Proto::Udp, 0),
+            Desk::NotPermitted,
+            Desk::Expired,
+            Desk::UsernameMismatch,
+            Desk::SourceAddressRequired,
+            Desk::NatUnknownTarget,
+            Desk::NatAmbiguousTarget,
+            Desk::NatNotPermitted,
+            Desk::Guard(Refusal::RateLimited),
+            Desk::Busy,
+        ];
+        for r in all {
+            match r {
+                Desk::Packet(p) => match p {
+                    Reject::Malformed(_)
+                    | Reject::TooLarge { .. }
+                    | Reject::OpensslPrefix
+                    | Reject::BadMac
+                    | Reject::Decrypt(_)
+                    | Reject::UnsupportedMode(_)
+                    | Reject::Command
+                    | Reject::Gpg
+                    | Reject::DigestMismatch
+                    | Reject::UnknownUser
+                    | Reject::Stale { .. } => {}
+                },
+                Desk::Replay
+                | Desk::ReplayLogFailed
+                | Desk::SourceNotAllowed
+                | Desk::SourceMismatch
+                | Desk::NoAccess
+                | Desk::UnknownService(..)
+                | Desk::NotPermitted
+                | Desk::Expired
+                | Desk::UsernameMismatch
+                | Desk::SourceAddressRequired
+                | Desk::NatUnknownTarget
+                | Desk::NatAmbiguousTarget
+                | Desk::NatNotPermitted
+                | Desk::Guard(_)
+                | Desk::Busy => {}
+            }
+            assert!(SPA_RESULTS.contains(&r.as_label()), "{r:?} is not zeroed");
+        }
+        assert_eq!(SPA_RESULTS.len(), all.len() + 1, "accepted, and one per refusal");
+        for r in SPA_UNDECODED_RESULTS {
+            assert!(SPA_RESULTS.contains(&r), "{r}");
+        }
+    }
+
+    #[test]
+    fn every_udp_label_is_zeroed() {
+        // udp.rs names its drop reasons where it counts them.
+        let source = include_str!("udp.rs");
+        let mut seen = 0;
+        for (at, _) in source.match_indices("udp_dropped_counter(&service.name, \"") {
+            let rest = &source[at + "udp_dropped_counter(&service.name, \"".len()..];
+            let reason = &rest[..rest.find('"').unwrap()];
+            assert!(UDP_DROP_REASONS.contains(&reason), "{reason} is not zeroed");
+            seen += 1;
+        }
+        assert!(
+            seen >= UDP_DROP_REASONS.len(),
+            "found only {seen} drop reasons in udp.rs"
+        );
+        use crate::udp::SessionEnd;
+        for end in [SessionEnd::Idle, SessionEnd::UpstreamError, SessionEnd::Shutdown] {
+            match end {
+                SessionEnd::Idle | SessionEnd::UpstreamError | SessionEnd::Shutdown => {}
+            }
+            assert!(UDP_SESSION_END_REASONS.contains(&end.as_label()), "{end:?}");
+        }
     }
 }

@@ -117,7 +117,11 @@ impl Bound {
         } = self;
         let life = Lifecycle::new();
         let (failures_tx, mut failures) = mpsc::unbounded_channel();
+        if let Some(recorder) = &replay {
+            runtime::watch_recorder(recorder, &failures_tx);
+        }
         let (driver, requests) = DriverHandle::channel();
+        let guard = Arc::new(SourceGuard::new(config.limits));
         // Started first, so probes are answered (503) while the rest starts.
         let admin = match admin {
             Some(listener) => {
@@ -127,13 +131,13 @@ impl Bound {
                     store: store.clone(),
                     clock: clock.clone(),
                     driver: driver.clone(),
+                    guard: guard.clone(),
                     readiness: readiness.clone(),
                 };
                 Some(admin::spawn(listener, context)?)
             }
             None => None,
         };
-        let guard = Arc::new(SourceGuard::new(config.limits));
         let effects = Effects {
             store: store.clone(),
             clock: clock.clone(),

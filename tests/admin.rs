@@ -189,7 +189,8 @@ fn the_grants_api_lists_a_grant_and_revoking_it_refuses_new_connections_only() {
         value(&gw.scrape(), "portcullis_grants_active", &[("service", "echo")]),
         0.0
     );
-    assert_eq!(gw.http("POST", "/v1/grants", &[]).status, 405);
+    assert_eq!(gw.http("POST", "/v1/grants", &[]).status, 400, "a grant needs a body");
+    assert_eq!(gw.http("PUT", "/v1/grants", &[]).status, 405);
     assert_eq!(gw.http("GET", "/v1/grants/echo/127.0.0.1", &[]).status, 405);
     assert_eq!(gw.http("GET", "/nowhere", &[]).status, 404);
 }
@@ -218,6 +219,151 @@ fn revoking_needs_the_token_when_loopback_is_not_trusted() {
 
     let right = format!("Authorization: Bearer {token}");
     assert_eq!(gw.http("DELETE", path, &["-H", &right]).status, 204);
+    assert!(!gw.log_text().contains(token), "the token was logged");
+}
+
+/// The echo service with a trap port (`p[7]`) beside its sequence, and an
+/// admin endpoint with `admin_extra`.
+fn start_with_trap(admin_extra: &str, files: &[(&str, &[u8])]) -> (Gateway, [u16; 3], u16) {
+    let upstream = echo_server("127.0.0.1:0");
+    let admin_extra = admin_extra.to_owned();
+    let mut builder = Gateway::builder().on_free_ports(8, move |p| {
+        let config = echo_config(upstream, &knock_seq(p), "").replace(
+            ", step_timeout",
+            &format!(", trap_ports = [\"{}/udp\"], step_timeout", p[7]),
+        );
+        format!("{config}{ADMIN}{admin_extra}\n")
+    });
+    for (name, content) in files {
+        builder = builder.file(name, content);
+    }
+    let (gw, p) = builder.start_on_ports();
+    (gw, knock_seq(&p), p[7])
+}
+
+/// Scrapes until `name{labels}` reaches `want` (counters move after the
+/// packet that moves them is read, so there is no log line to wait for).
+fn wait_metric(gw: &Gateway, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = value(&gw.scrape(), name, labels);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name}{labels:?} is {got}, not {want}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[test]
+fn the_lockout_api_lists_a_trapped_source_and_clearing_it_lets_it_knock_again() {
+    let (gw, seq, trap) = start_with_trap("", &[]);
+    let scrape = gw.scrape();
+    assert_eq!(value(&scrape, "portcullis_lockouts_active", &[]), 0.0);
+    assert_eq!(
+        metric(&scrape, "portcullis_lockouts_total", &[("reason", "trap")]),
+        Some(0.0)
+    );
+    assert_eq!(gw.http("GET", "/v1/lockouts", &[]).body, "[]");
+
+    knock_udp(&[trap], "127.0.0.9");
+    gw.wait_for(|l| msg(l) == "source locked out: it hit a trap port" && l["source"] == "127.0.0.9");
+    let listed = gw.http("GET", "/v1/lockouts", &[]);
+    assert_eq!(listed.status, 200);
+    let lockouts = json(&listed.body);
+    let lockouts = lockouts.as_array().unwrap();
+    assert_eq!(lockouts.len(), 1, "{lockouts:?}");
+    assert_eq!(lockouts[0]["source"], "127.0.0.9");
+    assert_eq!(lockouts[0]["reason"], "trap");
+    let left = lockouts[0]["expires_in_ms"].as_u64().unwrap();
+    assert!(left > 0, "{lockouts:?}");
+    assert!(lockouts[0]["since"].as_str().unwrap().ends_with('Z'));
+    let scrape = gw.scrape();
+    assert_eq!(value(&scrape, "portcullis_lockouts_active", &[]), 1.0);
+    assert_eq!(value(&scrape, "portcullis_lockouts_total", &[("reason", "trap")]), 1.0);
+
+    // Locked out, the right sequence is ignored.
+    let refusals = [("listener", "knock"), ("reason", "locked_out")];
+    let before = value(&gw.scrape(), "portcullis_source_refusals_total", &refusals);
+    knock_udp(&seq, "127.0.0.9");
+    wait_metric(&gw, "portcullis_source_refusals_total", &refusals, before + 3.0);
+    assert_eq!(gw.http("GET", "/v1/grants", &[]).body, "[]");
+
+    let cleared = gw.http("DELETE", "/v1/lockouts/127.0.0.9", &[]);
+    assert_eq!(cleared.status, 204, "{}", cleared.body);
+    let audit = gw.wait_for(|l| msg(l) == "lockout cleared" && l["source"] == "127.0.0.9");
+    assert_eq!(audit["target"], "portcullis::audit", "{audit}");
+    assert_eq!(audit["reason"], "trap");
+    let by = audit["by"].as_str().unwrap();
+    assert!(by.starts_with("loopback 127.0.0.1:"), "by = {by}");
+    assert_eq!(gw.http("DELETE", "/v1/lockouts/127.0.0.9", &[]).status, 404);
+    assert_eq!(gw.http("DELETE", "/v1/lockouts/nowhere", &[]).status, 400);
+    assert_eq!(gw.http("GET", "/v1/lockouts", &[]).body, "[]");
+    assert_eq!(value(&gw.scrape(), "portcullis_lockouts_active", &[]), 0.0);
+
+    knock(&gw, seq, "127.0.0.9");
+    assert!(echo_works("127.0.0.9", gw.addr("echo")));
+}
+
+#[test]
+fn a_manual_grant_admits_its_source_and_the_audit_log_says_who_gave_and_revoked_it() {
+    let token = "t0k3n-for-the-admin-api-0123456789";
+    let file = format!("{token}\n");
+    let (gw, _, _) = start_with_trap("token_file = \"admin.token\"", &[("admin.token", file.as_bytes())]);
+    let echo = gw.addr("echo");
+    let bearer = format!("Authorization: Bearer {token}");
+    let body = r#"{"service": "echo", "source": "127.0.0.3", "duration": "2m"}"#;
+    let post = |auth: &[&str], body: &str| {
+        let mut args = vec!["-H", "Content-Type: application/json", "--data-raw", body];
+        args.extend_from_slice(auth);
+        gw.http("POST", "/v1/grants", &args)
+    };
+    assert_eq!(post(&[], body).status, 403, "a configured token is required");
+    assert!(!echo_works("127.0.0.3", echo));
+    let unknown = r#"{"service": "nope", "source": "127.0.0.3", "duration": "2m"}"#;
+    assert_eq!(post(&["-H", &bearer], unknown).status, 404);
+    let long = r#"{"service": "echo", "source": "127.0.0.3", "duration": "2d"}"#;
+    let refused = post(&["-H", &bearer], long);
+    assert_eq!(refused.status, 400);
+    assert!(refused.body.contains("24h"), "{}", refused.body);
+
+    let given = post(&["-H", &bearer], body);
+    assert_eq!(given.status, 201, "{}", given.body);
+    let g = json(&given.body);
+    assert_eq!(
+        (g["service"].as_str(), g["method"].as_str(), g["by"].as_str()),
+        (Some("echo"), Some("manual"), Some("token"))
+    );
+    let audit = gw.wait_for(|l| msg(l) == "grant" && l["source"] == "127.0.0.3");
+    assert_eq!(audit["target"], "portcullis::audit");
+    assert_eq!(audit["method"], "manual");
+    assert_eq!(audit["by"], "token");
+    assert!(echo_works("127.0.0.3", echo), "the manual grant admits its source");
+    assert!(!echo_works("127.0.0.4", echo), "and only it");
+    let listed = json(&gw.http("GET", "/v1/grants", &[]).body);
+    assert_eq!(listed[0]["method"], "manual", "{listed}");
+    assert_eq!(listed[0]["by"], "token", "{listed}");
+    let left = listed[0]["expires_in_ms"].as_u64().unwrap();
+    assert!(left > 60_000 && left <= 120_000, "expires_in_ms = {left}");
+    assert_eq!(
+        value(
+            &gw.scrape(),
+            "portcullis_grants_total",
+            &[("service", "echo"), ("method", "manual")]
+        ),
+        1.0
+    );
+
+    let revoked = gw.http("DELETE", "/v1/grants/echo/127.0.0.3", &["-H", &bearer]);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    let audit = gw.wait_for(|l| msg(l) == "grant revoked" && l["source"] == "127.0.0.3");
+    assert_eq!(audit["target"], "portcullis::audit");
+    assert_eq!(audit["by"], "token", "{audit}");
+    assert_reset("127.0.0.3", echo);
     assert!(!gw.log_text().contains(token), "the token was logged");
 }
 
@@ -373,6 +519,8 @@ fn admin_over_tls_verifies_client_certificates_and_reloads_its_certificate() {
     let (client_cert, client_key) = (pki.path("client.pem"), pki.path("client.key"));
     let client = ["--cert", client_cert.as_str(), "--key", client_key.as_str()];
     assert_eq!(https("DELETE", path, &client).status, 204);
+    let audit = gw.wait_for(|l| msg(l) == "grant revoked" && l["source"] == "127.0.0.1");
+    assert_eq!(audit["by"], "client-cert CN=client", "{audit}");
     assert_eq!(https("DELETE", path, &client).status, 404);
 
     // A broken certificate file keeps the old certificate in use.

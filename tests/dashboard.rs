@@ -276,34 +276,14 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     assert!(ok, "promtool test rules {ALERT_TESTS}:\n{out}");
 }
 
-#[test]
-fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
-    let upstream = echo_server("127.0.0.1:0");
-    let (gw, p) = Gateway::builder()
-        .on_free_ports(6, |p| {
-            format!(
-                "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-                echo_config(upstream, &[p[1], p[5], p[3]], "")
-            )
-        })
-        .start_on_ports();
-    // Some of everything: knocks, a grant, a proxied and a refused connection.
-    let steps: Vec<String> = [p[1], p[5], p[3]].iter().map(|p| format!("{p}/udp")).collect();
-    let mut args = vec!["127.0.0.1", "-b", "127.0.0.1"];
-    args.extend(steps.iter().map(String::as_str));
-    portcullis_knock(&args);
-    gw.wait_grant("echo", "127.0.0.1");
-    assert!(echo_works("127.0.0.1", gw.addr("echo")));
-    assert!(!echo_works("127.0.0.2", gw.addr("echo")));
-    gw.wait_for(|l| msg(l) == "connection closed");
-    let scrape = gw.scrape();
-
+/// Metric names in a scrape: every sample's name, and each histogram's
+/// `_bucket`, `_sum` and `_count` (listed under the base name's `# TYPE`).
+fn exported_names(scrape: &str) -> BTreeSet<String> {
     let mut exported = BTreeSet::new();
     for line in scrape.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut parts = rest.split_whitespace();
             let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
-            exported.insert(name.to_string());
             if kind == "histogram" {
                 for suffix in ["_bucket", "_sum", "_count"] {
                     exported.insert(format!("{name}{suffix}"));
@@ -314,6 +294,71 @@ fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
             exported.insert(name.to_string());
         }
     }
+    exported
+}
+
+/// (name, value of the `service` label, value) of every sample of a scrape.
+fn samples(scrape: &str) -> Vec<(String, Option<String>, f64)> {
+    let mut out = Vec::new();
+    for line in scrape.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+        let service = labels
+            .trim_end_matches('}')
+            .split(',')
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim() == "service")
+            .map(|(_, v)| v.trim().trim_matches('"').to_string());
+        out.push((name.to_string(), service, value.parse().unwrap()));
+    }
+    out
+}
+
+/// Every feature a metric needs: a TCP service and a UDP service, both
+/// knocked open, SPA, and the admin endpoint; `extra` is appended.
+fn every_feature_config(upstream: std::net::SocketAddr, p: &[u16], key_file: &str, extra: &str) -> String {
+    format!(
+        r#"{tcp}
+spa_users = ["alice"]
+
+[service.dns]
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:{dns_upstream}"
+protocol = "udp"
+open_for = "10s"
+knock = {{ sequence = ["{d1}/udp", "{d2}/udp", "{d3}/udp"] }}
+
+[spa]
+listen = "127.0.0.1:0"
+
+[user.alice]
+key_file = "{key_file}"
+
+[admin]
+listen = "127.0.0.1:0"
+{extra}
+"#,
+        tcp = echo_config(upstream, &[p[1], p[5], p[3]], ""),
+        dns_upstream = p[0],
+        d1 = p[7],
+        d2 = p[9],
+        d3 = p[8],
+    )
+}
+
+#[test]
+fn every_metric_of_the_dashboard_and_the_alerts_is_exported_at_zero_from_start_and_after_a_reload() {
+    let upstream = echo_server("127.0.0.1:0");
+    let (code, key, err) = run_bin(&["keygen"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let (mut gw, p) = Gateway::builder()
+        .file("alice.key", key.as_bytes())
+        .on_free_ports(14, |p| every_feature_config(upstream, p, "alice.key", ""))
+        .start_on_ports();
+    // Nothing has happened yet: every series is there because it was
+    // zeroed, not because an event made it.
+    let scrape = gw.scrape();
+    let exported = exported_names(&scrape);
 
     let mut used = BTreeSet::new();
     let mut missing = Vec::new();
@@ -327,7 +372,7 @@ fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
     }
     assert!(
         missing.is_empty(),
-        "not exported by the gateway:\n  {}\nscrape:\n{scrape}",
+        "not exported by a gateway that has seen no traffic yet:\n  {}\nscrape:\n{scrape}",
         missing.join("\n  ")
     );
     for name in [
@@ -341,10 +386,115 @@ fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
         "portcullis_accept_errors_total",
         "portcullis_knocks_dropped_total",
         "portcullis_config_reloads_total",
+        "portcullis_spa_packets_total",
+        "portcullis_lockouts_total",
+        "portcullis_lockouts_active",
+        "portcullis_source_refusals_total",
+        "portcullis_udp_sessions_active",
+        "portcullis_udp_sessions_total",
+        "portcullis_udp_sessions_ended_total",
+        "portcullis_udp_datagrams_dropped_total",
+        "portcullis_udp_kernel_filter",
+        "portcullis_udp_kernel_filter_fallbacks_total",
+        "portcullis_unauthorized_mode",
         "process_cpu_seconds_total",
     ] {
         assert!(used.contains(name), "neither the dashboard nor the alerts use {name}");
     }
+    // The label sets the alerts select on are there too.
+    for (name, labels) in [
+        (
+            "portcullis_spa_packets_total",
+            &[("format", "native"), ("result", "bad_mac")][..],
+        ),
+        (
+            "portcullis_spa_packets_total",
+            &[("format", "fwknop"), ("result", "replay")],
+        ),
+        (
+            "portcullis_spa_packets_total",
+            &[("format", "native"), ("result", "accepted")],
+        ),
+        ("portcullis_lockouts_total", &[("reason", "trap")]),
+        ("portcullis_lockouts_total", &[("reason", "strikes")]),
+        (
+            "portcullis_source_refusals_total",
+            &[("listener", "knock"), ("reason", "locked_out")],
+        ),
+        (
+            "portcullis_udp_datagrams_dropped_total",
+            &[("service", "dns"), ("reason", "no_grant")],
+        ),
+        (
+            "portcullis_udp_sessions_ended_total",
+            &[("service", "dns"), ("reason", "idle")],
+        ),
+    ] {
+        assert_eq!(metric(&scrape, name, labels), Some(0.0), "{name}{labels:?}");
+    }
+
+    // A reload that adds a TCP and a UDP service: their series start at
+    // zero, like those of the services they resemble.
+    let per_service = |scrape: &str, service: &str| -> BTreeSet<String> {
+        samples(scrape)
+            .into_iter()
+            .filter(|(name, s, _)| s.as_deref() == Some(service) && used.contains(name))
+            .map(|(name, _, _)| name)
+            .collect()
+    };
+    let (tcp_names, udp_names) = (per_service(&scrape, "echo"), per_service(&scrape, "dns"));
+    assert!(tcp_names.contains("portcullis_connections_total"), "{tcp_names:?}");
+    assert!(udp_names.contains("portcullis_udp_sessions_active"), "{udp_names:?}");
+    let added = format!(
+        r#"
+[service.late]
+listen = "127.0.0.1:0"
+upstream = "{upstream}"
+open_for = "10s"
+knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
+
+[service.late_udp]
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:{}"
+protocol = "udp"
+open_for = "10s"
+knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
+"#,
+        p[10], p[12], p[11], p[0], p[13], p[2], p[6]
+    );
+    let text = every_feature_config(upstream, &p, "alice.key", &added);
+    let tmp = gw.dir.path().join("proxy.toml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &gw.config_path).unwrap();
+    gw.signal(nix::sys::signal::Signal::SIGHUP);
+    gw.wait_for(|l| msg(l) == "config reloaded");
+    let reloaded = gw.scrape();
+    assert_eq!(
+        per_service(&reloaded, "late"),
+        tcp_names,
+        "the added TCP service's series"
+    );
+    assert_eq!(
+        per_service(&reloaded, "late_udp"),
+        udp_names,
+        "the added UDP service's series"
+    );
+    // States, not counts: which mode and which filter are in effect.
+    let states = ["portcullis_unauthorized_mode", "portcullis_udp_kernel_filter"];
+    for (name, service, value) in samples(&reloaded) {
+        if matches!(service.as_deref(), Some("late" | "late_udp")) && !states.contains(&name.as_str()) {
+            assert_eq!(value, 0.0, "{name} of {service:?}");
+        }
+    }
+    assert_eq!(
+        metric(&reloaded, "portcullis_config_reloads_total", &[("result", "success")]),
+        Some(1.0)
+    );
+    let (ok, out) = promtool(&["check", "metrics"], Some(&reloaded));
+    assert!(ok, "promtool check metrics:\n{out}");
+    drop(gw.wait_for(|l| msg(l) == "ready"));
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(gw.wait_exit().success());
 }
 
 #[test]

@@ -18,7 +18,8 @@ use crate::driver::DriverError;
 use crate::gate::Method as GrantMethod;
 use crate::secret::{ct_eq, Secret};
 
-/// Longest a revocation waits for the gate driver to queue and apply it.
+/// Longest a change (revocation, grant, unlock) waits for the gate driver
+/// to queue and apply it.
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(4);
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -27,11 +28,13 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const JSON: &str = "application/json";
 
 /// What is known about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Conn {
     pub peer: SocketAddr,
     /// Over TLS, with a client certificate verified against `client_ca`.
     pub client_verified: bool,
+    /// Who that certificate names (`client-cert CN=...`), for audit lines.
+    pub client: Option<Arc<str>>,
     /// Taken from the room kept for probes: only `/healthz` and `/readyz`
     /// are answered.
     pub probes_only: bool,
@@ -63,8 +66,17 @@ impl Auth {
         }
     }
 
-    fn may_mutate(&self, headers: &HeaderMap, conn: &Conn) -> bool {
-        self.loopback_trusted || self.authenticated(headers, conn)
+    /// Who may make a change, as its audit line names them (never the
+    /// token itself); `None` when no one may.
+    fn mutator(&self, headers: &HeaderMap, conn: &Conn) -> Option<Arc<str>> {
+        if conn.client_verified {
+            return Some(conn.client.clone().unwrap_or_else(|| Arc::from("client-cert")));
+        }
+        if self.token_presented(headers) {
+            return Some(Arc::from("token"));
+        }
+        self.loopback_trusted
+            .then(|| Arc::from(format!("loopback {}", conn.peer).as_str()))
     }
 
     fn may_read(&self, headers: &HeaderMap, conn: &Conn) -> bool {
@@ -73,9 +85,11 @@ impl Auth {
 
     /// A verified client certificate, or the bearer token.
     fn authenticated(&self, headers: &HeaderMap, conn: &Conn) -> bool {
-        if conn.client_verified {
-            return true;
-        }
+        conn.client_verified || self.token_presented(headers)
+    }
+
+    /// The configured bearer token was presented.
+    fn token_presented(&self, headers: &HeaderMap) -> bool {
         match (&self.token, bearer(headers)) {
             (Some(token), Some(presented)) => ct_eq(token.expose(), presented),
             _ => false,
@@ -139,11 +153,90 @@ struct GrantView {
     method: &'static str,
     /// The SPA user, for SPA grants.
     user: Option<String>,
+    /// Who asked, for manual grants.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by: Option<String>,
     expires_in_ms: u64,
 }
 
+impl GrantView {
+    fn new(g: &crate::gate::Grant, now: std::time::Instant) -> Self {
+        let (user, by) = match &g.method {
+            GrantMethod::Spa { user } => (Some(user.to_string()), None),
+            GrantMethod::Manual { by } => (None, Some(by.to_string())),
+            GrantMethod::Knock => (None, None),
+        };
+        Self {
+            service: g.service.to_string(),
+            source: g.source,
+            method: g.method.as_label(),
+            user,
+            by,
+            expires_in_ms: millis(g.expires_at.saturating_duration_since(now)),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One lockout as `GET /v1/lockouts` lists it.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+struct LockoutView {
+    /// The address, or the IPv6 prefix lockouts are kept per.
+    source: IpAddr,
+    /// `trap` or `strikes`.
+    reason: &'static str,
+    /// When it began and when it ends, RFC 3339 (UTC, to the second).
+    since: String,
+    until: String,
+    expires_in_ms: u64,
+}
+
+/// The longest manual grant: a break-glass grant is for an incident, not
+/// a standing rule (that belongs in the config).
+pub(super) const MAX_MANUAL_GRANT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The body of `POST /v1/grants`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantRequest {
+    service: String,
+    source: String,
+    /// `"30s"`, `"2h"` or a number of seconds.
+    duration: DurationSpec,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum DurationSpec {
+    Secs(u64),
+    Text(String),
+}
+
+impl DurationSpec {
+    fn parse(&self) -> Result<Duration, String> {
+        let d = match self {
+            DurationSpec::Secs(n) => Duration::from_secs(*n),
+            DurationSpec::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| format!("duration {t:?}: {e}"))?,
+        };
+        if d.is_zero() {
+            return Err("duration must be more than zero".into());
+        }
+        if d > MAX_MANUAL_GRANT {
+            return Err(format!(
+                "duration {} is over the {}h a manual grant may last",
+                humantime::format_duration(d),
+                MAX_MANUAL_GRANT.as_secs() / 3600
+            ));
+        }
+        Ok(d)
+    }
+}
+
 /// Answers one request.
-pub(super) async fn handle<B>(req: &Request<B>, ctx: &Context, auth: &Auth, conn: &Conn) -> Response<Full<Bytes>> {
+pub(super) async fn handle(req: &Request<Bytes>, ctx: &Context, auth: &Auth, conn: &Conn) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let method = req.method();
     let read = method == Method::GET || method == Method::HEAD;
@@ -161,7 +254,8 @@ pub(super) async fn handle<B>(req: &Request<B>, ctx: &Context, auth: &Auth, conn
             "busy: every admin connection is taken; only /healthz and /readyz are answered now\n",
         );
     }
-    if read && (path == "/metrics" || path == "/v1/grants") && !auth.may_read(req.headers(), conn) {
+    let listing = path == "/metrics" || path == "/v1/grants" || path == "/v1/lockouts";
+    if read && listing && !auth.may_read(req.headers(), conn) {
         let mut response = text(
             StatusCode::UNAUTHORIZED,
             "unauthorized: reads need the bearer token or a verified client certificate\n",
@@ -172,11 +266,19 @@ pub(super) async fn handle<B>(req: &Request<B>, ctx: &Context, auth: &Auth, conn
         return response;
     }
     match path {
-        "/metrics" | "/healthz" | "/readyz" | "/v1/grants" if !read => not_allowed("GET, HEAD"),
-        "/metrics" => match crate::metrics::render() {
-            Some(text) => respond(StatusCode::OK, PROMETHEUS_TEXT, text),
-            None => text(StatusCode::SERVICE_UNAVAILABLE, "no metrics recorder is installed\n"),
+        "/v1/grants" if method == Method::POST => match mutator(req, auth, conn) {
+            Some(by) => manual_grant(ctx, req.body(), by, conn).await,
+            None => forbidden(),
         },
+        "/v1/grants" if !read => not_allowed("GET, HEAD, POST"),
+        "/metrics" | "/healthz" | "/readyz" | "/v1/lockouts" if !read => not_allowed("GET, HEAD"),
+        "/metrics" => {
+            crate::metrics::lockouts_active(ctx.guard.lockouts_active(ctx.clock.now()));
+            match crate::metrics::render() {
+                Some(text) => respond(StatusCode::OK, PROMETHEUS_TEXT, text),
+                None => text(StatusCode::SERVICE_UNAVAILABLE, "no metrics recorder is installed\n"),
+            }
+        }
         "/healthz" if ctx.readiness.is_healthy() => text(StatusCode::OK, "ok\n"),
         "/healthz" => text(StatusCode::SERVICE_UNAVAILABLE, "failed\n"),
         "/readyz" => match ctx.readiness.phase() {
@@ -184,23 +286,50 @@ pub(super) async fn handle<B>(req: &Request<B>, ctx: &Context, auth: &Auth, conn
             phase => text(StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", phase.as_str())),
         },
         "/v1/grants" => grants(ctx),
-        _ => match path.strip_prefix("/v1/grants/").and_then(|rest| rest.split_once('/')) {
-            Some((service, source)) if !service.is_empty() && !source.contains('/') => {
+        "/v1/lockouts" => lockouts(ctx),
+        _ => {
+            if let Some(source) = path
+                .strip_prefix("/v1/lockouts/")
+                .filter(|s| !s.is_empty() && !s.contains('/'))
+            {
                 if method != Method::DELETE {
                     return not_allowed("DELETE");
                 }
-                if !auth.may_mutate(req.headers(), conn) {
-                    tracing::info!(peer = %conn.peer, path, "admin: mutating request refused");
-                    return text(
-                        StatusCode::FORBIDDEN,
-                        "forbidden: changes need the bearer token, a verified client certificate, or a trusted loopback admin listener\n",
-                    );
-                }
-                revoke(ctx, &percent_decode(service), &percent_decode(source), conn).await
+                return match mutator(req, auth, conn) {
+                    Some(by) => unlock(ctx, &percent_decode(source), by, conn).await,
+                    None => forbidden(),
+                };
             }
-            _ => text(StatusCode::NOT_FOUND, "not found\n"),
-        },
+            match path.strip_prefix("/v1/grants/").and_then(|rest| rest.split_once('/')) {
+                Some((service, source)) if !service.is_empty() && !source.contains('/') => {
+                    if method != Method::DELETE {
+                        return not_allowed("DELETE");
+                    }
+                    match mutator(req, auth, conn) {
+                        Some(by) => revoke(ctx, &percent_decode(service), &percent_decode(source), by, conn).await,
+                        None => forbidden(),
+                    }
+                }
+                _ => text(StatusCode::NOT_FOUND, "not found\n"),
+            }
+        }
     }
+}
+
+/// Who makes a change; `None` (logged) when no one may.
+fn mutator(req: &Request<Bytes>, auth: &Auth, conn: &Conn) -> Option<Arc<str>> {
+    let by = auth.mutator(req.headers(), conn);
+    if by.is_none() {
+        tracing::info!(peer = %conn.peer, path = req.uri().path(), "admin: mutating request refused");
+    }
+    by
+}
+
+fn forbidden() -> Response<Full<Bytes>> {
+    text(
+        StatusCode::FORBIDDEN,
+        "forbidden: changes need the bearer token, a verified client certificate, or a trusted loopback admin listener\n",
+    )
 }
 
 fn grants(ctx: &Context) -> Response<Full<Bytes>> {
@@ -210,16 +339,7 @@ fn grants(ctx: &Context) -> Response<Full<Bytes>> {
         .snapshot()
         .into_iter()
         .filter(|g| g.expires_at > now)
-        .map(|g| GrantView {
-            service: g.service.to_string(),
-            source: g.source,
-            method: g.method.as_label(),
-            user: match &g.method {
-                GrantMethod::Spa { user } => Some(user.to_string()),
-                GrantMethod::Knock => None,
-            },
-            expires_in_ms: u64::try_from(g.expires_at.duration_since(now).as_millis()).unwrap_or(u64::MAX),
-        })
+        .map(|g| GrantView::new(&g, now))
         .collect();
     list.sort_by(|a, b| (&a.service, a.source).cmp(&(&b.service, b.source)));
     match serde_json::to_string(&list) {
@@ -231,21 +351,115 @@ fn grants(ctx: &Context) -> Response<Full<Bytes>> {
     }
 }
 
-async fn revoke(ctx: &Context, service: &str, source: &str, conn: &Conn) -> Response<Full<Bytes>> {
+async fn revoke(ctx: &Context, service: &str, source: &str, by: Arc<str>, conn: &Conn) -> Response<Full<Bytes>> {
     let Ok(source) = source.parse::<IpAddr>().map(|s| s.to_canonical()) else {
         return text(StatusCode::BAD_REQUEST, "the source must be an IP address\n");
     };
     if !ctx.store.allows(service, source, ctx.clock.now()) {
         return text(StatusCode::NOT_FOUND, "no such grant\n");
     }
-    tracing::info!(peer = %conn.peer, %service, %source, "admin: revoking a grant");
+    tracing::info!(peer = %conn.peer, %service, %source, by = %by, "admin: revoking a grant");
     // The driver answers once the store refuses the source, so a 204 means
     // new connections from it are already refused.
-    match ctx.driver.revoke(Arc::from(service), source, REVOKE_TIMEOUT).await {
+    match ctx
+        .driver
+        .revoke_by(Arc::from(service), source, by, REVOKE_TIMEOUT)
+        .await
+    {
         Ok(Some(_)) => empty(StatusCode::NO_CONTENT),
         Ok(None) => text(StatusCode::NOT_FOUND, "no such grant\n"),
-        Err(DriverError::Busy) => text(StatusCode::SERVICE_UNAVAILABLE, "the gate is busy: try again\n"),
-        Err(DriverError::Stopped) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        Err(e) => driver_error(e),
+    }
+}
+
+fn driver_error(e: DriverError) -> Response<Full<Bytes>> {
+    match e {
+        DriverError::Busy => text(StatusCode::SERVICE_UNAVAILABLE, "the gate is busy: try again\n"),
+        DriverError::Stopped => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+    }
+}
+
+/// `POST /v1/grants`: an operator's break-glass grant, given through the
+/// gate like any other (so a replicated log carries it) and answered once
+/// the store admits the source: 201 with the grant.
+async fn manual_grant(ctx: &Context, body: &Bytes, by: Arc<str>, conn: &Conn) -> Response<Full<Bytes>> {
+    let request: GrantRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be JSON like {{\"service\": \"NAME\", \"source\": \"IP\", \"duration\": \"30m\"}}: {e}\n"),
+            )
+        }
+    };
+    let Ok(source) = request.source.trim().parse::<IpAddr>().map(|s| s.to_canonical()) else {
+        return text(StatusCode::BAD_REQUEST, "source must be an IP address\n");
+    };
+    let duration = match request.duration.parse() {
+        Ok(d) => d,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let service = request.service;
+    tracing::info!(peer = %conn.peer, %service, %source, by = %by, "admin: granting");
+    match ctx
+        .driver
+        .grant(Arc::from(service.as_str()), source, by, duration, REVOKE_TIMEOUT)
+        .await
+    {
+        Ok(Some(grant)) => match serde_json::to_string(&GrantView::new(&grant, ctx.clock.now())) {
+            Ok(json) => respond(StatusCode::CREATED, JSON, json),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode the grant: {e}\n"),
+            ),
+        },
+        Ok(None) => text(StatusCode::NOT_FOUND, format!("no service {service:?}\n")),
+        Err(e) => driver_error(e),
+    }
+}
+
+fn lockouts(ctx: &Context) -> Response<Full<Bytes>> {
+    let now = ctx.clock.now();
+    let wall = ctx.clock.wall();
+    let at = |instant: std::time::Instant| {
+        let t = if instant <= now {
+            wall.checked_sub(now.duration_since(instant))
+        } else {
+            wall.checked_add(instant.duration_since(now))
+        };
+        t.map_or_else(String::new, |t| humantime::format_rfc3339_seconds(t).to_string())
+    };
+    let list: Vec<LockoutView> = ctx
+        .guard
+        .lockouts(now)
+        .into_iter()
+        .map(|l| LockoutView {
+            source: l.source,
+            reason: l.why.as_label(),
+            since: at(l.since),
+            until: at(l.until),
+            expires_in_ms: millis(l.until.saturating_duration_since(now)),
+        })
+        .collect();
+    match serde_json::to_string(&list) {
+        Ok(json) => respond(StatusCode::OK, JSON, json),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the lockouts: {e}\n"),
+        ),
+    }
+}
+
+/// `DELETE /v1/lockouts/{source}`: 204 once the source may knock again.
+async fn unlock(ctx: &Context, source: &str, by: Arc<str>, conn: &Conn) -> Response<Full<Bytes>> {
+    let Ok(source) = source.parse::<IpAddr>().map(|s| s.to_canonical()) else {
+        return text(StatusCode::BAD_REQUEST, "the source must be an IP address\n");
+    };
+    tracing::info!(peer = %conn.peer, %source, by = %by, "admin: clearing a lockout");
+    match ctx.driver.unlock(source, by, REVOKE_TIMEOUT).await {
+        Ok(Some(_)) => empty(StatusCode::NO_CONTENT),
+        Ok(None) => text(StatusCode::NOT_FOUND, "no such lockout\n"),
+        Err(e) => driver_error(e),
     }
 }
 
@@ -284,7 +498,7 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
     response
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub(super) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     respond(status, TEXT, body)
 }
 
@@ -328,6 +542,14 @@ mod tests {
             store: store.clone(),
             clock: Arc::new(clock.clone()),
             driver,
+            guard: Arc::new(crate::guard::SourceGuard::new(crate::config::Limits {
+                per_source_rate: 1000,
+                per_source_burst: 1000,
+                lockout_after: 3,
+                lockout_for: Duration::from_secs(60),
+                max_tracked_sources: 16,
+                ipv6_prefix: 64,
+            })),
             readiness: Readiness::new(),
         };
         Fixture {
@@ -354,19 +576,20 @@ mod tests {
         Conn {
             peer: "127.0.0.1:40000".parse().unwrap(),
             client_verified,
+            client: None,
             probes_only: false,
         }
     }
 
-    fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<()> {
+    fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<Bytes> {
         let mut b = Request::builder().method(method).uri(path);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        b.body(()).unwrap()
+        b.body(Bytes::new()).unwrap()
     }
 
-    async fn call(f: &Fixture, auth: &Auth, c: &Conn, req: Request<()>) -> (StatusCode, HeaderMap, String) {
+    async fn call(f: &Fixture, auth: &Auth, c: &Conn, req: Request<Bytes>) -> (StatusCode, HeaderMap, String) {
         let response = handle(&req, &f.ctx, auth, c).await;
         let status = response.status();
         let headers = response.headers().clone();
@@ -388,8 +611,14 @@ mod tests {
         let store = f.store.clone();
         tokio::spawn(async move {
             while let Some(request) = f.gate.recv().await {
-                if let DriverRequest::Revoke { service, source, reply } = request {
-                    let _ = reply.send(store.revoke(&service, source));
+                match request {
+                    DriverRequest::Revoke { service, source, reply }
+                    | DriverRequest::RevokeBy {
+                        service, source, reply, ..
+                    } => {
+                        let _ = reply.send(store.revoke(&service, source));
+                    }
+                    _ => {}
                 }
             }
         });
@@ -416,7 +645,9 @@ mod tests {
             ("POST", "/metrics", "GET, HEAD"),
             ("DELETE", "/healthz", "GET, HEAD"),
             ("PUT", "/readyz", "GET, HEAD"),
-            ("DELETE", "/v1/grants", "GET, HEAD"),
+            ("DELETE", "/v1/grants", "GET, HEAD, POST"),
+            ("POST", "/v1/lockouts", "GET, HEAD"),
+            ("GET", "/v1/lockouts/127.0.0.1", "DELETE"),
             ("GET", "/v1/grants/echo/127.0.0.1", "DELETE"),
         ] {
             let (status, headers, _) = call(&f, &auth, &c, request(method, path, &[])).await;
@@ -478,12 +709,12 @@ mod tests {
         grant(&f, "echo", "::1", GrantMethod::Knock, 30);
         let (ctx, clock, store) = gate(f);
         let auth = Auth::new(&admin(true, None), LOOPBACK.parse().unwrap());
-        let c = conn(false);
+        let c = &conn(false);
         let call = |path: &str| {
             let req = request("DELETE", path, &[]);
             let ctx = ctx.clone();
             let auth = &auth;
-            async move { handle(&req, &ctx, auth, &c).await.status() }
+            async move { handle(&req, &ctx, auth, c).await.status() }
         };
         assert_eq!(call("/v1/grants/echo/127.0.0.1").await, StatusCode::NO_CONTENT);
         assert!(!store.allows("echo", "127.0.0.1".parse().unwrap(), clock.now()));
@@ -578,7 +809,7 @@ mod tests {
         for (i, (auth, header, verified, want)) in cases.iter().enumerate() {
             let c = Conn {
                 client_verified: *verified,
-                ..c
+                ..c.clone()
             };
             let (status, _, _) = call(&f, auth, &c, delete(header.as_deref())).await;
             assert_eq!(status, *want, "case {i}");
@@ -648,12 +879,14 @@ mod tests {
         let auth = Auth::new(&config, "0.0.0.0:9464".parse().unwrap());
         let c = conn(false);
         let bearer = format!("Bearer {token}");
-        for path in ["/v1/grants", "/metrics"] {
+        for path in ["/v1/grants", "/v1/lockouts", "/metrics"] {
             let (status, headers, _) = call(&f, &auth, &c, request("GET", path, &[])).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
             assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
         }
         let with = request("GET", "/v1/grants", &[("authorization", &bearer)]);
+        assert_eq!(call(&f, &auth, &c, with).await.0, StatusCode::OK);
+        let with = request("GET", "/v1/lockouts", &[("authorization", &bearer)]);
         assert_eq!(call(&f, &auth, &c, with).await.0, StatusCode::OK);
         let verified = conn(true);
         assert_eq!(
@@ -682,6 +915,149 @@ mod tests {
             call(&f, &auth, &c, request("GET", "/v1/grants", &[])).await.0,
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    #[test]
+    fn a_change_is_audited_as_made_by_its_credential_never_the_token() {
+        let token = "0123456789abcdef";
+        let bearer = format!("Bearer {token}");
+        let with_token = request("DELETE", "/", &[("authorization", &bearer)]);
+        let without = request("DELETE", "/", &[]);
+        let trusted = Auth::new(&admin(true, None), LOOPBACK.parse().unwrap());
+        let tokened = Auth::new(&admin(true, Some(token)), LOOPBACK.parse().unwrap());
+        let plain = conn(false);
+        let who = |auth: &Auth, req: &Request<Bytes>, c: &Conn| auth.mutator(req.headers(), c).map(|b| b.to_string());
+        assert_eq!(
+            who(&trusted, &without, &plain).as_deref(),
+            Some("loopback 127.0.0.1:40000")
+        );
+        assert_eq!(who(&tokened, &with_token, &plain).as_deref(), Some("token"));
+        assert_eq!(who(&tokened, &without, &plain), None);
+        let named = Conn {
+            client: Some("client-cert CN=ops".into()),
+            ..conn(true)
+        };
+        assert_eq!(who(&tokened, &without, &named).as_deref(), Some("client-cert CN=ops"));
+        assert_eq!(who(&tokened, &without, &conn(true)).as_deref(), Some("client-cert"));
+    }
+
+    /// Plays the gate for manual grants: grants every service but "nope".
+    fn granting_gate(mut f: Fixture) -> Context {
+        let clock = f.clock.clone();
+        tokio::spawn(async move {
+            while let Some(request) = f.gate.recv().await {
+                if let DriverRequest::Grant {
+                    service,
+                    source,
+                    by,
+                    duration,
+                    reply,
+                } = request
+                {
+                    let grant = (&*service != "nope").then(|| Grant {
+                        service,
+                        source,
+                        method: GrantMethod::Manual { by },
+                        expires_at: clock.now() + duration,
+                    });
+                    let _ = reply.send(grant);
+                }
+            }
+        });
+        f.ctx
+    }
+
+    #[tokio::test]
+    async fn a_manual_grant_is_validated_then_given_through_the_gate() {
+        let ctx = granting_gate(fixture());
+        let auth = Auth::new(&admin(true, None), LOOPBACK.parse().unwrap());
+        let post = |body: &str| {
+            let req = Request::builder()
+                .method("POST")
+                .uri("/v1/grants")
+                .body(Bytes::from(body.to_owned()))
+                .unwrap();
+            let (ctx, auth) = (ctx.clone(), &auth);
+            async move {
+                let response = handle(&req, &ctx, auth, &conn(false)).await;
+                let status = response.status();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8(body.to_vec()).unwrap())
+            }
+        };
+        let (status, body) = post(r#"{"service": "echo", "source": "127.0.0.5", "duration": "90s"}"#).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let got: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            got,
+            serde_json::json!({"service": "echo", "source": "127.0.0.5", "method": "manual", "user": null,
+                "by": "loopback 127.0.0.1:40000", "expires_in_ms": 90_000})
+        );
+        let (status, _) = post(r#"{"service": "echo", "source": "::1", "duration": 600}"#).await;
+        assert_eq!(status, StatusCode::CREATED, "seconds as a number");
+        for (body, want) in [
+            (
+                r#"{"service": "nope", "source": "127.0.0.5", "duration": "1m"}"#,
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                r#"{"service": "echo", "source": "127.0.0.5", "duration": "25h"}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                r#"{"service": "echo", "source": "127.0.0.5", "duration": 0}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                r#"{"service": "echo", "source": "127.0.0.5", "duration": "soon"}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                r#"{"service": "echo", "source": "somewhere", "duration": "1m"}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            (r#"{"service": "echo", "source": "127.0.0.5"}"#, StatusCode::BAD_REQUEST),
+            (
+                r#"{"service": "echo", "source": "127.0.0.5", "duration": "1m", "x": 1}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            ("", StatusCode::BAD_REQUEST),
+        ] {
+            assert_eq!(post(body).await.0, want, "{body}");
+        }
+        // Refused without credentials, like every change.
+        let refusing = Auth::new(&admin(false, None), LOOPBACK.parse().unwrap());
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/grants")
+            .body(Bytes::from(
+                r#"{"service": "echo", "source": "127.0.0.5", "duration": "1m"}"#,
+            ))
+            .unwrap();
+        assert_eq!(
+            handle(&req, &ctx, &refusing, &conn(false)).await.status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[tokio::test]
+    async fn lockouts_are_listed_with_their_reason_and_times() {
+        let f = fixture();
+        let auth = Auth::new(&admin(true, None), LOOPBACK.parse().unwrap());
+        f.ctx.guard.lock_out("127.0.0.7".parse().unwrap(), f.clock.now());
+        f.clock.advance(Duration::from_secs(10));
+        let (status, headers, body) = call(&f, &auth, &conn(false), request("GET", "/v1/lockouts", &[])).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], JSON);
+        let got: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let list = got.as_array().unwrap();
+        assert_eq!(list.len(), 1, "{body}");
+        assert_eq!(list[0]["source"], "127.0.0.7");
+        assert_eq!(list[0]["reason"], "trap");
+        assert_eq!(list[0]["expires_in_ms"], 50_000);
+        let since = humantime::parse_rfc3339(list[0]["since"].as_str().unwrap()).unwrap();
+        let until = humantime::parse_rfc3339(list[0]["until"].as_str().unwrap()).unwrap();
+        assert_eq!(until.duration_since(since).unwrap(), Duration::from_secs(60));
     }
 
     #[test]

@@ -12,12 +12,15 @@
 //! One recorder per process, shared by every SPA sensor (the socket
 //! sensor and the raw sensor) and kept across reloads.
 
+use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use super::spa::{Counters, RefusalLog};
 use crate::driver::Reserved;
@@ -38,6 +41,8 @@ const MAX_BATCH: usize = 256;
 pub struct Recorder {
     tx: SyncSender<Pending>,
     log: Arc<ReplayLog>,
+    /// Turns true if the writer thread dies of a panic.
+    panicked: watch::Receiver<bool>,
 }
 
 /// An accepted packet on its way to the replay log, and then to its grants.
@@ -60,10 +65,19 @@ impl Recorder {
         let log = Arc::new(log);
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let writer = log.clone();
-        std::thread::Builder::new()
-            .name("replay log".into())
-            .spawn(move || run(&writer, &rx))?;
-        Ok(Self { tx, log })
+        let (panic_tx, panicked) = watch::channel(false);
+        std::thread::Builder::new().name("replay log".into()).spawn(move || {
+            let _watch = PanicWatch(panic_tx);
+            run(&writer, &rx);
+        })?;
+        Ok(Self { tx, log, panicked })
+    }
+
+    /// Resolves if the writer thread dies of a panic: from then on every
+    /// SPA packet is refused, so the process is no longer healthy. Never
+    /// resolves when the thread ends because every handle is gone.
+    pub fn died(&self) -> impl Future<Output = ()> + Send + 'static {
+        died(self.panicked.clone())
     }
 
     /// The directory the log lives in.
@@ -80,6 +94,29 @@ impl Recorder {
             // granted.
             TrySendError::Disconnected(_) => Refusal::ReplayLogFailed,
         })
+    }
+}
+
+/// Says so on its channel when the thread it lives on unwinds.
+struct PanicWatch(watch::Sender<bool>);
+
+impl Drop for PanicWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.0.send(true);
+        }
+    }
+}
+
+/// Resolves once `panicked` turns true; never if its thread ends well.
+async fn died(mut panicked: watch::Receiver<bool>) {
+    loop {
+        if *panicked.borrow_and_update() {
+            return;
+        }
+        if panicked.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 
@@ -241,6 +278,26 @@ mod tests {
             }
         };
         assert_eq!(loaded.live, 2);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_panics_is_reported_and_one_that_ends_well_is_not() {
+        let spawn = |fail: bool| {
+            let (tx, rx) = watch::channel(false);
+            let thread = std::thread::spawn(move || {
+                let _watch = PanicWatch(tx);
+                assert!(!fail, "the writer fails");
+            });
+            (thread, rx)
+        };
+        let (thread, rx) = spawn(true);
+        assert!(thread.join().is_err());
+        tokio::time::timeout(Duration::from_secs(5), died(rx)).await.unwrap();
+
+        let (thread, rx) = spawn(false);
+        thread.join().unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(50), died(rx)).await;
+        assert!(waited.is_err(), "a thread that returned was reported as dead");
     }
 
     #[test]

@@ -129,6 +129,18 @@ pub(super) fn open_replay(config: &Config, now_unix: u64) -> anyhow::Result<Opti
     Ok(Some(recorder))
 }
 
+/// Reports the death of `recorder`'s writer thread as a failed core task:
+/// without it every SPA packet is refused, so `/healthz` must fail and
+/// the process exit for its supervisor to restart it.
+pub(super) fn watch_recorder(recorder: &Recorder, failures: &Failures) {
+    let died = recorder.died();
+    let failures = failures.clone();
+    tokio::spawn(async move {
+        died.await;
+        let _ = failures.send("the replay log's writer thread panicked".into());
+    });
+}
+
 /// What a reload changed, for its log line.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReloadSummary {
@@ -484,13 +496,11 @@ impl Runtime {
         // their own when idle; the table is no longer needed for new ones.
         self.udp_sessions
             .retain(|name, _| new.services.iter().any(|s| s.name == *name && s.protocol == Proto::Udp));
-        let added: Vec<Service> = new
-            .services
-            .iter()
-            .filter(|s| !self.config().services.iter().any(|o| o.name == s.name))
-            .cloned()
-            .collect();
-        metrics::zero_services(&added);
+        // Every series the new config implies, from zero: a service added
+        // or changed (it gained a knock, it became UDP), SPA turned on.
+        // Counts already made are kept.
+        metrics::zero_config(&new);
+        metrics::zero_services(&new.services);
         self.parts.config = new;
         self.parts.replay = replay;
         self.start(sockets).await?;
@@ -508,7 +518,13 @@ impl Runtime {
                 new.state.dir.display()
             ),
             Some(recorder) => Ok(Some(recorder.clone())),
-            None => open_replay(new, unix_secs(&*self.parts.clock)),
+            None => {
+                let opened = open_replay(new, unix_secs(&*self.parts.clock))?;
+                if let Some(recorder) = &opened {
+                    watch_recorder(recorder, &self.parts.failures);
+                }
+                Ok(opened)
+            }
         }
     }
 
