@@ -1,5 +1,7 @@
 //! Command-line interface.
 
+pub mod inspect;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
