@@ -287,3 +287,32 @@ fn the_real_client_passes_through_the_gateway_from_a_balancer_to_the_upstream() 
     assert!(fields[1].starts_with("127.0.0.7:"), "the client, not HAProxy: {line}");
     assert_eq!(fields[2], gw.addr("echo").to_string(), "{line}");
 }
+
+/// Most connections awaiting their header at once (`proxy::MAX_AWAITING_HEADER`).
+const MAX_AWAITING_HEADER: usize = 256;
+
+#[test]
+fn a_flood_of_silent_balancer_connections_is_capped_and_harms_no_one_else() {
+    let upstream = echo_server("127.0.0.1:0");
+    let (gw, seq) = start(upstream, "");
+    knock_and_wait(&gw, "echo", &seq, "127.0.0.7");
+    let to = gw.addr("echo");
+    // Connections accepted in order: the first MAX hold every permit
+    // (each for 5 s), the next ones find none.
+    let silent: Vec<TcpStream> = (0..MAX_AWAITING_HEADER + 4)
+        .map(|_| connect_from(BALANCER, to).unwrap())
+        .collect();
+    gw.wait_for_nth(4, |l| msg(l) == "connection reset: too many PROXY headers awaited");
+    assert_eq!(decisions(&gw, "proxy_header_full"), 4.0);
+    // A direct client does not queue behind them.
+    assert!(echo_works("127.0.0.7", to));
+    // Once their time is up they are reset, and a balancer gets in again.
+    gw.wait_for_nth(MAX_AWAITING_HEADER, |l| {
+        msg(l) == "connection reset: no valid PROXY header" && l["reason"] == "timed out"
+    });
+    drop(silent);
+    let mut s = connect_from(BALANCER, to).unwrap();
+    s.write_all(b"PROXY TCP4 127.0.0.7 127.0.0.1 40000 5432\r\n").unwrap();
+    echo_once(&mut s, b"after the flood").unwrap();
+    assert_eq!(decisions(&gw, "proxy_header_invalid"), MAX_AWAITING_HEADER as f64);
+}
