@@ -17,6 +17,8 @@ pub mod resolve;
 pub use knock::{random_pass_chance, sequence_report, SequenceReport, RANDOM_PASS_WARN};
 pub mod pem;
 pub mod raw;
+mod sources;
+pub use sources::{ProxyVersion, SourceRules};
 mod spa;
 mod state;
 
@@ -180,6 +182,8 @@ pub struct Service {
     pub max_connections: usize,
     /// Session settings; used by UDP services only.
     pub udp: UdpSessions,
+    /// PROXY protocol in and out, and the static allow/deny lists (TCP).
+    pub sources: SourceRules,
 }
 
 /// How a UDP service keeps its per-client sessions.
@@ -613,6 +617,7 @@ impl Validator {
             }
         };
         let spa = self.service_spa(&base, raw, open_for);
+        let sources = self.source_rules(&base, raw, protocol, unauthorized);
         if self.problems.len() > before {
             return None;
         }
@@ -630,6 +635,7 @@ impl Validator {
             spa: spa?,
             max_connections,
             udp,
+            sources,
         })
     }
 }

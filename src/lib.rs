@@ -29,8 +29,10 @@
 //! - [`guard`]: per-source rate limits and lockouts in front of the sensors.
 //! - [`spa`]: SPA packet codecs (native and fwknop) and key files, pure and
 //!   config-free; [`spa::desk`] is the policy that decides on a packet.
-//! - [`proxy`]: guarded TCP listeners, the unauthorised modes, and the splice.
-//!   Its data path ([`proxy::relay`]) copies small flows through lazy
+//! - [`proxy`]: guarded TCP listeners, the unauthorised modes, the static
+//!   allow/deny lists, and the splice. PROXY protocol headers from load
+//!   balancers are parsed and written by [`proxy::header`]. Its data path
+//!   ([`proxy::relay`]) copies small flows through lazy
 //!   buffers and splices bulk ones through pooled pipes ([`proxy::pipes`]).
 //! - [`udp`]: guarded UDP services, their per-client session table and kernel filter.
 //! - [`filter`]: classic BPF socket filters that admit a set of sources; pure.

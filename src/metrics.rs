@@ -42,16 +42,30 @@ pub enum Decision {
     /// Granted, but reset: the service or the gateway was at its
     /// `max_connections`.
     ConnectionLimit,
+    /// Admitted without a grant: the source is in `allow_always`.
+    AllowedAlways,
+    /// Refused whatever its grants: the source is in `deny_always`.
+    DeniedAlways,
+    /// Reset: a peer in `accept_proxy_protocol` sent no valid PROXY header
+    /// in time (garbage, a close, or silence).
+    ProxyHeaderInvalid,
+    /// Reset: too many PROXY protocol connections were still sending
+    /// their header.
+    ProxyHeaderFull,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 6] = [
+    pub const ALL: [Decision; 10] = [
         Decision::Allowed,
         Decision::AllowedAudit,
         Decision::Refused,
         Decision::Blackholed,
         Decision::Overflow,
         Decision::ConnectionLimit,
+        Decision::AllowedAlways,
+        Decision::DeniedAlways,
+        Decision::ProxyHeaderInvalid,
+        Decision::ProxyHeaderFull,
     ];
 
     /// Where this decision sits in [`Decision::ALL`].
@@ -67,6 +81,10 @@ impl Decision {
             Decision::Blackholed => "blackholed",
             Decision::Overflow => "blackhole_full",
             Decision::ConnectionLimit => "connection_limit",
+            Decision::AllowedAlways => "allowed_always",
+            Decision::DeniedAlways => "denied_always",
+            Decision::ProxyHeaderInvalid => "proxy_header_invalid",
+            Decision::ProxyHeaderFull => "proxy_header_full",
         }
     }
 }

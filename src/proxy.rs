@@ -12,8 +12,17 @@
 //! descriptors for the hold time. How the bytes
 //! move is [`relay`]'s business; the pipes it splices through come from
 //! [`pipes`].
+//!
+//! A connection from a peer in `accept_proxy_protocol` (a load balancer)
+//! is the exception to deciding in the loop: its source is in the PROXY
+//! header ([`header`]), which takes a read, so it is spawned at once under
+//! a permit of a small cap of its own ([`MAX_AWAITING_HEADER`]), given
+//! [`HEADER_TIMEOUT`] to send it, and then decided like any other on the
+//! header's source. The static lists (`allow_always`, `deny_always`) are
+//! part of the decision.
 
 pub mod dark;
+pub mod header;
 pub mod pipes;
 pub mod relay;
 
@@ -24,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::Interest;
+use tokio::io::{AsyncWriteExt as _, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +61,8 @@ pub struct Shared {
     services: Mutex<HashMap<Arc<str>, ServicePermits>>,
     /// Permits for blackholed connections.
     pub blackholes: Arc<Semaphore>,
+    /// Permits for connections whose PROXY header is still being read.
+    headers: Arc<Semaphore>,
     pub life: Lifecycle,
     /// Pipes for splicing bulk transfers.
     pub pipes: Pipes,
@@ -62,6 +73,7 @@ impl Shared {
         Self {
             connections: Arc::new(Semaphore::new(gateway.max_connections)),
             blackholes: Arc::new(Semaphore::new(gateway.max_blackholed)),
+            headers: Arc::new(Semaphore::new(MAX_AWAITING_HEADER)),
             services: Mutex::default(),
             store,
             clock,
@@ -101,6 +113,22 @@ impl Shared {
         })
     }
 }
+
+/// Most connections, over every service, that may be waiting for their
+/// PROXY header at once; past it new ones from balancers are reset. Each
+/// holds a descriptor for at most [`HEADER_TIMEOUT`], so a flood of silent
+/// connections from a balancer's address costs this many descriptors and
+/// no more (counted in the descriptor budget).
+pub const MAX_AWAITING_HEADER: usize = 256;
+
+/// How long a peer in `accept_proxy_protocol` has to send its header: a
+/// balancer sends it with its first segment, so this only bounds the
+/// silent and the slow.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes asked for per read of a PROXY header: a v1 header and a v2 one
+/// with the usual TLVs fit in one.
+const HEADER_READ: usize = 1024;
 
 /// A service's cap and the permits made for it.
 type ServicePermits = (usize, Arc<Semaphore>);
@@ -179,6 +207,8 @@ pub async fn serve(
 /// are closed there and then, and the others spawned with their permits,
 /// so a flood never holds more descriptors than the caps, however far it
 /// outpaces the tasks. The upstream connect and the copy run in the task.
+/// A connection that must first send a PROXY header is spawned under a
+/// permit of [`MAX_AWAITING_HEADER`] and decided in its task once read.
 async fn accept_all(
     listener: &TcpListener,
     service: &Arc<Service>,
@@ -188,46 +218,147 @@ async fn accept_all(
     stop: &CancellationToken,
 ) {
     net::accept_loop(listener, ListenerKind::Guarded, stop, |stream, peer| {
-        let Some(kept) = decide(stream, peer, service, shared, meters, permits) else {
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        if service.sources.expects_header(peer.ip()) {
+            let Ok(waiting) = shared.headers.clone().try_acquire_owned() else {
+                meters.connection(Decision::ProxyHeaderFull);
+                tracing::debug!(service = %service.name, %peer, "connection reset: too many PROXY headers awaited");
+                net::reset(stream);
+                return;
+            };
+            let task = (service.clone(), shared.clone(), meters.clone(), permits.clone());
+            shared.life.tracker().spawn(async move {
+                let (service, shared, meters, permits) = task;
+                let origin = match read_header(&stream, peer, &shared).await {
+                    Ok(origin) => origin,
+                    Err(why) => {
+                        meters.connection(Decision::ProxyHeaderInvalid);
+                        tracing::debug!(service = %service.name, %peer, reason = why, "connection reset: no valid PROXY header");
+                        return net::reset(stream);
+                    }
+                };
+                drop(waiting);
+                if let Some(kept) = decide(stream, origin, &service, &shared, &meters, &permits) {
+                    run(kept, &service, &shared, &meters).await;
+                }
+            });
+            return;
+        }
+        let Some(kept) = decide(stream, Origin::direct(peer), service, shared, meters, permits) else {
             return;
         };
         let task = (service.clone(), shared.clone(), meters.clone());
         shared.life.tracker().spawn(async move {
             let (service, shared, meters) = task;
-            match kept {
-                Kept::Splice(stream, source, permits) => {
-                    splice(stream, source, &service, &shared, &meters, permits).await
-                }
-                Kept::Blackhole(stream, source, _hole) => {
-                    if hold(&stream, &shared).await {
-                        tracing::debug!(service = %service.name, %source, "blackholed connection closed by its peer");
-                    }
-                }
-            }
+            run(kept, &service, &shared, &meters).await
         });
     })
     .await;
 }
 
+/// Runs what a connection kept after its decision, to its end.
+async fn run(kept: Kept, service: &Service, shared: &Shared, meters: &ServiceMetrics) {
+    match kept {
+        Kept::Splice(stream, origin, permits) => splice(stream, origin, service, shared, meters, permits).await,
+        Kept::Blackhole(stream, source, _hole) => {
+            if hold(&stream, shared).await {
+                tracing::debug!(service = %service.name, %source, "blackholed connection closed by its peer");
+            }
+        }
+    }
+}
+
+/// Where a connection comes from, once any PROXY header is read.
+#[derive(Debug)]
+struct Origin {
+    /// The real client: the header's source, else the peer. Its address
+    /// is the source the decision, the lists and the logs use.
+    client: SocketAddr,
+    /// The client's first bytes, read along with the header: owed to the
+    /// upstream before anything else.
+    early: Vec<u8>,
+}
+
+impl Origin {
+    /// A connection that is its peer's own (no header expected).
+    fn direct(peer: SocketAddr) -> Self {
+        Self {
+            client: peer,
+            early: Vec::new(),
+        }
+    }
+
+    fn source(&self) -> IpAddr {
+        self.client.ip()
+    }
+}
+
+/// Reads the PROXY header a connection from `peer` must open with, within
+/// [`HEADER_TIMEOUT`]; the error says why there is none. A header that
+/// names no client (a balancer's `LOCAL` health check) leaves the
+/// connection the peer's own.
+async fn read_header(stream: &TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Origin, &'static str> {
+    let read = async {
+        let mut bytes = Vec::with_capacity(HEADER_READ);
+        let mut chunk = [0u8; HEADER_READ];
+        loop {
+            stream.readable().await.map_err(|_| "read failed")?;
+            let n = match stream.try_read(&mut chunk) {
+                Ok(0) => return Err("closed before a whole header"),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Err("read failed"),
+            };
+            bytes.extend_from_slice(&chunk[..n]);
+            match header::parse(&bytes) {
+                header::Parsed::Complete { source, len } => {
+                    let client = source.map_or(peer, |s| SocketAddr::new(s.ip().to_canonical(), s.port()));
+                    bytes.drain(..len);
+                    return Ok(Origin { client, early: bytes });
+                }
+                header::Parsed::Invalid(why) => return Err(why),
+                header::Parsed::Incomplete if bytes.len() >= header::MAX_LEN => return Err("header too long"),
+                header::Parsed::Incomplete => {}
+            }
+        }
+    };
+    let origin = tokio::select! {
+        r = tokio::time::timeout(HEADER_TIMEOUT, read) => r.map_err(|_| "timed out")??,
+        _ = shared.life.stop().cancelled() => return Err("shutdown"),
+    };
+    if origin.client != peer {
+        tracing::debug!(%peer, source = %origin.client, "PROXY header read");
+    }
+    Ok(origin)
+}
+
 /// A connection that outlives its decision, with the permits it holds.
 enum Kept {
-    Splice(TcpStream, IpAddr, Permits),
+    Splice(TcpStream, Origin, Permits),
     Blackhole(TcpStream, IpAddr, OwnedSemaphorePermit),
 }
 
-/// Decides what a connection gets, without waiting: `None` when it was
-/// refused (and closed), else what it keeps.
+/// Decides what a connection from `origin` gets, without waiting: `None`
+/// when it was refused (and closed), else what it keeps. `deny_always`
+/// comes first, then a grant, then `allow_always`, then the mode.
 fn decide(
     stream: TcpStream,
-    peer: SocketAddr,
+    origin: Origin,
     service: &Service,
     shared: &Shared,
     meters: &ServiceMetrics,
     permits: &Arc<Semaphore>,
 ) -> Option<Kept> {
-    let source = peer.ip().to_canonical();
+    let source = origin.source();
+    if service.sources.always_denied(source) {
+        meters.connection(Decision::DeniedAlways);
+        tracing::debug!(service = %service.name, %source, "connection refused: deny_always");
+        net::reset(stream);
+        return None;
+    }
     let allowed = shared.store.allows(&service.name, source, shared.clock.now());
-    if allowed || service.unauthorized == Unauthorized::Allow {
+    let always = !allowed && service.sources.always_allowed(source);
+    if allowed || always || service.unauthorized == Unauthorized::Allow {
         let Some(permits) = shared.permits(permits) else {
             meters.connection(Decision::ConnectionLimit);
             tracing::debug!(service = %service.name, %source, "connection refused: at max_connections");
@@ -237,6 +368,9 @@ fn decide(
         if allowed {
             meters.connection(Decision::Allowed);
             tracing::debug!(service = %service.name, %source, "connection allowed");
+        } else if always {
+            meters.connection(Decision::AllowedAlways);
+            tracing::debug!(service = %service.name, %source, "connection allowed: allow_always");
         } else {
             meters.connection(Decision::AllowedAudit);
             tracing::info!(
@@ -245,7 +379,7 @@ fn decide(
                 "audit: connection allowed that would have been denied (no grant)"
             );
         }
-        return Some(Kept::Splice(stream, source, permits));
+        return Some(Kept::Splice(stream, origin, permits));
     }
     match service.unauthorized {
         // Listening at all means a grant of the service is active (closed)
@@ -316,15 +450,16 @@ async fn hold(stream: &TcpStream, shared: &Shared) -> bool {
 
 async fn splice(
     client: TcpStream,
-    source: IpAddr,
+    origin: Origin,
     service: &Service,
     shared: &Shared,
     meters: &ServiceMetrics,
     _permits: Permits,
 ) {
+    let source = origin.source();
     let started = shared.clock.now();
     let connect = tokio::time::timeout(shared.gateway.connect_timeout, TcpStream::connect(&*service.upstream));
-    let upstream = match connect.await {
+    let mut upstream = match connect.await {
         Ok(Ok(s)) => {
             let took = shared.clock.now().saturating_duration_since(started);
             meters.upstream_connect_duration.record(took.as_secs_f64());
@@ -347,6 +482,10 @@ async fn splice(
             return net::reset(client);
         }
     };
+    if let Err(e) = preamble(&mut upstream, &client, &origin, service, meters).await {
+        tracing::debug!(service = %service.name, %source, error = %e, "upstream closed before the first bytes");
+        return net::reset(client);
+    }
     // Linux hands the listener's TCP_NODELAY (net::bind_tcp) to the client
     // socket; elsewhere it is set here.
     #[cfg(not(target_os = "linux"))]
@@ -387,4 +526,27 @@ async fn splice(
         ),
         None => tracing::debug!(service = %service.name, %source, bytes_up, bytes_down, "connection cut at shutdown"),
     }
+}
+
+/// Sends the upstream what it is owed before the relay starts: the PROXY
+/// header naming the client (`send_proxy_protocol`), then the client's
+/// bytes that came with its own header, in one write.
+async fn preamble(
+    upstream: &mut TcpStream,
+    client: &TcpStream,
+    origin: &Origin,
+    service: &Service,
+    meters: &ServiceMetrics,
+) -> io::Result<()> {
+    let mut first = match service.sources.send_proxy_protocol {
+        Some(version) => header::encode(version, origin.client, client.local_addr()?),
+        None => Vec::new(),
+    };
+    if first.is_empty() && origin.early.is_empty() {
+        return Ok(());
+    }
+    first.extend_from_slice(&origin.early);
+    upstream.write_all(&first).await?;
+    meters.bytes_upstream.increment(origin.early.len() as u64);
+    Ok(())
 }

@@ -5,6 +5,7 @@
 //! Every cap that holds descriptors is counted: two per proxied connection
 //! (client and upstream), one per blackholed connection, one per UDP
 //! session (its upstream socket), two per pooled pipe, one per listener,
+//! one per connection whose PROXY header is being read,
 //! the admin endpoint's connections, and a fixed allowance for the runtime
 //! (stdio, epoll, signals, the replay cache, `/proc` reads, the reserve
 //! descriptor the accept loop sheds with). A cap the config sets must fit,
@@ -121,6 +122,14 @@ fn listeners(config: &Config) -> u64 {
         .flatten()
         .count() as u64;
     let per_stream = 1 + crate::sensor::spa_stream::MAX_OPEN as u64;
+    // Connections from balancers while their PROXY header is read.
+    if config
+        .services
+        .iter()
+        .any(|s| !s.sources.accept_proxy_protocol.is_empty())
+    {
+        n += crate::proxy::MAX_AWAITING_HEADER as u64;
+    }
     n + u64::from(config.spa.is_some()) + streams * per_stream + u64::from(config.admin.is_some())
 }
 

@@ -141,6 +141,17 @@ pub struct RawService {
     /// The host name fwknop NAT requests (`-N NAME,PORT`) use for this
     /// service, instead of its upstream's host.
     pub nat_name: Option<String>,
+    /// Peers (CIDR blocks) whose connections open with a PROXY header (TCP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accept_proxy_protocol: Vec<String>,
+    /// "v1" or "v2": the PROXY header upstream connections open with (TCP).
+    pub send_proxy_protocol: Option<String>,
+    /// Sources (CIDR blocks) admitted without a grant (TCP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_always: Vec<String>,
+    /// Sources (CIDR blocks) refused even with a grant (TCP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_always: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -7,11 +7,14 @@
 
 #![allow(dead_code)]
 
+mod balancer;
 mod knock;
 mod metrics;
 mod peers;
 mod scan;
 
+#[allow(unused_imports)]
+pub use balancer::*;
 #[allow(unused_imports)]
 pub use knock::*;
 #[allow(unused_imports)]
