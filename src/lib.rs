@@ -80,6 +80,7 @@ pub mod net;
 pub mod notify;
 pub mod proxy;
 pub mod reload;
+pub mod replicate;
 pub mod secret;
 pub mod sensor;
 pub mod server;

@@ -445,6 +445,14 @@ fn describe() {
     );
     describe_counter!(LOCKOUTS_TOTAL, "Sources locked out after repeated bad packets.");
     describe_gauge!(
+        STATE_STORE_UP,
+        "1 while the shared state store (state.backend = \"redis\") answers, 0 while it does not (new knocks and SPA packets are refused)."
+    );
+    describe_counter!(
+        STATE_STORE_REFUSED_TOTAL,
+        "Knocks and authorizations refused because the shared state store was down, by input."
+    );
+    describe_gauge!(
         UNAUTHORIZED_MODE,
         "1 for the unauthorised mode in effect for a TCP service (dark falls back to closed without CAP_NET_ADMIN), 0 for the others."
     );
@@ -460,6 +468,12 @@ fn zero(config: &Config) {
     }
     for result in ReloadResult::ALL {
         metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_label()).absolute(0);
+    }
+    if config.state.redis().is_some() {
+        metrics::gauge!(STATE_STORE_UP).set(0.0);
+        for input in STATE_STORE_INPUTS {
+            metrics::counter!(STATE_STORE_REFUSED_TOTAL, "input" => input).absolute(0);
+        }
     }
     zero_services(&config.services);
 }
@@ -518,6 +532,22 @@ pub fn zero_services(services: &[Service]) {
 pub const SPA_PACKETS_TOTAL: &str = "portcullis_spa_packets_total";
 pub const SOURCE_REFUSALS_TOTAL: &str = "portcullis_source_refusals_total";
 pub const LOCKOUTS_TOTAL: &str = "portcullis_lockouts_total";
+pub const STATE_STORE_UP: &str = "portcullis_state_store_up";
+pub const STATE_STORE_REFUSED_TOTAL: &str = "portcullis_state_store_refused_total";
+
+/// The inputs [`state_store_refused`] counts.
+pub const STATE_STORE_INPUTS: [&str; 2] = ["knock", "authorize"];
+
+/// Whether the shared state store (`backend = "redis"`) answers.
+pub fn state_store_up(up: bool) {
+    metrics::gauge!(STATE_STORE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// A knock or authorization refused because the state store is down;
+/// `input` is one of [`STATE_STORE_INPUTS`].
+pub fn state_store_refused(input: &'static str) {
+    metrics::counter!(STATE_STORE_REFUSED_TOTAL, "input" => input).increment(1);
+}
 
 /// `format` and `result` are fixed labels from `spa::Format` and
 /// `spa::desk::Refusal` (or "accepted").

@@ -140,6 +140,9 @@ struct GrantView {
     /// The SPA user, for SPA grants.
     user: Option<String>,
     expires_in_ms: u64,
+    /// The replica that gave it, when several share one gate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica: Option<String>,
 }
 
 /// Answers one request.
@@ -219,6 +222,7 @@ fn grants(ctx: &Context) -> Response<Full<Bytes>> {
                 GrantMethod::Knock => None,
             },
             expires_in_ms: u64::try_from(g.expires_at.duration_since(now).as_millis()).unwrap_or(u64::MAX),
+            replica: ctx.store.given_by(&g.service, g.source).map(|r| r.to_string()),
         })
         .collect();
     list.sort_by(|a, b| (&a.service, a.source).cmp(&(&b.service, b.source)));

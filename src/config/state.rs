@@ -1,50 +1,225 @@
 //! The `[state]` section: the directory where what must outlive the
-//! process is kept (the SPA replay log, [`crate::store::replay`]).
+//! process is kept (the SPA replay log, [`crate::store::replay`]), and the
+//! backend that shares the gate between replicas (`backend = "redis"`,
+//! [`crate::replicate`]).
 //!
 //! Validation only checks the path's shape; whether the directory can be
 //! created and written is found out when `serve` opens the log (a start-up
 //! error naming `state.dir`), since `portcullis check` often runs as
-//! another user than the service.
+//! another user than the service. Likewise a Redis that cannot be reached
+//! is no config error: the gateway starts, fails closed and reconnects.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::raw::RawState;
 use super::Validator;
+use crate::secret::Secret;
 
 /// Where state is kept when `[state]` names no directory: the system
 /// path (systemd's `StateDirectory=portcullis`). Unprivileged runs and
 /// containers set `state.dir` (or `PORTCULLIS__STATE__DIR`).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/portcullis";
 
+/// The key prefix when `state.key_prefix` is not set.
+pub(super) const DEFAULT_KEY_PREFIX: &str = "portcullis";
+
 /// The validated `[state]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State {
     /// Where the replay log lives, resolved from the config's directory.
     pub dir: PathBuf,
+    /// Where the gate's inputs are shared, if anywhere.
+    pub backend: Backend,
+    /// This replica's name, as `/v1/grants` shows it.
+    pub replica: Arc<str>,
+}
+
+/// Where grants, knock progress and the replay cache live.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// In this process alone (the replay log on disk under `dir`).
+    #[default]
+    Memory,
+    /// Shared by every replica through one Redis.
+    Redis(Redis),
+}
+
+/// `backend = "redis"`: how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redis {
+    /// `redis://` or `rediss://` (TLS through rustls), without credentials.
+    pub url: String,
+    pub username: Option<String>,
+    /// From `password_file` or `password_env`, never from the file itself.
+    pub password: Option<Secret>,
+    /// The prefix of every key written (`{prefix}:inputs`, ...).
+    pub key_prefix: String,
 }
 
 impl Default for State {
     fn default() -> Self {
         Self {
             dir: PathBuf::from(DEFAULT_STATE_DIR),
+            backend: Backend::Memory,
+            replica: default_replica(),
         }
     }
 }
 
+impl State {
+    /// The Redis settings, with `backend = "redis"`.
+    pub fn redis(&self) -> Option<&Redis> {
+        match &self.backend {
+            Backend::Redis(r) => Some(r),
+            Backend::Memory => None,
+        }
+    }
+}
+
+/// The host name (a Kubernetes pod's name), or "portcullis".
+fn default_replica() -> Arc<str> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "portcullis".to_string())
+        .into()
+}
+
 impl Validator {
     pub(super) fn state(&mut self, raw: &RawState) -> State {
-        match raw.dir.as_deref().map(str::trim) {
-            None => State::default(),
+        let dir = match raw.dir.as_deref().map(str::trim) {
+            None => PathBuf::from(DEFAULT_STATE_DIR),
             Some("") => {
                 self.problem(
                     "state.dir",
                     format!("empty: name a directory this process may write (the default is {DEFAULT_STATE_DIR})"),
                 );
-                State::default()
+                PathBuf::from(DEFAULT_STATE_DIR)
             }
-            Some(dir) => State {
-                dir: self.base.join(dir),
-            },
-        }
+            Some(dir) => self.base.join(dir),
+        };
+        let replica = match raw.replica.as_deref().map(str::trim) {
+            None => default_replica(),
+            Some(name) if valid_name(name) => name.into(),
+            Some(_) => {
+                self.problem(
+                    "state.replica",
+                    "use 1-64 letters, digits, '.', '-' or '_' (the default is the host name)",
+                );
+                default_replica()
+            }
+        };
+        let backend = match raw.backend.as_deref().map(str::trim) {
+            None | Some("memory") => {
+                for (key, set) in [
+                    ("url", raw.url.is_some()),
+                    ("username", raw.username.is_some()),
+                    ("password_file", raw.password_file.is_some()),
+                    ("password_env", raw.password_env.is_some()),
+                    ("key_prefix", raw.key_prefix.is_some()),
+                ] {
+                    if set {
+                        self.problem(format!("state.{key}"), "only used with backend = \"redis\"");
+                    }
+                }
+                Backend::Memory
+            }
+            Some("redis") => self.redis(raw).map_or(Backend::Memory, Backend::Redis),
+            Some(other) => {
+                self.problem("state.backend", format!("{other:?}: use \"memory\" or \"redis\""));
+                Backend::Memory
+            }
+        };
+        State { dir, backend, replica }
     }
+
+    fn redis(&mut self, raw: &RawState) -> Option<Redis> {
+        let before = self.problems.len();
+        let url = match raw.url.as_deref().map(str::trim) {
+            None | Some("") => {
+                self.problem(
+                    "state.url",
+                    "required with backend = \"redis\": e.g. \"redis://127.0.0.1:6379/0\"",
+                );
+                None
+            }
+            Some(text) => match redis::parse_redis_url(text) {
+                Some(u) if u.scheme() != "redis" && u.scheme() != "rediss" => {
+                    self.problem(
+                        "state.url",
+                        format!("scheme {:?}: use redis:// or rediss:// (TLS)", u.scheme()),
+                    );
+                    None
+                }
+                Some(u) if u.password().is_some() || !u.username().is_empty() => {
+                    self.problem(
+                        "state.url",
+                        "holds credentials: put the user in state.username and the password in state.password_file or state.password_env",
+                    );
+                    None
+                }
+                Some(u) if u.host_str().is_none_or(str::is_empty) => {
+                    self.problem("state.url", "names no host: e.g. \"redis://127.0.0.1:6379/0\"");
+                    None
+                }
+                Some(u) => Some(u.to_string()),
+                None => {
+                    self.problem("state.url", format!("{text:?} is not a redis:// or rediss:// URL"));
+                    None
+                }
+            },
+        };
+        let password = match (&raw.password_file, &raw.password_env) {
+            (Some(_), Some(_)) => {
+                self.problem("state.password_file", "set password_file or password_env, not both");
+                None
+            }
+            (None, None) => None,
+            (Some(file), None) => match super::spa::read_key_file(&self.base.join(file)) {
+                Ok((text, warning)) => {
+                    if let Some(w) = warning {
+                        tracing::warn!("state.password_file: {w}");
+                    }
+                    Some(Secret::from_slice(text.trim_end_matches(['\r', '\n']).as_bytes()))
+                }
+                Err(e) => {
+                    self.problem("state.password_file", e);
+                    None
+                }
+            },
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(text) => Some(Secret::from_slice(text.as_bytes())),
+                Err(_) => {
+                    self.problem("state.password_env", format!("environment variable {var} is not set"));
+                    None
+                }
+            },
+        };
+        let key_prefix = match raw.key_prefix.as_deref().map(str::trim) {
+            None => DEFAULT_KEY_PREFIX.to_string(),
+            Some(p) if valid_name(p) || p.contains(':') && p.split(':').all(valid_name) => p.to_string(),
+            Some(_) => {
+                self.problem("state.key_prefix", "use letters, digits, '.', '-', '_' or ':'");
+                DEFAULT_KEY_PREFIX.to_string()
+            }
+        };
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Redis {
+            url: url?,
+            username: raw.username.clone().filter(|u| !u.is_empty()),
+            password,
+            key_prefix,
+        })
+    }
+}
+
+/// A replica name or key prefix: short and plain.
+fn valid_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }

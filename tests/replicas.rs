@@ -1,0 +1,412 @@
+//! Three replicas share one gate through one Redis (`[state] backend =
+//! "redis"`): knock steps spread over the replicas, an SPA packet replayed
+//! to another replica, a revocation on one replica, and Redis going away
+//! and coming back. Each test runs its own `redis-server` on a free port.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub,
+    reason = "test code: a panic is the failure report, and real time is what is measured"
+)]
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `redis-server` of the test's own, without persistence.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_ports(1)[0];
+        let mut redis = Redis { child: None, port, dir };
+        redis.restart();
+        redis
+    }
+
+    /// Starts the server (again, empty: no persistence) and waits until it
+    /// answers.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server; scripts/install-test-deps does it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        while self.cli(&["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server did not answer");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+/// The replica `i`'s address: 127.0.0.11, .12, .13.
+fn replica_ip(i: usize) -> String {
+    format!("127.0.0.{}", 11 + i)
+}
+
+/// Ports shared by every replica (each on its own address): three knock
+/// steps, the guarded service, the SPA port.
+struct Ports {
+    steps: [u16; 3],
+    service: u16,
+    spa: u16,
+}
+
+fn replica_config(i: usize, redis: &Redis, ports: &Ports, upstream: SocketAddr, key: &Path) -> String {
+    let ip = replica_ip(i);
+    let [s1, s2, s3] = ports.steps;
+    format!(
+        r#"
+[admin]
+listen = "{ip}:0"
+
+[state]
+backend = "redis"
+url = "{url}"
+replica = "{name}"
+
+[spa]
+listen = "{ip}:{spa}"
+max_age = "30s"
+
+[service.echo]
+listen = "{ip}:{service}"
+upstream = "{upstream}"
+protocol = "tcp"
+unauthorized = "refuse"
+open_for = "60s"
+knock = {{ sequence = ["{s1}/udp", "{s3}/udp", "{s2}/udp"] }}
+spa_users = ["fw"]
+
+[user.fw]
+key_file = "{key}"
+"#,
+        url = redis.url(),
+        name = NAMES[i],
+        spa = ports.spa,
+        service = ports.service,
+        key = key.display(),
+    )
+}
+
+struct Cluster {
+    redis: Redis,
+    gws: Vec<Gateway>,
+    ports: Ports,
+    upstream: SocketAddr,
+    keys: tempfile::TempDir,
+    /// Each replica's state directory, kept across a restart.
+    states: Vec<tempfile::TempDir>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let redis = Redis::start();
+        // An established deployment: its marker is old, so SPA is not held
+        // back as after a loss of data.
+        assert_eq!(redis.cli(&["SET", "portcullis:marker", "0"]), "OK");
+        let p = free_ports(5);
+        let ports = Ports {
+            steps: [p[0], p[1], p[2]],
+            service: p[3],
+            spa: p[4],
+        };
+        let keys = tempfile::tempdir().unwrap();
+        let out = Command::new("fwknop")
+            .args(["--key-gen"])
+            .env("HOME", keys.path())
+            .output()
+            .expect("fwknop");
+        assert!(out.status.success());
+        write_private(&keys.path().join("fw.key"), &out.stdout);
+        let upstream = echo_server("127.0.0.1:0");
+        let states: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut cluster = Cluster {
+            redis,
+            gws: Vec::new(),
+            ports,
+            upstream,
+            keys,
+            states,
+        };
+        for i in 0..3 {
+            let gw = cluster.launch(i);
+            cluster.gws.push(gw);
+        }
+        for gw in &cluster.gws {
+            gw.wait_for(|l| msg(l) == "state store synced");
+        }
+        cluster
+    }
+
+    fn launch(&self, i: usize) -> Gateway {
+        Gateway::builder()
+            .config(&replica_config(
+                i,
+                &self.redis,
+                &self.ports,
+                self.upstream,
+                &self.keys.path().join("fw.key"),
+            ))
+            .state_dir(self.states[i].path())
+            .start()
+    }
+
+    fn service(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(ip(&replica_ip(i)), self.ports.service)
+    }
+
+    /// The stock client's knock of step `step` (0-based) to replica `i`;
+    /// waits until that replica's gate has it (it is in the stream then).
+    fn knock(&self, i: usize, step: usize) {
+        let order = [self.ports.steps[0], self.ports.steps[2], self.ports.steps[1]];
+        let port = order[step];
+        stock_knock(&["-u", &replica_ip(i), &port.to_string()]);
+        let n = self.gws[i].count(|l| msg(l) == "knock" && l["source"] == "127.0.0.1");
+        self.gws[i].wait_for_nth(n.max(1), |l| msg(l) == "knock" && l["source"] == "127.0.0.1");
+    }
+
+    fn knock_sequence_spread(&self) {
+        for (step, replica) in [0, 1, 2].into_iter().enumerate() {
+            self.knock(replica, step);
+        }
+    }
+
+    /// The grants replica `i` lists.
+    fn grants(&self, i: usize) -> Vec<serde_json::Value> {
+        let r = self.gws[i].http("GET", "/v1/grants", &[]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        serde_json::from_str(&r.body).unwrap()
+    }
+
+    /// Polls replica `i`'s grants until `pred` holds of them.
+    fn wait_grants(&self, i: usize, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let grants = self.grants(i);
+            if pred(&grants) {
+                return grants;
+            }
+            assert!(Instant::now() < deadline, "replica {i}: grants stayed {grants:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn has(grants: &[serde_json::Value], source: &str) -> bool {
+    grants.iter().any(|g| g["source"] == source)
+}
+
+#[test]
+fn knock_steps_on_three_replicas_open_every_replica_and_a_revoke_on_one_closes_all() {
+    let c = Cluster::start();
+    for i in 0..3 {
+        assert!(
+            !echo_works("127.0.0.1", c.service(i)),
+            "replica {i} open before any knock"
+        );
+    }
+    c.knock_sequence_spread();
+    for i in 0..3 {
+        c.gws[i].wait_grant("echo", "127.0.0.1");
+        assert!(
+            echo_works("127.0.0.1", c.service(i)),
+            "replica {i} refused the source that knocked"
+        );
+        assert!(
+            !echo_works("127.0.0.2", c.service(i)),
+            "replica {i} admitted another source"
+        );
+        let grants = c.grants(i);
+        assert_eq!(grants.len(), 1, "{grants:?}");
+        assert_eq!(grants[0]["replica"], "c", "the last step was taken on c: {grants:?}");
+    }
+
+    let revoked = c.gws[1].http("DELETE", "/v1/grants/echo/127.0.0.1", &[]);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    for i in [0, 2] {
+        c.wait_grants(i, |g| !has(g, "127.0.0.1"));
+        assert!(
+            !echo_works("127.0.0.1", c.service(i)),
+            "replica {i} still admits a revoked source"
+        );
+    }
+}
+
+#[test]
+fn an_spa_packet_accepted_by_one_replica_is_a_replay_at_another() {
+    let c = Cluster::start();
+    let saved = c.keys.path().join("packet.txt");
+    let file = c.keys.path().join("fw.key");
+    let key = |name: &str| {
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(|v| v.trim().to_string()))
+            .unwrap()
+    };
+    let out = Command::new("fwknop")
+        .args(["-A", &format!("tcp/{}", c.ports.service), "-a", "127.0.0.1"])
+        .args(["-D", &replica_ip(0), "-p", &c.ports.spa.to_string(), "--use-hmac"])
+        .args(["--key-base64-rijndael", &key("KEY_BASE64")])
+        .args(["--key-base64-hmac", &key("HMAC_KEY_BASE64")])
+        .args(["--no-rc-file", "--no-save-args", "--save-packet"])
+        .arg(&saved)
+        .env("HOME", c.keys.path())
+        .output()
+        .expect("fwknop");
+    assert!(out.status.success(), "fwknop: {}", String::from_utf8_lossy(&out.stderr));
+    c.gws[0].wait_for(|l| msg(l) == "spa accepted");
+    for i in 0..3 {
+        c.gws[i].wait_grant("echo", "127.0.0.1");
+    }
+
+    let packet = std::fs::read_to_string(&saved).unwrap();
+    udp_from(
+        "127.0.0.5",
+        SocketAddr::new(ip(&replica_ip(1)), c.ports.spa),
+        packet.trim().as_bytes(),
+    );
+    c.gws[1].wait_for(|l| msg(l) == "spa packet rejected" && l["source"] == "127.0.0.5" && l["reason"] == "replay");
+    assert_eq!(c.gws[1].count(|l| msg(l) == "spa accepted"), 0);
+    assert_eq!(
+        metric(
+            &c.gws[1].scrape(),
+            "portcullis_spa_packets_total",
+            &[("result", "replay")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn without_redis_new_knocks_are_refused_while_grants_and_transfers_go_on_and_all_resumes_after() {
+    let mut c = Cluster::start();
+    c.knock_sequence_spread();
+    for i in 0..3 {
+        c.gws[i].wait_grant("echo", "127.0.0.1");
+    }
+    let mut transfer = connect_from("127.0.0.1", c.service(0)).unwrap();
+    echo_once(&mut transfer, b"before").unwrap();
+
+    c.redis.kill();
+    for gw in &c.gws {
+        gw.wait_for(|l| msg(l).starts_with("state store down"));
+        assert_eq!(metric(&gw.scrape(), "portcullis_state_store_up", &[]), Some(0.0));
+        assert!(gw.http("GET", "/readyz", &[]).status == 200, "not ready without redis");
+    }
+    // A new source's knocks are refused and counted.
+    let order = [c.ports.steps[0], c.ports.steps[2], c.ports.steps[1]];
+    let steps: Vec<String> = order.iter().map(|p| format!("{p}/udp")).collect();
+    let mut args = vec![replica_ip(0), "-b".into(), "127.0.0.7".into()];
+    args.extend(steps);
+    portcullis_knock(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let deadline = Instant::now() + PATIENCE;
+    while metric(
+        &c.gws[0].scrape(),
+        "portcullis_state_store_refused_total",
+        &[("input", "knock")],
+    ) != Some(3.0)
+    {
+        assert!(Instant::now() < deadline, "knocks not counted: {}", c.gws[0].scrape());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!echo_works("127.0.0.7", c.service(0)), "a knock without redis opened");
+    // The grant mirrored before still admits, everywhere.
+    for i in 0..3 {
+        assert!(
+            echo_works("127.0.0.1", c.service(i)),
+            "replica {i} dropped a grant without redis"
+        );
+    }
+    // The transfer through A goes on byte-exact.
+    let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    transfer.write_all(&payload).unwrap();
+    let mut back = vec![0; payload.len()];
+    transfer.read_exact(&mut back).unwrap();
+    assert!(back == payload, "the transfer changed bytes");
+
+    // Redis comes back (empty): a new knock opens again, no restart.
+    c.redis.restart();
+    for gw in &c.gws {
+        gw.wait_for(|l| msg(l) == "state store up" && l.get("replica").is_some());
+        let deadline = Instant::now() + PATIENCE;
+        while metric(&gw.scrape(), "portcullis_state_store_up", &[]) != Some(1.0) {
+            assert!(Instant::now() < deadline, "store not up again");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    knock_udp_to(&replica_ip(2), &order, "127.0.0.8");
+    for i in 0..3 {
+        c.gws[i].wait_grant("echo", "127.0.0.8");
+        assert!(
+            echo_works("127.0.0.8", c.service(i)),
+            "replica {i}: no grant after redis came back"
+        );
+    }
+
+    // A replica restarted while grants exist admits their sources after its resync.
+    let old = c.gws.remove(1);
+    drop(old);
+    let gw = c.launch(1);
+    gw.wait_for(|l| msg(l) == "state store synced");
+    c.gws.insert(1, gw);
+    c.wait_grants(1, |g| has(g, "127.0.0.8"));
+    assert!(
+        echo_works("127.0.0.8", c.service(1)),
+        "the restarted replica refused a granted source"
+    );
+}
+
+/// `portcullis knock` to `host` from `source`.
+fn knock_udp_to(host: &str, seq: &[u16], source: &str) {
+    let steps: Vec<String> = seq.iter().map(|p| format!("{p}/udp")).collect();
+    let mut args = vec![host, "-b", source];
+    args.extend(steps.iter().map(String::as_str));
+    portcullis_knock(&args);
+}
