@@ -223,3 +223,81 @@ fn valid_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::raw::RawConfig;
+
+    const ECHO: &str = r#"
+[service.echo]
+listen = "127.0.0.1:15000"
+upstream = "127.0.0.1:15001"
+knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"] }
+"#;
+
+    fn state(section: &str) -> Result<State, Vec<String>> {
+        let raw: RawConfig = toml::from_str(&format!("[state]\n{section}\n{ECHO}")).unwrap();
+        crate::config::validate(&raw)
+            .map(|c| c.state)
+            .map_err(|e| e.problems.into_iter().map(|p| p.path).collect())
+    }
+
+    #[test]
+    fn the_backend_is_memory_unless_redis_is_named_with_a_url() {
+        assert_eq!(state("").unwrap().backend, Backend::Memory);
+        assert_eq!(state("backend = \"memory\"").unwrap().backend, Backend::Memory);
+        let s = state("backend = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\nreplica = \"b\"").unwrap();
+        let redis = s.redis().unwrap();
+        assert_eq!(redis.url, "redis://127.0.0.1:6379/0");
+        assert_eq!(redis.key_prefix, DEFAULT_KEY_PREFIX);
+        assert_eq!(redis.password, None);
+        assert_eq!(&*s.replica, "b");
+        assert!(!state("").unwrap().replica.is_empty(), "the host name by default");
+    }
+
+    #[test]
+    fn the_password_comes_from_the_environment_never_the_url() {
+        // Named for this test alone, and never set.
+        let var = "PORTCULLIS_TEST_STATE_REDIS_PASSWORD";
+        let s = state(&format!(
+            "backend = \"redis\"\nurl = \"rediss://db:6380/1\"\npassword_env = \"{var}\""
+        ));
+        assert_eq!(s.unwrap_err(), ["state.password_env"], "unset");
+        for (section, path) in [
+            ("backend = \"redis\"\nurl = \"redis://:pw@db:6379/0\"", "state.url"),
+            ("backend = \"redis\"\nurl = \"redis://user:pw@db:6379/0\"", "state.url"),
+            ("backend = \"redis\"\nurl = \"unix:///run/redis.sock\"", "state.url"),
+            ("backend = \"redis\"\nurl = \"not a url\"", "state.url"),
+            ("backend = \"redis\"", "state.url"),
+            ("backend = \"zookeeper\"", "state.backend"),
+            ("url = \"redis://db:6379/0\"", "state.url"),
+            ("password_env = \"X\"", "state.password_env"),
+            ("replica = \"\"", "state.replica"),
+            (
+                "backend = \"redis\"\nurl = \"redis://db/0\"\npassword_file = \"a\"\npassword_env = \"b\"",
+                "state.password_file",
+            ),
+            ("backend = \"redis\"\nurl = \"redis://db/0\"\nkey_prefix = \"a b\"", "state.key_prefix"),
+        ] {
+            let err = state(section).unwrap_err();
+            assert!(err.iter().any(|p| p == path), "{section}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_password_file_is_read_and_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("redis.password");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let s = state(&format!(
+            "backend = \"redis\"\nurl = \"redis://db/0\"\npassword_file = \"{}\"",
+            file.display()
+        ))
+        .unwrap();
+        let pw = s.redis().unwrap().password.as_ref().unwrap();
+        assert_eq!(pw.expose(), b"s3cret");
+        assert!(!format!("{s:?}").contains("s3cret"));
+    }
+}
