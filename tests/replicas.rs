@@ -217,6 +217,31 @@ impl Cluster {
         }
     }
 
+    /// The stock `fwknop` client's packet for the echo service to replica
+    /// `i`, from 127.0.0.1; saved to `save` when given.
+    fn fwknop(&self, i: usize, save: Option<&Path>) {
+        let file = self.keys.path().join("fw.key");
+        let key = |name: &str| {
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(|v| v.trim().to_string()))
+                .unwrap()
+        };
+        let mut cmd = Command::new("fwknop");
+        cmd.args(["-A", &format!("tcp/{}", self.ports.service), "-a", "127.0.0.1"])
+            .args(["-D", &replica_ip(i), "-p", &self.ports.spa.to_string(), "--use-hmac"])
+            .args(["--key-base64-rijndael", &key("KEY_BASE64")])
+            .args(["--key-base64-hmac", &key("HMAC_KEY_BASE64")])
+            .args(["--no-rc-file", "--no-save-args"])
+            .env("HOME", self.keys.path());
+        if let Some(path) = save {
+            cmd.arg("--save-packet").arg(path);
+        }
+        let out = cmd.output().expect("fwknop");
+        assert!(out.status.success(), "fwknop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// The grants replica `i` lists.
     fn grants(&self, i: usize) -> Vec<serde_json::Value> {
         let r = self.gws[i].http("GET", "/v1/grants", &[]);
@@ -282,25 +307,7 @@ fn knock_steps_on_three_replicas_open_every_replica_and_a_revoke_on_one_closes_a
 fn an_spa_packet_accepted_by_one_replica_is_a_replay_at_another() {
     let c = Cluster::start();
     let saved = c.keys.path().join("packet.txt");
-    let file = c.keys.path().join("fw.key");
-    let key = |name: &str| {
-        std::fs::read_to_string(&file)
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(|v| v.trim().to_string()))
-            .unwrap()
-    };
-    let out = Command::new("fwknop")
-        .args(["-A", &format!("tcp/{}", c.ports.service), "-a", "127.0.0.1"])
-        .args(["-D", &replica_ip(0), "-p", &c.ports.spa.to_string(), "--use-hmac"])
-        .args(["--key-base64-rijndael", &key("KEY_BASE64")])
-        .args(["--key-base64-hmac", &key("HMAC_KEY_BASE64")])
-        .args(["--no-rc-file", "--no-save-args", "--save-packet"])
-        .arg(&saved)
-        .env("HOME", c.keys.path())
-        .output()
-        .expect("fwknop");
-    assert!(out.status.success(), "fwknop: {}", String::from_utf8_lossy(&out.stderr));
+    c.fwknop(0, Some(&saved));
     c.gws[0].wait_for(|l| msg(l) == "spa accepted");
     for i in 0..3 {
         c.gws[i].wait_grant("echo", "127.0.0.1");
@@ -357,6 +364,10 @@ fn without_redis_new_knocks_are_refused_while_grants_and_transfers_go_on_and_all
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!echo_works("127.0.0.7", c.service(0)), "a knock without redis opened");
+    // So is an SPA packet: a replica alone cannot tell a replay.
+    c.fwknop(1, None);
+    c.gws[1].wait_for(|l| msg(l) == "spa packet rejected" && l["reason"] == "state_store_down");
+    assert_eq!(c.gws[1].count(|l| msg(l) == "spa accepted"), 0);
     // The grant mirrored before still admits, everywhere.
     for i in 0..3 {
         assert!(
@@ -381,6 +392,12 @@ fn without_redis_new_knocks_are_refused_while_grants_and_transfers_go_on_and_all
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    // It came back empty: SPA waits until every packet it may have
+    // recorded is stale, so no replay window opens.
+    c.fwknop(0, None);
+    c.gws[0].wait_for(|l| msg(l) == "spa packet rejected" && l["reason"] == "replay_window");
+    assert_eq!(c.gws[0].count(|l| msg(l) == "spa accepted"), 0);
+
     knock_udp_to(&replica_ip(2), &order, "127.0.0.8");
     for i in 0..3 {
         c.gws[i].wait_grant("echo", "127.0.0.8");

@@ -278,7 +278,10 @@ knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"] }
                 "backend = \"redis\"\nurl = \"redis://db/0\"\npassword_file = \"a\"\npassword_env = \"b\"",
                 "state.password_file",
             ),
-            ("backend = \"redis\"\nurl = \"redis://db/0\"\nkey_prefix = \"a b\"", "state.key_prefix"),
+            (
+                "backend = \"redis\"\nurl = \"redis://db/0\"\nkey_prefix = \"a b\"",
+                "state.key_prefix",
+            ),
         ] {
             let err = state(section).unwrap_err();
             assert!(err.iter().any(|p| p == path), "{section}: {err:?}");
