@@ -427,3 +427,82 @@ fn knock_udp_to(host: &str, seq: &[u16], source: &str) {
     args.extend(steps.iter().map(String::as_str));
     portcullis_knock(&args);
 }
+
+/// Not a check but a measurement (`cargo nextest run --test replicas
+/// --run-ignored only`): for 200 knocks on replica a, how long until
+/// replica c admits the source (client side, from the last knock sent),
+/// and how far apart the three replicas logged the grant.
+#[test]
+#[ignore = "a measurement: run on a quiet machine"]
+fn grant_propagation_across_three_replicas() {
+    let c = Cluster::start();
+    let order = [c.ports.steps[0], c.ports.steps[2], c.ports.steps[1]];
+    let a = ip(&replica_ip(0));
+    let mut open = Vec::new();
+    let n = 200;
+    for k in 0..n {
+        let source = format!("127.0.{}.{}", 1 + k / 200, 1 + k % 200);
+        let sock = std::net::UdpSocket::bind((ip(&source), 0)).unwrap();
+        let sent = Instant::now();
+        for port in order {
+            sock.send_to(b"", SocketAddr::new(a, port)).unwrap();
+        }
+        loop {
+            if let Ok(mut s) = connect_from(&source, c.service(2)) {
+                if echo_once(&mut s, b"x").is_ok() {
+                    break;
+                }
+            }
+            assert!(sent.elapsed() < PATIENCE, "no grant for {source}");
+        }
+        open.push(sent.elapsed());
+    }
+    let stamps = |gw: &Gateway| -> std::collections::HashMap<String, chrono_like::Micros> {
+        gw.lines()
+            .iter()
+            .filter(|l| msg(l) == "grant")
+            .map(|l| {
+                (
+                    l["source"].as_str().unwrap().to_string(),
+                    chrono_like::parse(l["timestamp"].as_str().unwrap()),
+                )
+            })
+            .collect()
+    };
+    for gw in &c.gws {
+        gw.wait_for_nth(n, |l| msg(l) == "grant");
+    }
+    let all: Vec<_> = c.gws.iter().map(stamps).collect();
+    let mut spread: Vec<u64> = all[0]
+        .iter()
+        .map(|(source, t)| {
+            let ts = [*t, all[1][source], all[2][source]];
+            ts.iter().max().unwrap() - ts.iter().min().unwrap()
+        })
+        .collect();
+    spread.sort_unstable();
+    open.sort_unstable();
+    let pct = |v: &[u64], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+    let open_us: Vec<u64> = open.iter().map(|d| d.as_micros() as u64).collect();
+    println!(
+        "grant spread across 3 replicas p50 {} us p99 {} us; knock on a to open on c p50 {} us p99 {} us",
+        pct(&spread, 50),
+        pct(&spread, 99),
+        pct(&open_us, 50),
+        pct(&open_us, 99)
+    );
+}
+
+/// RFC 3339 timestamps of the JSON log, to microseconds since midnight.
+mod chrono_like {
+    pub type Micros = u64;
+
+    pub fn parse(ts: &str) -> Micros {
+        let time = ts.split('T').nth(1).unwrap().trim_end_matches('Z');
+        let mut parts = time.split(':');
+        let h: u64 = parts.next().unwrap().parse().unwrap();
+        let m: u64 = parts.next().unwrap().parse().unwrap();
+        let s: f64 = parts.next().unwrap().parse().unwrap();
+        (h * 3600 + m * 60) * 1_000_000 + (s * 1e6) as u64
+    }
+}
