@@ -76,7 +76,7 @@ pub(crate) struct Keys {
 /// store is reachable, and until when SPA must wait.
 #[derive(Debug)]
 pub struct Link {
-    client: redis::Client,
+    target: Target,
     pub(crate) keys: Keys,
     replica: Arc<str>,
     up: AtomicBool,
@@ -109,6 +109,27 @@ pub struct Replication {
 #[error("state.url: {0}")]
 pub struct SetupError(#[from] redis::RedisError);
 
+/// Where the primary is.
+enum Target {
+    /// At the url.
+    Direct(Box<redis::Client>),
+    /// Wherever the sentinels say: asked at every connect (one client for
+    /// the async tasks, one for the recorder's thread).
+    Sentinel {
+        tasks: Box<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
+        thread: Box<Mutex<redis::sentinel::SentinelClient>>,
+    },
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Direct(c) => f.debug_tuple("Direct").field(c).finish(),
+            Target::Sentinel { .. } => f.write_str("Sentinel"),
+        }
+    }
+}
+
 /// The one backend of this process (see [`Replication::process`]).
 static PROCESS: std::sync::OnceLock<Option<Replication>> = std::sync::OnceLock::new();
 
@@ -138,12 +159,41 @@ impl Replication {
         if let Some(pw) = &redis_cfg.password {
             settings = settings.set_password(String::from_utf8_lossy(pw.expose()));
         }
-        let client = redis::Client::open(info.set_redis_settings(settings))?;
+        let target = match &redis_cfg.sentinel {
+            None => Target::Direct(Box::new(redis::Client::open(info.set_redis_settings(settings))?)),
+            Some(sentinel) => {
+                let tls = match info.addr() {
+                    redis::ConnectionAddr::TcpTls { insecure, .. } => Some(if *insecure {
+                        redis::TlsMode::Insecure
+                    } else {
+                        redis::TlsMode::Secure
+                    }),
+                    _ => None,
+                };
+                let build = || {
+                    let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                        .set_redis_connection_info(settings.clone());
+                    if let Some(mode) = tls {
+                        node = node.set_tls_mode(mode);
+                    }
+                    redis::sentinel::SentinelClient::build(
+                        sentinel.addrs.iter().map(String::as_str).collect(),
+                        sentinel.master_name.as_str(),
+                        Some(node),
+                        redis::sentinel::SentinelServerType::Master,
+                    )
+                };
+                Target::Sentinel {
+                    tasks: Box::new(tokio::sync::Mutex::new(build()?)),
+                    thread: Box::new(Mutex::new(build()?)),
+                }
+            }
+        };
         let prefix = &redis_cfg.key_prefix;
         let max_age = config.spa.as_ref().map_or(Duration::ZERO, |s| s.max_age);
         Ok(Some(Self {
             link: Arc::new(Link {
-                client,
+                target,
                 keys: Keys {
                     inputs: format!("{prefix}:inputs"),
                     marker: format!("{prefix}:marker"),
@@ -226,8 +276,12 @@ impl Link {
         self.spa_hold_until.load(Ordering::Acquire)
     }
 
-    pub(crate) fn client(&self) -> &redis::Client {
-        &self.client
+    /// A client for the primary, for the recorder's thread (blocking).
+    pub(crate) fn thread_client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.target {
+            Target::Direct(c) => Ok((**c).clone()),
+            Target::Sentinel { thread, .. } => thread.lock().expect("sentinel lock is never poisoned").get_client(),
+        }
     }
 
     pub(crate) fn wall_ms(&self) -> u64 {
@@ -301,7 +355,11 @@ impl Link {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(BLOCK + Duration::from_secs(2)));
-        self.client.get_multiplexed_async_connection_with_config(&config).await
+        let client = match &self.target {
+            Target::Direct(c) => (**c).clone(),
+            Target::Sentinel { tasks, .. } => tasks.lock().await.async_get_client().await?,
+        };
+        client.get_multiplexed_async_connection_with_config(&config).await
     }
 }
 
@@ -790,7 +848,7 @@ mod tests {
         let (_, incoming) = mpsc::unbounded_channel();
         RedisLog {
             link: Arc::new(Link {
-                client: redis::Client::open("redis://127.0.0.1:1/").unwrap(),
+                target: Target::Direct(Box::new(redis::Client::open("redis://127.0.0.1:1/").unwrap())),
                 keys: Keys {
                     inputs: "t:inputs".into(),
                     marker: "t:marker".into(),

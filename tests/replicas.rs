@@ -24,13 +24,25 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Extra arguments; for a sentinel, `--sentinel` and its config lines.
+    args: Vec<String>,
 }
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_args(&[])
+    }
+
+    /// A server started with `args` added (`--replicaof`, `--sentinel`).
+    fn start_args(args: &[&str]) -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let port = free_ports(1)[0];
-        let mut redis = Redis { child: None, port, dir };
+        let mut redis = Redis {
+            child: None,
+            port,
+            dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
         redis.restart();
         redis
     }
@@ -38,9 +50,20 @@ impl Redis {
     /// Starts the server (again, empty: no persistence) and waits until it
     /// answers.
     fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if self.args.first().is_some_and(|a| a == "--sentinel") {
+            let conf = self.dir.path().join("sentinel.conf");
+            std::fs::write(&conf, self.args[1..].join("\n") + "\n").unwrap();
+            cmd.arg(&conf).arg("--sentinel");
+        }
+        let child = cmd
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(if self.args.first().is_some_and(|a| a == "--sentinel") {
+                &[][..]
+            } else {
+                &self.args[..]
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -97,7 +120,7 @@ struct Ports {
     spa: u16,
 }
 
-fn replica_config(i: usize, redis: &Redis, ports: &Ports, upstream: SocketAddr, key: &Path) -> String {
+fn replica_config(i: usize, state: &str, ports: &Ports, upstream: SocketAddr, key: &Path) -> String {
     let ip = replica_ip(i);
     let [s1, s2, s3] = ports.steps;
     format!(
@@ -107,7 +130,7 @@ listen = "{ip}:0"
 
 [state]
 backend = "redis"
-url = "{url}"
+{state}
 replica = "{name}"
 
 [spa]
@@ -126,7 +149,6 @@ spa_users = ["fw"]
 [user.fw]
 key_file = "{key}"
 "#,
-        url = redis.url(),
         name = NAMES[i],
         spa = ports.spa,
         service = ports.service,
@@ -136,6 +158,8 @@ key_file = "{key}"
 
 struct Cluster {
     redis: Redis,
+    /// How the replicas reach Redis (`url = ...` or the sentinels).
+    state: String,
     gws: Vec<Gateway>,
     ports: Ports,
     upstream: SocketAddr,
@@ -147,6 +171,11 @@ struct Cluster {
 impl Cluster {
     fn start() -> Cluster {
         let redis = Redis::start();
+        let state = format!("url = \"{}\"", redis.url());
+        Cluster::start_with(redis, state)
+    }
+
+    fn start_with(redis: Redis, state: String) -> Cluster {
         // An established deployment: its marker is old, so SPA is not held
         // back as after a loss of data.
         assert_eq!(redis.cli(&["SET", "portcullis:marker", "0"]), "OK");
@@ -168,6 +197,7 @@ impl Cluster {
         let states: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
         let mut cluster = Cluster {
             redis,
+            state,
             gws: Vec::new(),
             ports,
             upstream,
@@ -188,7 +218,7 @@ impl Cluster {
         Gateway::builder()
             .config(&replica_config(
                 i,
-                &self.redis,
+                &self.state,
                 &self.ports,
                 self.upstream,
                 &self.keys.path().join("fw.key"),
@@ -505,4 +535,80 @@ mod chrono_like {
         let s: f64 = parts.next().unwrap().parse().unwrap();
         (h * 3600 + m * 60) * 1_000_000 + (s * 1e6) as u64
     }
+}
+
+#[test]
+fn a_sentinel_failover_loses_no_grant_and_new_grants_resume_after_it() {
+    let primary = Redis::start();
+    let replica = Redis::start_args(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let sentinel = Redis::start_args(&[
+        "--sentinel",
+        &format!("sentinel monitor mymaster 127.0.0.1 {} 1", primary.port),
+        "sentinel down-after-milliseconds mymaster 500",
+        "sentinel failover-timeout mymaster 3000",
+    ]);
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + PATIENCE * 2;
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let master_port = || {
+        sentinel
+            .cli(&["SENTINEL", "get-master-addr-by-name", "mymaster"])
+            .lines()
+            .nth(1)
+            .map(str::to_string)
+    };
+    wait("the sentinel names the primary", &|| {
+        master_port() == Some(primary.port.to_string())
+    });
+    let state = format!(
+        "sentinels = [\"127.0.0.1:{}\"]\nmaster_name = \"mymaster\"",
+        sentinel.port
+    );
+    let mut c = Cluster::start_with(primary, state);
+    c.knock_sequence_spread();
+    for i in 0..3 {
+        c.gws[i].wait_grant("echo", "127.0.0.1");
+    }
+    let len = c.redis.cli(&["XLEN", "portcullis:inputs"]);
+    wait("the replica has every input", &|| {
+        replica.cli(&["XLEN", "portcullis:inputs"]) == len
+    });
+
+    // The primary dies; the sentinel promotes the replica.
+    c.redis.kill();
+    wait("the sentinel promotes the replica", &|| {
+        master_port() == Some(replica.port.to_string())
+    });
+    for i in 0..3 {
+        assert!(
+            echo_works("127.0.0.1", c.service(i)),
+            "replica {i} lost a grant in the failover"
+        );
+    }
+    // New grants resume on the new primary, without restarting anything.
+    let order = [c.ports.steps[0], c.ports.steps[2], c.ports.steps[1]];
+    for gw in &c.gws {
+        // Up at start, then again on the new primary.
+        gw.wait_for_nth(2, |l| msg(l) == "state store up");
+    }
+    knock_udp_to(&replica_ip(0), &order, "127.0.0.9");
+    for i in 0..3 {
+        c.gws[i].wait_grant("echo", "127.0.0.9");
+        assert!(
+            echo_works("127.0.0.9", c.service(i)),
+            "replica {i}: no grant after the failover"
+        );
+    }
+    // A replica started now finds both grants on the new primary.
+    let old = c.gws.remove(2);
+    drop(old);
+    let gw = c.launch(2);
+    gw.wait_for(|l| msg(l) == "state store synced");
+    c.gws.insert(2, gw);
+    c.wait_grants(2, |g| has(g, "127.0.0.1") && has(g, "127.0.0.9"));
+    drop(replica);
 }

@@ -54,6 +54,11 @@ pub struct RawState {
     pub replica: Option<String>,
     /// The prefix of every key this gateway writes.
     pub key_prefix: Option<String>,
+    /// Redis Sentinel addresses (`host:port`), instead of `url`.
+    #[serde(default)]
+    pub sentinels: Vec<String>,
+    /// The Sentinel master name, with `sentinels`.
+    pub master_name: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -48,13 +48,24 @@ pub enum Backend {
 /// `backend = "redis"`: how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redis {
-    /// `redis://` or `rediss://` (TLS through rustls), without credentials.
+    /// `redis://` or `rediss://` (TLS through rustls), without credentials;
+    /// with `sentinel`, only its database number is used.
     pub url: String,
+    /// The Sentinels to ask for the current primary, when set.
+    pub sentinel: Option<Sentinel>,
     pub username: Option<String>,
     /// From `password_file` or `password_env`, never from the file itself.
     pub password: Option<Secret>,
     /// The prefix of every key written (`{prefix}:inputs`, ...).
     pub key_prefix: String,
+}
+
+/// Redis Sentinel: the primary is whichever the sentinels name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sentinel {
+    /// `redis://HOST:PORT` of each sentinel.
+    pub addrs: Vec<String>,
+    pub master_name: String,
 }
 
 impl Default for State {
@@ -119,6 +130,8 @@ impl Validator {
                     ("password_file", raw.password_file.is_some()),
                     ("password_env", raw.password_env.is_some()),
                     ("key_prefix", raw.key_prefix.is_some()),
+                    ("sentinels", !raw.sentinels.is_empty()),
+                    ("master_name", raw.master_name.is_some()),
                 ] {
                     if set {
                         self.problem(format!("state.{key}"), "only used with backend = \"redis\"");
@@ -137,7 +150,9 @@ impl Validator {
 
     fn redis(&mut self, raw: &RawState) -> Option<Redis> {
         let before = self.problems.len();
+        let sentinel = self.sentinel(raw);
         let url = match raw.url.as_deref().map(str::trim) {
+            None | Some("") if !raw.sentinels.is_empty() => Some("redis://sentinel-primary/0".to_string()),
             None | Some("") => {
                 self.problem(
                     "state.url",
@@ -210,10 +225,51 @@ impl Validator {
         }
         Some(Redis {
             url: url?,
+            sentinel,
             username: raw.username.clone().filter(|u| !u.is_empty()),
             password,
             key_prefix,
         })
+    }
+}
+
+impl Validator {
+    fn sentinel(&mut self, raw: &RawState) -> Option<Sentinel> {
+        if raw.sentinels.is_empty() {
+            if raw.master_name.is_some() {
+                self.problem("state.master_name", "only used with state.sentinels");
+            }
+            return None;
+        }
+        let mut addrs = Vec::new();
+        for (i, a) in raw.sentinels.iter().enumerate() {
+            let text = a.trim();
+            let url = format!("redis://{text}");
+            match redis::parse_redis_url(&url) {
+                Some(u) if u.host_str().is_some_and(|h| !h.is_empty()) && u.port().is_some() && u.path().len() <= 1 => {
+                    addrs.push(url);
+                }
+                _ => self.problem(
+                    format!("state.sentinels[{i}]"),
+                    format!("{text:?} is not HOST:PORT (e.g. \"127.0.0.1:26379\")"),
+                ),
+            }
+        }
+        let master_name = match raw.master_name.as_deref().map(str::trim) {
+            Some(name) if valid_name(name) => name.to_string(),
+            Some(_) => {
+                self.problem("state.master_name", "use 1-64 letters, digits, '.', '-' or '_'");
+                return None;
+            }
+            None => {
+                self.problem(
+                    "state.master_name",
+                    "required with state.sentinels: the name the sentinels monitor, e.g. \"mymaster\"",
+                );
+                return None;
+            }
+        };
+        (addrs.len() == raw.sentinels.len()).then_some(Sentinel { addrs, master_name })
     }
 }
 
@@ -282,6 +338,31 @@ knock = { sequence = ["17001/udp", "17003/udp", "17002/udp"] }
                 "backend = \"redis\"\nurl = \"redis://db/0\"\nkey_prefix = \"a b\"",
                 "state.key_prefix",
             ),
+        ] {
+            let err = state(section).unwrap_err();
+            assert!(err.iter().any(|p| p == path), "{section}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn sentinels_need_a_master_name_and_host_port_addresses() {
+        let s =
+            state("backend = \"redis\"\nsentinels = [\"10.0.0.1:26379\", \"s2:26379\"]\nmaster_name = \"mymaster\"")
+                .unwrap();
+        let sentinel = s.redis().unwrap().sentinel.clone().unwrap();
+        assert_eq!(sentinel.addrs, ["redis://10.0.0.1:26379", "redis://s2:26379"]);
+        assert_eq!(sentinel.master_name, "mymaster");
+        for (section, path) in [
+            ("backend = \"redis\"\nsentinels = [\"s1:26379\"]", "state.master_name"),
+            (
+                "backend = \"redis\"\nsentinels = [\"s1\"]\nmaster_name = \"m\"",
+                "state.sentinels[0]",
+            ),
+            (
+                "backend = \"redis\"\nurl = \"redis://db/0\"\nmaster_name = \"m\"",
+                "state.master_name",
+            ),
+            ("sentinels = [\"s1:26379\"]", "state.sentinels"),
         ] {
             let err = state(section).unwrap_err();
             assert!(err.iter().any(|p| p == path), "{section}: {err:?}");

@@ -77,7 +77,7 @@ impl SharedReplay {
         keep: Duration,
     ) -> redis::RedisResult<Vec<Option<String>>> {
         if self.con.is_none() {
-            let con = self.link.client().get_connection_with_timeout(TIMEOUT)?;
+            let con = self.link.thread_client()?.get_connection_with_timeout(TIMEOUT)?;
             con.set_read_timeout(Some(TIMEOUT))?;
             con.set_write_timeout(Some(TIMEOUT))?;
             self.con = Some(con);
