@@ -34,7 +34,7 @@ use crate::step::Proto;
 pub use admin::{Admin, AdminTls, DEFAULT_ADMIN_LISTEN};
 use raw::{RawConfig, RawCount, RawGateway, RawService};
 pub use spa::{KeySource, Limits, ServiceSpa, Spa, User, DEFAULT_SPA_LISTEN, MAX_SPA_AGE, MIN_FWKNOP_KEY_LEN};
-pub use state::{State, DEFAULT_STATE_DIR};
+pub use state::{Backend, Redis, Sentinel, State, DEFAULT_STATE_DIR};
 
 /// Prefix of environment overrides; sections and keys are joined by `__`.
 pub const ENV_PREFIX: &str = "PORTCULLIS";

@@ -321,6 +321,21 @@ impl Reserved {
 pub struct Entry {
     pub input: Input,
     pub reply: Reply,
+    /// The input's gate time, when the log gives it one (a shared log's
+    /// timestamp mapped to the local clock); else the time it is fed.
+    pub at: Option<Instant>,
+}
+
+impl Entry {
+    /// An entry fed at the time it comes out of the log.
+    pub fn new(input: Input, reply: Reply) -> Self {
+        Self { input, reply, at: None }
+    }
+
+    /// The same entry with a gate time of its own.
+    pub fn at(self, at: Instant) -> Self {
+        Self { at: Some(at), ..self }
+    }
 }
 
 /// Who waits for an input's effects (local requests only).
@@ -444,7 +459,7 @@ impl Driver {
 
     /// Feeds one entry to the gate, applies what it caused, then answers.
     fn feed(&mut self, entry: Entry) {
-        let Entry { input, reply } = entry;
+        let Entry { input, reply, at } = entry;
         let knocker = match &input {
             Input::Knock(k) => Some(k.source),
             _ => None,
@@ -457,7 +472,7 @@ impl Driver {
             Input::Authorize { service, source, .. } => Some((service.clone(), *source)),
             _ => None,
         };
-        let now = self.effects.clock.now();
+        let now = at.unwrap_or_else(|| self.effects.clock.now());
         if let Input::Unlock { source, by } = &input {
             let ended = self.unlock(*source, by, now);
             if let Reply::Unlocked(tx) = reply {
@@ -655,42 +670,32 @@ impl Driver {
                 let _ = reply.send(());
                 return;
             }
-            Request::Input(input) => Entry {
-                input,
-                reply: Reply::None,
-            },
-            Request::Revoke { service, source, reply } => Entry {
-                input: Input::Revoke { service, source },
-                reply: Reply::Revoked(reply),
-            },
+            Request::Input(input) => Entry::new(input, Reply::None),
+            Request::Revoke { service, source, reply } => {
+                Entry::new(Input::Revoke { service, source }, Reply::Revoked(reply))
+            }
             Request::RevokeBy {
                 service,
                 source,
                 by,
                 reply,
-            } => Entry {
-                input: Input::Revoke { service, source },
-                reply: Reply::RevokedBy { reply, by },
-            },
+            } => Entry::new(Input::Revoke { service, source }, Reply::RevokedBy { reply, by }),
             Request::Grant {
                 service,
                 source,
                 by,
                 duration,
                 reply,
-            } => Entry {
-                input: Input::Authorize {
+            } => Entry::new(
+                Input::Authorize {
                     service,
                     source,
                     method: Method::Manual { by },
                     duration,
                 },
-                reply: Reply::Granted(reply),
-            },
-            Request::Unlock { source, by, reply } => Entry {
-                input: Input::Unlock { source, by },
-                reply: Reply::Unlocked(reply),
-            },
+                Reply::Granted(reply),
+            ),
+            Request::Unlock { source, by, reply } => Entry::new(Input::Unlock { source, by }, Reply::Unlocked(reply)),
             Request::Reconfigure {
                 services,
                 totp,
@@ -698,10 +703,7 @@ impl Driver {
                 reply,
             } => {
                 self.totp.reconfigure(totp);
-                Entry {
-                    input: Input::Reconfigure { services, limits },
-                    reply: Reply::Reconfigured(reply),
-                }
+                Entry::new(Input::Reconfigure { services, limits }, Reply::Reconfigured(reply))
             }
         };
         self.log.append(entry);

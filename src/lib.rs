@@ -23,9 +23,13 @@
 //!   before their grants are queued.
 //! - [`driver`]: the only code that talks to the gate; applies its events to
 //!   the store, audit log, metrics and lockouts; the replication seam.
+//! - [`replicate`]: `[state] backend = "redis"`: the input log through a
+//!   Redis Stream that lets several replicas run one gate, and the SPA
+//!   replay cache they share ([`replicate::replay`]).
 //! - [`gate`]: knock progress, grants and expiries; pure logic, time passed in.
 //! - [`store`]: where grants live for the connection path ([`store::GrantStore`]),
-//!   and the SPA replay log on disk under `state.dir` ([`store::replay`]).
+//!   the SPA replay log on disk under `state.dir` ([`store::replay`]), and
+//!   the replicas' local mirror ([`store::mirror`]).
 //! - [`guard`]: per-source rate limits and lockouts in front of the sensors.
 //! - [`spa`]: SPA packet codecs (native and fwknop) and key files, pure and
 //!   config-free; [`spa::desk`] is the policy that decides on a packet.
@@ -59,7 +63,7 @@
 //!
 //! Layers, lowest first: `clock`, `step`, `secret`, `filter`, `sys`, the SPA
 //! codecs, `gate`, `store` → `config` → `guard`, `metrics`, `drain`, `net` →
-//! `spa::desk`, `driver`, `sensor`, `proxy`, `udp`, `admin` → `server`.
+//! `spa::desk`, `driver`, `replicate`, `sensor`, `proxy`, `udp`, `admin` → `server`.
 //! Imports only run down this list.
 
 #![deny(unsafe_code)]
@@ -83,6 +87,7 @@ pub mod net;
 pub mod notify;
 pub mod proxy;
 pub mod reload;
+pub mod replicate;
 pub mod secret;
 pub mod sensor;
 pub mod server;

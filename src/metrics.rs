@@ -495,6 +495,14 @@ fn describe() {
     );
     describe_gauge!(LOCKOUTS_ACTIVE, "Sources locked out now (computed when scraped).");
     describe_gauge!(
+        STATE_STORE_UP,
+        "1 while the shared state store (state.backend = \"redis\") answers, 0 while it does not (new knocks and SPA packets are refused)."
+    );
+    describe_counter!(
+        STATE_STORE_REFUSED_TOTAL,
+        "Knocks and authorizations refused because the shared state store was down, by input."
+    );
+    describe_gauge!(
         UNAUTHORIZED_MODE,
         "1 for the unauthorised mode in effect for a TCP service (dark falls back to closed without CAP_NET_ADMIN), 0 for the others."
     );
@@ -511,6 +519,13 @@ fn zero(config: &Config) {
         metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_label()).absolute(0);
     }
     zero_config(config);
+    // At start only: a reload must not report a live store as down.
+    if config.state.redis().is_some() {
+        metrics::gauge!(STATE_STORE_UP).set(0.0);
+        for input in STATE_STORE_INPUTS {
+            metrics::counter!(STATE_STORE_REFUSED_TOTAL, "input" => input).absolute(0);
+        }
+    }
     zero_services(&config.services);
 }
 
@@ -614,7 +629,7 @@ pub const LOCKOUTS_ACTIVE: &str = "portcullis_lockouts_active";
 /// Every `result` of [`SPA_PACKETS_TOTAL`]: "accepted", or the label of a
 /// `spa::desk::Refusal` (a unit test keeps the two in step). The lockout
 /// is not among them: SPA packets never meet it.
-pub const SPA_RESULTS: [&str; 27] = [
+pub const SPA_RESULTS: [&str; 29] = [
     "accepted",
     // The codecs' `spa::Reject`.
     "malformed",
@@ -644,10 +659,30 @@ pub const SPA_RESULTS: [&str; 27] = [
     "nat_not_permitted",
     "rate_limited",
     "busy",
+    // The shared state store (`backend = "redis"`).
+    "state_store_down",
+    "replay_window",
 ];
 
 /// The results a packet of no known format (`format="unknown"`) can have.
 pub const SPA_UNDECODED_RESULTS: [&str; 3] = ["malformed", "too_large", "rate_limited"];
+
+pub const STATE_STORE_UP: &str = "portcullis_state_store_up";
+pub const STATE_STORE_REFUSED_TOTAL: &str = "portcullis_state_store_refused_total";
+
+/// The inputs [`state_store_refused`] counts.
+pub const STATE_STORE_INPUTS: [&str; 2] = ["knock", "authorize"];
+
+/// Whether the shared state store (`backend = "redis"`) answers.
+pub fn state_store_up(up: bool) {
+    metrics::gauge!(STATE_STORE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// A knock or authorization refused because the state store is down;
+/// `input` is one of [`STATE_STORE_INPUTS`].
+pub fn state_store_refused(input: &'static str) {
+    metrics::counter!(STATE_STORE_REFUSED_TOTAL, "input" => input).increment(1);
+}
 
 /// `format` and `result` are fixed labels from `spa::Format` and
 /// `spa::desk::Refusal` (or "accepted").
@@ -725,6 +760,8 @@ mod tests {
             Desk::NatNotPermitted,
             Desk::Guard(Refusal::RateLimited),
             Desk::Busy,
+            Desk::StateStoreDown,
+            Desk::ReplayWindow,
         ];
         for r in all {
             match r {
@@ -755,7 +792,9 @@ mod tests {
                 | Desk::NatAmbiguousTarget
                 | Desk::NatNotPermitted
                 | Desk::Guard(_)
-                | Desk::Busy => {}
+                | Desk::Busy
+                | Desk::StateStoreDown
+                | Desk::ReplayWindow => {}
             }
             assert!(SPA_RESULTS.contains(&r.as_label()), "{r:?} is not zeroed");
         }

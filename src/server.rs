@@ -23,7 +23,7 @@ use crate::admin::{self, Readiness};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::drain::Lifecycle;
-use crate::driver::{Driver, DriverHandle, Effects, LocalLog};
+use crate::driver::{Driver, DriverHandle, Effects, InputLog, LocalLog};
 use crate::gate::Gate;
 use crate::guard::SourceGuard;
 use crate::metrics::{self, ReloadResult};
@@ -95,8 +95,11 @@ impl Bound {
     /// Serves until `shutdown` is cancelled, then drains. Each config that
     /// arrives on `reloads` (already validated) is swapped in.
     pub async fn run(self, shutdown: CancellationToken, reloads: mpsc::Receiver<Config>) -> anyhow::Result<()> {
-        self.run_with(Arc::new(MemoryStore::new()), Arc::new(SystemClock), shutdown, reloads)
-            .await
+        let store: Arc<dyn GrantStore> = match crate::replicate::Replication::process(&self.config)? {
+            Some(shared) => shared.store(),
+            None => Arc::new(MemoryStore::new()),
+        };
+        self.run_with(store, Arc::new(SystemClock), shutdown, reloads).await
     }
 
     /// [`Bound::run`] with a chosen store and clock.
@@ -143,8 +146,15 @@ impl Bound {
             clock: clock.clone(),
             guard: guard.clone(),
         };
-        let gate = Gate::new(runtime::rules(&config), runtime::gate_limits(&config));
-        let gate_driver = Driver::new(gate, Box::new(LocalLog::default()), requests, effects)
+        let rules = runtime::rules(&config);
+        // Several replicas share one gate through Redis: the same inputs
+        // in the same order for every replica's gate.
+        let log: Box<dyn InputLog> = match crate::replicate::Replication::process(&config)? {
+            Some(shared) => Box::new(shared.log(&rules)),
+            None => Box::new(LocalLog::default()),
+        };
+        let gate = Gate::new(rules, runtime::gate_limits(&config));
+        let gate_driver = Driver::new(gate, log, requests, effects)
             .with_totp(runtime::totp_rules(&config), config.gateway.max_knock_attempts);
         let driver_stop = life.stop().clone();
         let driver_task = runtime::supervise(

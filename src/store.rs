@@ -9,6 +9,7 @@
 //! The SPA replay log lives beside it ([`replay`]): on disk under
 //! `state.dir`, so that a restart forgets no accepted packet.
 
+pub mod mirror;
 pub mod replay;
 
 use std::net::IpAddr;
@@ -43,6 +44,12 @@ pub trait GrantStore: std::fmt::Debug + Send + Sync + 'static {
     /// (a UDP service's kernel filter) knows when to look again. Changes
     /// close together may be seen as one.
     fn changes(&self) -> watch::Receiver<u64>;
+
+    /// The replica that gave the grant for `service` and `source`, when
+    /// several share one gate (`backend = "redis"`).
+    fn given_by(&self, _service: &str, _source: IpAddr) -> Option<std::sync::Arc<str>> {
+        None
+    }
 
     /// Whether a grant for `service` and `source` is held, expired or not.
     fn holds(&self, service: &str, source: IpAddr) -> bool {

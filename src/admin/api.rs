@@ -157,10 +157,13 @@ struct GrantView {
     #[serde(skip_serializing_if = "Option::is_none")]
     by: Option<String>,
     expires_in_ms: u64,
+    /// The replica that gave it, when several share one gate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica: Option<String>,
 }
 
 impl GrantView {
-    fn new(g: &crate::gate::Grant, now: std::time::Instant) -> Self {
+    fn new(g: &crate::gate::Grant, now: std::time::Instant, replica: Option<Arc<str>>) -> Self {
         let (user, by) = match &g.method {
             GrantMethod::Spa { user } => (Some(user.to_string()), None),
             GrantMethod::Manual { by } => (None, Some(by.to_string())),
@@ -173,6 +176,7 @@ impl GrantView {
             user,
             by,
             expires_in_ms: millis(g.expires_at.saturating_duration_since(now)),
+            replica: replica.map(|r| r.to_string()),
         }
     }
 }
@@ -339,7 +343,7 @@ fn grants(ctx: &Context) -> Response<Full<Bytes>> {
         .snapshot()
         .into_iter()
         .filter(|g| g.expires_at > now)
-        .map(|g| GrantView::new(&g, now))
+        .map(|g| GrantView::new(&g, now, ctx.store.given_by(&g.service, g.source)))
         .collect();
     list.sort_by(|a, b| (&a.service, a.source).cmp(&(&b.service, b.source)));
     match serde_json::to_string(&list) {
@@ -406,7 +410,11 @@ async fn manual_grant(ctx: &Context, body: &Bytes, by: Arc<str>, conn: &Conn) ->
         .grant(Arc::from(service.as_str()), source, by, duration, REVOKE_TIMEOUT)
         .await
     {
-        Ok(Some(grant)) => match serde_json::to_string(&GrantView::new(&grant, ctx.clock.now())) {
+        Ok(Some(grant)) => match serde_json::to_string(&GrantView::new(
+            &grant,
+            ctx.clock.now(),
+            ctx.store.given_by(&grant.service, grant.source),
+        )) {
             Ok(json) => respond(StatusCode::CREATED, JSON, json),
             Err(e) => text(
                 StatusCode::INTERNAL_SERVER_ERROR,

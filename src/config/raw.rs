@@ -47,6 +47,22 @@ pub struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawState {
     pub dir: Option<String>,
+    /// `memory` (the default) or `redis`.
+    pub backend: Option<String>,
+    /// `redis://HOST:PORT/DB` or `rediss://...`, with no password in it.
+    pub url: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<String>,
+    pub password_env: Option<String>,
+    /// This replica's name (the default is the host name).
+    pub replica: Option<String>,
+    /// The prefix of every key this gateway writes.
+    pub key_prefix: Option<String>,
+    /// Redis Sentinel addresses (`host:port`), instead of `url`.
+    #[serde(default)]
+    pub sentinels: Vec<String>,
+    /// The Sentinel master name, with `sentinels`.
+    pub master_name: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

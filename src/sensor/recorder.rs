@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use super::spa::{Counters, RefusalLog};
 use crate::driver::Reserved;
 use crate::gate::Method;
+use crate::replicate::replay::{Shared, SharedReplay};
 use crate::spa::desk::{Accepted, Refusal};
 use crate::store::replay::{Entry, ReplayLog, Sighting};
 
@@ -62,13 +63,20 @@ pub struct Pending {
 impl Recorder {
     /// Starts the writer thread over `log`.
     pub fn start(log: ReplayLog) -> io::Result<Self> {
+        Self::start_shared(log, None)
+    }
+
+    /// [`Recorder::start`], asking the replay cache every replica shares
+    /// (`backend = "redis"`) first: a packet is granted only if neither
+    /// that cache nor this replica's log has seen it.
+    pub fn start_shared(log: ReplayLog, shared: Option<SharedReplay>) -> io::Result<Self> {
         let log = Arc::new(log);
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let writer = log.clone();
         let (panic_tx, panicked) = watch::channel(false);
         std::thread::Builder::new().name("replay log".into()).spawn(move || {
             let _watch = PanicWatch(panic_tx);
-            run(&writer, &rx);
+            run(&writer, shared, &rx);
         })?;
         Ok(Self { tx, log, panicked })
     }
@@ -121,7 +129,7 @@ async fn died(mut panicked: watch::Receiver<bool>) {
 }
 
 /// The writer thread: until every sensor's handle is gone.
-fn run(log: &ReplayLog, rx: &Receiver<Pending>) {
+fn run(log: &ReplayLog, mut shared: Option<SharedReplay>, rx: &Receiver<Pending>) {
     let mut counters = Counters::default();
     let refusals = RefusalLog::new();
     while let Ok(first) = rx.recv() {
@@ -138,7 +146,28 @@ fn run(log: &ReplayLog, rx: &Receiver<Pending>) {
             .collect();
         let now_unix = batch.iter().map(|p| p.now_unix).max().unwrap_or_default();
         let keep = batch.iter().map(|p| p.keep).max().unwrap_or_default();
-        let (sightings, written) = log.record(&entries, now_unix, keep);
+        // The shared cache first: only what no replica has seen goes on.
+        let verdicts = match shared.as_mut() {
+            Some(s) => s.record(&entries, now_unix, keep),
+            None => vec![Shared::First; entries.len()],
+        };
+        let fresh: Vec<Entry> = entries
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| **v == Shared::First)
+            .map(|(e, _)| *e)
+            .collect();
+        let (local, written) = log.record(&fresh, now_unix, keep);
+        let mut local = local.into_iter();
+        let sightings: Vec<Result<Sighting, Refusal>> = verdicts
+            .iter()
+            .map(|v| match v {
+                Shared::First => Ok(local.next().unwrap_or(Sighting::Unrecorded)),
+                Shared::Replay => Ok(Sighting::Replay),
+                Shared::Down => Err(Refusal::StateStoreDown),
+                Shared::Hold => Err(Refusal::ReplayWindow),
+            })
+            .collect();
         if let Err(e) = written {
             tracing::error!(
                 error = %e,
@@ -149,11 +178,12 @@ fn run(log: &ReplayLog, rx: &Receiver<Pending>) {
         for (pending, sighting) in batch.into_iter().zip(sightings) {
             let format = pending.accepted.format;
             match sighting {
-                Sighting::First => grant(pending, &mut counters),
-                Sighting::Replay => {
+                Err(refusal) => refusals.refused(Some(format), refusal, pending.source, None, &mut counters),
+                Ok(Sighting::First) => grant(pending, &mut counters),
+                Ok(Sighting::Replay) => {
                     refusals.refused(Some(format), Refusal::Replay, pending.source, None, &mut counters)
                 }
-                Sighting::Unrecorded => refusals.refused(
+                Ok(Sighting::Unrecorded) => refusals.refused(
                     Some(format),
                     Refusal::ReplayLogFailed,
                     pending.source,

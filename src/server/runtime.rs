@@ -125,7 +125,8 @@ pub(super) fn open_replay(config: &Config, now_unix: u64) -> anyhow::Result<Opti
         torn_tail = loaded.torn_tail,
         "replay log loaded"
     );
-    let recorder = Recorder::start(log).context("cannot start the replay log's writer thread")?;
+    let shared = crate::replicate::Replication::process(config)?.map(|r| r.replay());
+    let recorder = Recorder::start_shared(log, shared).context("cannot start the replay log's writer thread")?;
     Ok(Some(recorder))
 }
 

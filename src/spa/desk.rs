@@ -70,6 +70,13 @@ pub enum Refusal {
     /// Authentic and allowed, but the gate driver had no room for its
     /// grants; not remembered, so the same packet may be sent again.
     Busy,
+    /// The shared state store (`backend = "redis"`) is unreachable: a
+    /// replica alone cannot tell a replay. Not remembered.
+    StateStoreDown,
+    /// The shared state store lost its replay digests (first use, a
+    /// restart without persistence, a failover to a lagging replica): held
+    /// back until every packet it may have seen is stale. Not remembered.
+    ReplayWindow,
 }
 
 impl Refusal {
@@ -91,6 +98,8 @@ impl Refusal {
             Refusal::NatNotPermitted => "nat_not_permitted",
             Refusal::Guard(g) => g.as_label(),
             Refusal::Busy => "busy",
+            Refusal::StateStoreDown => "state_store_down",
+            Refusal::ReplayWindow => "replay_window",
         }
     }
 
