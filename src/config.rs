@@ -14,6 +14,7 @@ pub mod pem;
 pub mod raw;
 mod spa;
 mod state;
+mod tcp;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,6 +29,7 @@ pub use admin::{Admin, AdminTls, DEFAULT_ADMIN_LISTEN};
 use raw::{RawConfig, RawCount, RawGateway, RawService};
 pub use spa::{KeySource, Limits, ServiceSpa, Spa, User, DEFAULT_SPA_LISTEN, MAX_SPA_AGE, MIN_FWKNOP_KEY_LEN};
 pub use state::{State, DEFAULT_STATE_DIR};
+pub use tcp::{TcpConnections, KEEPALIVE_PROBES};
 
 /// Prefix of environment overrides; sections and keys are joined by `__`.
 pub const ENV_PREFIX: &str = "PORTCULLIS";
@@ -173,6 +175,8 @@ pub struct Service {
     /// an equal share of `gateway.max_connections`, so one service at its
     /// cap leaves the others theirs.
     pub max_connections: usize,
+    /// Connection settings; used by TCP services only.
+    pub tcp: TcpConnections,
     /// Session settings; used by UDP services only.
     pub udp: UdpSessions,
 }
@@ -538,6 +542,7 @@ impl Validator {
             }
         };
         let udp = self.udp_sessions(&base, raw, protocol);
+        let tcp = self.tcp_connections(&base, raw, protocol);
         let max_connections = self.service_connections(&base, raw, protocol);
         let unauthorized = match raw.unauthorized.as_deref().map(str::trim) {
             None | Some("closed") => Unauthorized::Closed,
@@ -598,6 +603,7 @@ impl Validator {
             spa_users: raw.spa_users.iter().map(|u| Arc::from(u.trim())).collect(),
             spa: spa?,
             max_connections,
+            tcp,
             udp,
         })
     }
