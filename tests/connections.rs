@@ -319,6 +319,24 @@ fn sockets(filter: &str) -> Vec<String> {
         .collect()
 }
 
+/// [`sockets`] once `ready` holds of them (a socket shows its keepalive
+/// timer only while no other timer, such as a retransmission's, is
+/// pending), or as they are after `PATIENCE`.
+fn sockets_once(filter: &str, ready: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let found = sockets(filter);
+        if ready(&found) || Instant::now() >= deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn has_keepalive(line: &str) -> bool {
+    line.contains("timer:(keepalive")
+}
+
 /// The keepalive timer's time left, in whole seconds, of an `ss -o` line.
 fn keepalive_left(line: &str) -> Option<u64> {
     let timer = line.split("timer:(keepalive,").nth(1)?;
@@ -353,13 +371,17 @@ fn keepalive_is_on_both_the_client_and_the_upstream_socket_with_the_configured_i
     echo_once(&mut b, b"b").unwrap();
 
     // The gateway's accepted socket: its local end is the service's port.
-    let accepted = sockets(&format!("( sport = :{} )", kept.port()));
+    let accepted = sockets_once(&format!("( sport = :{} )", kept.port()), |l| {
+        l.len() == 1 && has_keepalive(&l[0])
+    });
     assert_eq!(accepted.len(), 1, "{accepted:?}");
     // The gateway's upstream socket: towards the echo server, from the
     // port the echo server sees as a's upstream peer. Both services share
     // the echo server, so tell them apart by the keepalive timer itself
     // and count: exactly one of the two upstream sockets has one.
-    let upstream_side = sockets(&format!("( dport = :{} )", echo.port()));
+    let upstream_side = sockets_once(&format!("( dport = :{} )", echo.port()), |l| {
+        l.len() == 2 && l.iter().filter(|l| has_keepalive(l)).count() == 1
+    });
     assert_eq!(upstream_side.len(), 2, "{upstream_side:?}");
     for line in accepted
         .iter()
@@ -388,7 +410,9 @@ fn keepalive_is_on_by_default() {
     let gw = Gateway::builder().config(&service("plain", echo, "")).start();
     let mut a = connect_from("127.0.0.2", gw.addr("plain")).unwrap();
     echo_once(&mut a, b"a").unwrap();
-    let accepted = sockets(&format!("( sport = :{} )", gw.addr("plain").port()));
+    let accepted = sockets_once(&format!("( sport = :{} )", gw.addr("plain").port()), |l| {
+        l.len() == 1 && has_keepalive(&l[0])
+    });
     assert_eq!(accepted.len(), 1, "{accepted:?}");
     let left = keepalive_left(&accepted[0]).unwrap_or_else(|| panic!("no keepalive timer: {accepted:?}"));
     assert!((1..=60).contains(&left), "{accepted:?}");
