@@ -21,6 +21,7 @@ mod sources;
 pub use sources::{ProxyVersion, SourceRules};
 mod spa;
 mod state;
+mod tcp;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -35,6 +36,7 @@ pub use admin::{Admin, AdminTls, DEFAULT_ADMIN_LISTEN};
 use raw::{RawConfig, RawCount, RawGateway, RawService};
 pub use spa::{KeySource, Limits, ServiceSpa, Spa, User, DEFAULT_SPA_LISTEN, MAX_SPA_AGE, MIN_FWKNOP_KEY_LEN};
 pub use state::{Backend, Redis, Sentinel, State, DEFAULT_STATE_DIR};
+pub use tcp::{TcpConnections, KEEPALIVE_PROBES};
 
 /// Prefix of environment overrides; sections and keys are joined by `__`.
 pub const ENV_PREFIX: &str = "PORTCULLIS";
@@ -180,6 +182,8 @@ pub struct Service {
     /// an equal share of `gateway.max_connections`, so one service at its
     /// cap leaves the others theirs.
     pub max_connections: usize,
+    /// Connection settings; used by TCP services only.
+    pub tcp: TcpConnections,
     /// Session settings; used by UDP services only.
     pub udp: UdpSessions,
     /// PROXY protocol in and out, and the static allow/deny lists (TCP).
@@ -573,6 +577,7 @@ impl Validator {
             }
         };
         let udp = self.udp_sessions(&base, raw, protocol);
+        let tcp = self.tcp_connections(&base, raw, protocol);
         let max_connections = self.service_connections(&base, raw, protocol);
         let unauthorized = match raw.unauthorized.as_deref().map(str::trim) {
             None | Some("closed") => Unauthorized::Closed,
@@ -634,6 +639,7 @@ impl Validator {
             spa_users: raw.spa_users.iter().map(|u| Arc::from(u.trim())).collect(),
             spa: spa?,
             max_connections,
+            tcp,
             udp,
             sources,
         })

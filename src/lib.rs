@@ -38,6 +38,8 @@
 //!   balancers are parsed and written by [`proxy::header`]. Its data path
 //!   ([`proxy::relay`]) copies small flows through lazy
 //!   buffers and splices bulk ones through pooled pipes ([`proxy::pipes`]).
+//!   Per-source connection counts live in [`proxy::sources`]; each proxied
+//!   connection's end is an [`proxy::access`] line.
 //! - [`udp`]: guarded UDP services, their per-client session table and kernel filter.
 //! - [`filter`]: classic BPF socket filters that admit a set of sources; pure.
 //! - [`server`]: binds every socket ([`server::handover`]: the plan of what a

@@ -26,6 +26,7 @@ pub const GRANTS_TOTAL: &str = "portcullis_grants_total";
 pub const GRANTS_EXPIRED_TOTAL: &str = "portcullis_grants_expired_total";
 pub const CONNECTIONS_TOTAL: &str = "portcullis_connections_total";
 pub const CONNECTIONS_ACTIVE: &str = "portcullis_connections_active";
+pub const CONNECTIONS_ENDED_TOTAL: &str = "portcullis_connections_ended_total";
 pub const UPSTREAM_CONNECT_ERRORS_TOTAL: &str = "portcullis_upstream_connect_errors_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "portcullis_accept_errors_total";
 pub const ACCEPT_SHED_TOTAL: &str = "portcullis_accept_shed_total";
@@ -52,10 +53,12 @@ pub enum Decision {
     /// Reset: too many PROXY protocol connections were still sending
     /// their header.
     ProxyHeaderFull,
+    /// Granted, but reset: the source held `max_connections_per_source`.
+    SourceLimit,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 10] = [
+    pub const ALL: [Decision; 11] = [
         Decision::Allowed,
         Decision::AllowedAudit,
         Decision::Refused,
@@ -66,6 +69,7 @@ impl Decision {
         Decision::DeniedAlways,
         Decision::ProxyHeaderInvalid,
         Decision::ProxyHeaderFull,
+        Decision::SourceLimit,
     ];
 
     /// Where this decision sits in [`Decision::ALL`].
@@ -85,6 +89,42 @@ impl Decision {
             Decision::DeniedAlways => "denied_always",
             Decision::ProxyHeaderInvalid => "proxy_header_invalid",
             Decision::ProxyHeaderFull => "proxy_header_full",
+            Decision::SourceLimit => "source_limit",
+        }
+    }
+}
+
+/// How a proxied connection ended (the access log's `end`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Both directions ended in order (each side's FIN passed on).
+    Closed,
+    /// A socket error ended it (a reset, mostly: normal life for a proxy).
+    Error,
+    /// No byte either way for the service's `idle_timeout`.
+    IdleTimeout,
+    /// Still open when the shutdown grace ran out.
+    Shutdown,
+    /// The upstream refused, failed or timed out the connect.
+    UpstreamConnectFailed,
+}
+
+impl Ended {
+    pub const ALL: [Ended; 5] = [
+        Ended::Closed,
+        Ended::Error,
+        Ended::IdleTimeout,
+        Ended::Shutdown,
+        Ended::UpstreamConnectFailed,
+    ];
+
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Ended::Closed => "closed",
+            Ended::Error => "error",
+            Ended::IdleTimeout => "idle_timeout",
+            Ended::Shutdown => "shutdown",
+            Ended::UpstreamConnectFailed => "upstream_connect_failed",
         }
     }
 }
@@ -321,6 +361,8 @@ impl ReloadResult {
 pub struct ServiceMetrics {
     /// Indexed by [`Decision::index`].
     decisions: [metrics::Counter; Decision::ALL.len()],
+    /// Indexed by [`Ended`]'s place in [`Ended::ALL`].
+    ended: [metrics::Counter; Ended::ALL.len()],
     pub active: metrics::Gauge,
     pub upstream_errors: metrics::Counter,
     pub upstream_connect_duration: metrics::Histogram,
@@ -335,6 +377,8 @@ impl ServiceMetrics {
         Self {
             decisions: Decision::ALL
                 .map(|d| metrics::counter!(CONNECTIONS_TOTAL, "service" => s(), "decision" => d.as_label())),
+            ended: Ended::ALL
+                .map(|e| metrics::counter!(CONNECTIONS_ENDED_TOTAL, "service" => s(), "end" => e.as_label())),
             active: metrics::gauge!(CONNECTIONS_ACTIVE, "service" => s()),
             upstream_errors: metrics::counter!(UPSTREAM_CONNECT_ERRORS_TOTAL, "service" => s()),
             upstream_connect_duration: metrics::histogram!(UPSTREAM_CONNECT_DURATION_SECONDS, "service" => s()),
@@ -347,6 +391,11 @@ impl ServiceMetrics {
     /// Counts one guarded connection and what was decided for it.
     pub fn connection(&self, decision: Decision) {
         self.decisions[decision.index()].increment(1);
+    }
+
+    /// Counts one proxied connection's end.
+    pub fn ended(&self, end: Ended) {
+        self.ended[end as usize].increment(1);
     }
 }
 
@@ -440,6 +489,10 @@ fn describe() {
         "Guarded connections accepted, by service and decision."
     );
     describe_gauge!(CONNECTIONS_ACTIVE, "Proxied connections open now.");
+    describe_counter!(
+        CONNECTIONS_ENDED_TOTAL,
+        "Proxied connections ended, by service and how they ended (the access log's end)."
+    );
     describe_counter!(
         UPSTREAM_CONNECT_ERRORS_TOTAL,
         "Upstream connects that failed or timed out."
@@ -591,6 +644,9 @@ pub fn zero_services(services: &[Service]) {
             for d in Decision::ALL {
                 counter(metrics::counter!(CONNECTIONS_TOTAL, "service" => s(), "decision" => d.as_label()));
             }
+            for e in Ended::ALL {
+                counter(metrics::counter!(CONNECTIONS_ENDED_TOTAL, "service" => s(), "end" => e.as_label()));
+            }
             metrics::gauge!(CONNECTIONS_ACTIVE, "service" => s()).increment(0.0);
             for d in Direction::ALL {
                 counter(metrics::counter!(PROXIED_BYTES_TOTAL, "service" => s(), "direction" => d.as_label()));
@@ -721,6 +777,9 @@ mod tests {
         }
         let labels: std::collections::HashSet<_> = Decision::ALL.map(Decision::as_label).into_iter().collect();
         assert_eq!(labels.len(), Decision::ALL.len());
+        for (i, e) in Ended::ALL.into_iter().enumerate() {
+            assert_eq!(e as usize, i, "{e:?}");
+        }
     }
 
     #[test]

@@ -20,11 +20,17 @@
 //! [`HEADER_TIMEOUT`] to send it, and then decided like any other on the
 //! header's source. The static lists (`allow_always`, `deny_always`) are
 //! part of the decision.
+//!
+//! A granted connection also takes a place among its source's
+//! ([`sources`], `max_connections_per_source`), and when it ends it
+//! writes its [`access`] line.
 
+pub mod access;
 pub mod dark;
 pub mod header;
 pub mod pipes;
 pub mod relay;
+pub mod sources;
 
 use std::collections::HashMap;
 use std::io;
@@ -39,14 +45,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::{Gateway, Service, Unauthorized};
+use crate::config::{Gateway, Service, TcpConnections, Unauthorized, KEEPALIVE_PROBES};
 use crate::door::Door;
 use crate::drain::Lifecycle;
-use crate::metrics::{Decision, ListenerKind, ServiceMetrics};
+use crate::metrics::{Decision, Ended, ListenerKind, ServiceMetrics};
 use crate::net;
 use crate::store::GrantStore;
+use access::Access;
 use pipes::Pipes;
 use relay::Meter;
+use sources::{SourceConnections, SourceGuard};
 
 /// What every guarded listener shares.
 #[derive(Debug)]
@@ -61,6 +69,9 @@ pub struct Shared {
     services: Mutex<HashMap<Arc<str>, ServicePermits>>,
     /// Permits for blackholed connections.
     pub blackholes: Arc<Semaphore>,
+    /// Proxied connections of each source, by service: kept across
+    /// reloads like the permits.
+    pub sources: SourceConnections,
     /// Permits for connections whose PROXY header is still being read.
     headers: Arc<Semaphore>,
     pub life: Lifecycle,
@@ -75,6 +86,7 @@ impl Shared {
             blackholes: Arc::new(Semaphore::new(gateway.max_blackholed)),
             headers: Arc::new(Semaphore::new(MAX_AWAITING_HEADER)),
             services: Mutex::default(),
+            sources: SourceConnections::default(),
             store,
             clock,
             gateway,
@@ -102,14 +114,32 @@ impl Shared {
         entry.1.clone()
     }
 
-    /// A permit of `service` and one of the gateway, or none when either
-    /// cap is reached.
-    fn permits(&self, service: &Arc<Semaphore>) -> Option<Permits> {
-        let own = service.clone().try_acquire_owned().ok()?;
-        let global = self.connections.clone().try_acquire_owned().ok()?;
-        Some(Permits {
+    /// A place among `source`'s connections to `service` (under its
+    /// `max_connections_per_source`), a permit of `permits` (the
+    /// service's own) and one of the gateway; else the decision that
+    /// refuses the connection.
+    fn permits(&self, service: &Service, permits: &Arc<Semaphore>, source: IpAddr) -> Result<Permits, Decision> {
+        let per_source = match service.tcp.max_connections_per_source {
+            Some(cap) => Some(
+                self.sources
+                    .try_take(&service.name, source, cap)
+                    .ok_or(Decision::SourceLimit)?,
+            ),
+            None => None,
+        };
+        let own = permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Decision::ConnectionLimit)?;
+        let global = self
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Decision::ConnectionLimit)?;
+        Ok(Permits {
             _service: own,
             _gateway: global,
+            _source: per_source,
         })
     }
 }
@@ -138,6 +168,8 @@ type ServicePermits = (usize, Arc<Semaphore>);
 struct Permits {
     _service: OwnedSemaphorePermit,
     _gateway: OwnedSemaphorePermit,
+    /// With `max_connections_per_source`.
+    _source: Option<SourceGuard>,
 }
 
 /// Accepts guarded connections for `service` until `stop` (a child of the
@@ -259,7 +291,9 @@ async fn accept_all(
 /// Runs what a connection kept after its decision, to its end.
 async fn run(kept: Kept, service: &Service, shared: &Shared, meters: &ServiceMetrics) {
     match kept {
-        Kept::Splice(stream, origin, permits) => splice(stream, origin, service, shared, meters, permits).await,
+        Kept::Splice(stream, origin, decision, permits) => {
+            splice(stream, origin, decision, service, shared, meters, permits).await
+        }
         Kept::Blackhole(stream, source, _hole) => {
             if hold(&stream, shared).await {
                 tracing::debug!(service = %service.name, %source, "blackholed connection closed by its peer");
@@ -334,7 +368,8 @@ async fn read_header(stream: &TcpStream, peer: SocketAddr, shared: &Shared) -> R
 
 /// A connection that outlives its decision, with the permits it holds.
 enum Kept {
-    Splice(TcpStream, Origin, Permits),
+    /// With the client and how it got in.
+    Splice(TcpStream, Origin, Decision, Permits),
     Blackhole(TcpStream, IpAddr, OwnedSemaphorePermit),
 }
 
@@ -359,27 +394,35 @@ fn decide(
     let allowed = shared.store.allows(&service.name, source, shared.clock.now());
     let always = !allowed && service.sources.always_allowed(source);
     if allowed || always || service.unauthorized == Unauthorized::Allow {
-        let Some(permits) = shared.permits(permits) else {
-            meters.connection(Decision::ConnectionLimit);
-            tracing::debug!(service = %service.name, %source, "connection refused: at max_connections");
-            net::reset(stream);
-            return None;
+        let permits = match shared.permits(service, permits, source) {
+            Ok(p) => p,
+            Err(refused) => {
+                meters.connection(refused);
+                let cap = match refused {
+                    Decision::SourceLimit => "max_connections_per_source",
+                    _ => "max_connections",
+                };
+                tracing::debug!(service = %service.name, %source, "connection refused: at {cap}");
+                net::reset(stream);
+                return None;
+            }
         };
-        if allowed {
-            meters.connection(Decision::Allowed);
+        let decision = if allowed {
             tracing::debug!(service = %service.name, %source, "connection allowed");
+            Decision::Allowed
         } else if always {
-            meters.connection(Decision::AllowedAlways);
             tracing::debug!(service = %service.name, %source, "connection allowed: allow_always");
+            Decision::AllowedAlways
         } else {
-            meters.connection(Decision::AllowedAudit);
             tracing::info!(
                 service = %service.name,
                 %source,
                 "audit: connection allowed that would have been denied (no grant)"
             );
-        }
-        return Some(Kept::Splice(stream, origin, permits));
+            Decision::AllowedAudit
+        };
+        meters.connection(decision);
+        return Some(Kept::Splice(stream, origin, decision, permits));
     }
     match service.unauthorized {
         // Listening at all means a grant of the service is active (closed)
@@ -448,9 +491,13 @@ async fn hold(stream: &TcpStream, shared: &Shared) -> bool {
     }
 }
 
+/// Connects to the upstream and relays until the connection ends, the
+/// service's `idle_timeout` passes without a byte, or shutdown cuts it;
+/// then writes the access line.
 async fn splice(
     client: TcpStream,
     origin: Origin,
+    decision: Decision,
     service: &Service,
     shared: &Shared,
     meters: &ServiceMetrics,
@@ -458,6 +505,24 @@ async fn splice(
 ) {
     let source = origin.source();
     let started = shared.clock.now();
+    // The client's bytes that came with its PROXY header go upstream
+    // before the relay starts, outside its meters.
+    let early = origin.early.len() as u64;
+    let access = |end: Ended, error: Option<&dyn std::fmt::Display>, bytes: (u64, u64)| {
+        meters.ended(end);
+        Access {
+            service: &service.name,
+            upstream: &service.upstream,
+            client: origin.client,
+            decision,
+            lasted: shared.clock.now().saturating_duration_since(started),
+            bytes_up: bytes.0,
+            bytes_down: bytes.1,
+            end,
+            error,
+        }
+        .log();
+    };
     let connect = tokio::time::timeout(shared.gateway.connect_timeout, TcpStream::connect(&*service.upstream));
     let mut upstream = match connect.await {
         Ok(Ok(s)) => {
@@ -468,6 +533,7 @@ async fn splice(
         Ok(Err(e)) => {
             meters.upstream_errors.increment(1);
             tracing::warn!(service = %service.name, upstream = %service.upstream, %source, error = %e, "upstream connect failed");
+            access(Ended::UpstreamConnectFailed, Some(&e), (0, 0));
             return net::reset(client);
         }
         Err(_) => {
@@ -479,11 +545,17 @@ async fn splice(
                 timeout_s = shared.gateway.connect_timeout.as_secs_f64(),
                 "upstream connect timed out"
             );
+            let error = format!(
+                "timed out after {}",
+                humantime::format_duration(shared.gateway.connect_timeout)
+            );
+            access(Ended::UpstreamConnectFailed, Some(&error), (0, 0));
             return net::reset(client);
         }
     };
     if let Err(e) = preamble(&mut upstream, &client, &origin, service, meters).await {
         tracing::debug!(service = %service.name, %source, error = %e, "upstream closed before the first bytes");
+        access(Ended::Error, Some(&e), (0, 0));
         return net::reset(client);
     }
     // Linux hands the listener's TCP_NODELAY (net::bind_tcp) to the client
@@ -491,12 +563,16 @@ async fn splice(
     #[cfg(not(target_os = "linux"))]
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
+    if let Some(idle) = service.tcp.keepalive {
+        keepalive(&client, &upstream, idle);
+    }
     let in_flight = shared.life.in_flight();
     meters.active.increment(1.0);
     let up = Meter::new(meters.bytes_upstream.clone());
     let down = Meter::new(meters.bytes_downstream.clone());
     let result = tokio::select! {
         r = relay::relay(&client, &upstream, &shared.pipes, &up, &down) => Some(r),
+        _ = relay::idle(service.tcp.idle_timeout, &up, &down) => None,
         _ = shared.life.cut().cancelled() => None,
     };
     drop(in_flight);
@@ -505,26 +581,54 @@ async fn splice(
     meters.connection_duration.record(lasted.as_secs_f64());
     let (bytes_up, bytes_down) = (up.bytes(), down.bytes());
     let (spliced_up, spliced_down) = (up.spliced(), down.spliced());
+    let bytes = (bytes_up + early, bytes_down);
     match result {
-        Some(Ok(())) => tracing::debug!(
-            service = %service.name,
-            %source,
-            bytes_up,
-            bytes_down,
-            spliced_up,
-            spliced_down,
-            "connection closed"
-        ),
+        Some(Ok(())) => {
+            tracing::debug!(
+                service = %service.name,
+                %source,
+                bytes_up,
+                bytes_down,
+                spliced_up,
+                spliced_down,
+                "connection closed"
+            );
+            access(Ended::Closed, None, bytes);
+        }
         // A peer hanging up mid-stream is normal life for a proxy.
-        Some(Err(e)) => tracing::debug!(
-            service = %service.name,
-            %source,
-            bytes_up,
-            bytes_down,
-            error = %e,
-            "connection ended with an error"
-        ),
-        None => tracing::debug!(service = %service.name, %source, bytes_up, bytes_down, "connection cut at shutdown"),
+        Some(Err(e)) => {
+            tracing::debug!(
+                service = %service.name,
+                %source,
+                bytes_up,
+                bytes_down,
+                error = %e,
+                "connection ended with an error"
+            );
+            access(Ended::Error, Some(&e), bytes);
+        }
+        None if shared.life.cut().is_cancelled() => {
+            tracing::debug!(service = %service.name, %source, bytes_up, bytes_down, "connection cut at shutdown");
+            access(Ended::Shutdown, None, bytes);
+        }
+        None => access(Ended::IdleTimeout, None, bytes),
+    }
+}
+
+/// TCP keepalive on both sockets of a proxied connection: probes after
+/// `idle` of silence, every sixth of it, and the connection fails after
+/// [`KEEPALIVE_PROBES`] unanswered ones, so a peer that vanished (behind
+/// NAT, without a FIN or a reset) ends the connection about twice `idle`
+/// after its last packet. Best effort: a socket that refuses still works.
+fn keepalive(client: &TcpStream, upstream: &TcpStream, idle: Duration) {
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(TcpConnections::keepalive_interval(idle))
+        .with_retries(KEEPALIVE_PROBES);
+    for socket in [client, upstream] {
+        if let Err(e) = SockRef::from(socket).set_tcp_keepalive(&probes) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive");
+        }
     }
 }
 

@@ -302,7 +302,6 @@ impl Validator {
         let d = UdpSessions::default();
         if protocol == Proto::Tcp {
             for (key, set) in [
-                ("idle_timeout", raw.idle_timeout.is_some()),
                 ("max_sessions", raw.max_sessions.is_some()),
                 ("max_sessions_per_source", raw.max_sessions_per_source.is_some()),
                 ("session_open_rate", raw.session_open_rate.is_some()),

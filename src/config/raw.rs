@@ -141,7 +141,12 @@ pub struct RawService {
     pub protocol: Option<String>,
     pub unauthorized: Option<String>,
     pub open_for: Option<String>,
+    /// UDP: a session's; TCP: a proxied connection's (none by default).
     pub idle_timeout: Option<String>,
+    /// TCP keepalive idle time on both sockets, or "off" (TCP).
+    pub keepalive: Option<String>,
+    /// Proxied connections of one source at once (TCP).
+    pub max_connections_per_source: Option<RawCount>,
     pub max_sessions: Option<RawCount>,
     pub max_sessions_per_source: Option<RawCount>,
     /// Sessions one source may open per second (UDP).

@@ -20,6 +20,11 @@
 //! on (`shutdown(Write)`) only after everything before it. Bytes are
 //! counted as they are delivered, once per chunk.
 //!
+//! Idleness costs the data path nothing: [`idle`] watches the meters'
+//! byte counts (which the path keeps anyway) from a timer of its own that
+//! wakes a few times per idle timeout, instead of every chunk re-arming a
+//! deadline.
+//!
 //! Readiness: every read and write goes through tokio's `try_*`/`try_io`,
 //! which clear the socket's readiness on `EAGAIN`, and a pipe is only
 //! filled when empty, so an `EAGAIN` from splicing in always means the
@@ -27,6 +32,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
@@ -135,6 +141,31 @@ pub async fn relay(
         one_way(upstream, client, pipes, down)
     )?;
     Ok(())
+}
+
+/// Checks of the byte counts per idle timeout: a connection is closed
+/// after `limit` to `limit * (1 + 1 / IDLE_CHECKS)` without a byte.
+pub const IDLE_CHECKS: u32 = 4;
+
+/// Returns once neither `up` nor `down` has delivered a byte for `limit`
+/// (to a quarter more; see [`IDLE_CHECKS`]); without a limit, never.
+pub async fn idle(limit: Option<Duration>, up: &Meter, down: &Meter) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    let every = limit / IDLE_CHECKS;
+    let moved = || up.bytes().wrapping_add(down.bytes());
+    let mut seen = moved();
+    let mut quiet = 0;
+    while quiet < IDLE_CHECKS {
+        tokio::time::sleep(every).await;
+        let now = moved();
+        if now == seen {
+            quiet += 1;
+        } else {
+            (seen, quiet) = (now, 0);
+        }
+    }
 }
 
 /// How a burst ended.
@@ -608,6 +639,22 @@ mod tests {
         assert!(got == data);
         assert_eq!(meter.bytes(), data.len() as u64);
         assert_eq!(meter.buffered(), 0);
+    }
+
+    #[tokio::test]
+    async fn idleness_ends_only_with_a_limit_and_only_after_it() {
+        let (up, down) = (
+            Meter::new(metrics::Counter::noop()),
+            Meter::new(metrics::Counter::noop()),
+        );
+        let never = tokio::time::timeout(std::time::Duration::from_millis(300), idle(None, &up, &down)).await;
+        assert!(never.is_err(), "no limit, yet idle");
+        let limit = std::time::Duration::from_millis(200);
+        let timer = tokio::time::Instant::now();
+        tokio::time::timeout(std::time::Duration::from_secs(15), idle(Some(limit), &up, &down))
+            .await
+            .expect("silent meters never went idle");
+        assert!(timer.elapsed() >= limit, "idle after {:?}", timer.elapsed());
     }
 
     #[tokio::test]
