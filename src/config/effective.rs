@@ -33,9 +33,18 @@ pub fn effective(raw: &RawConfig, config: &Config) -> RawConfig {
     fill_count(&mut rl.max_tracked_sources, l.max_tracked_sources);
     fill_count(&mut rl.ipv6_prefix, usize::from(l.ipv6_prefix));
 
-    out.state
-        .dir
-        .get_or_insert_with(|| config.state.dir.display().to_string());
+    let st = &mut out.state;
+    st.dir.get_or_insert_with(|| config.state.dir.display().to_string());
+    st.replica.get_or_insert_with(|| config.state.replica.to_string());
+    match config.state.redis() {
+        None => {
+            st.backend.get_or_insert_with(|| "memory".to_owned());
+        }
+        Some(redis) => {
+            st.backend.get_or_insert_with(|| "redis".to_owned());
+            st.key_prefix.get_or_insert_with(|| redis.key_prefix.clone());
+        }
+    }
 
     if let (Some(rs), Some(s)) = (out.spa.as_mut(), config.spa.as_ref()) {
         rs.listen.get_or_insert_with(|| s.listen.to_string());
@@ -56,7 +65,13 @@ pub fn effective(raw: &RawConfig, config: &Config) -> RawConfig {
             .get_or_insert_with(|| s.unauthorized.as_str().to_owned());
         fill_duration(&mut rs.open_for, s.open_for);
         match s.protocol {
-            crate::step::Proto::Tcp => fill_count(&mut rs.max_connections, s.max_connections),
+            crate::step::Proto::Tcp => {
+                fill_count(&mut rs.max_connections, s.max_connections);
+                rs.keepalive.get_or_insert_with(|| match s.tcp.keepalive {
+                    Some(idle) => humantime::format_duration(idle).to_string(),
+                    None => "off".to_owned(),
+                });
+            }
             crate::step::Proto::Udp => {
                 fill_duration(&mut rs.idle_timeout, s.udp.idle_timeout);
                 fill_count(&mut rs.max_sessions, s.udp.max_sessions);
@@ -134,7 +149,20 @@ mod tests {
         assert!(dns.max_connections.is_none(), "a TCP setting on a UDP service");
         assert_eq!(dns.unauthorized.as_deref(), Some("closed"));
         assert_eq!(dns.open_for.as_deref(), Some("30s"));
+        assert!(dns.keepalive.is_none(), "a TCP setting on a UDP service");
         let text = toml::to_string(&e).unwrap();
         assert!(text.contains("max_sessions = 12"), "{text}");
+    }
+
+    #[test]
+    fn tcp_services_show_their_keepalive_and_the_state_its_backend() {
+        let e = effective_of(
+            "[service.pg]\nlisten = \"127.0.0.1:5432\"\nupstream = \"127.0.0.1:5433\"\nknock = { sequence = [\"7/udp\", \"9/udp\", \"8/udp\"] }\n[service.ssh]\nlisten = \"127.0.0.1:22\"\nupstream = \"127.0.0.1:2222\"\nkeepalive = \"off\"\nknock = { sequence = [\"7/udp\", \"9/udp\", \"6/udp\"] }\n",
+            &[],
+        );
+        assert_eq!(e.service["pg"].keepalive.as_deref(), Some("1m"));
+        assert_eq!(e.service["ssh"].keepalive.as_deref(), Some("off"));
+        assert_eq!(e.state.backend.as_deref(), Some("memory"));
+        assert!(e.state.replica.is_some());
     }
 }
