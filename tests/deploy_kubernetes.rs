@@ -299,6 +299,42 @@ fn sidecar_pod(docs: &[Value]) -> (&Value, &Value) {
     (spec, gw)
 }
 
+fn gateway_docs() -> Vec<Value> {
+    yaml_docs(&render(&repo_path("deploy/kubernetes/gateway")))
+}
+
+/// The gateway overlay's Deployment, its pod spec and its portcullis
+/// container.
+fn gateway_pod(docs: &[Value]) -> (&Value, &Value, &Value) {
+    let deployments = kind(docs, "Deployment");
+    assert_eq!(deployments.len(), 1, "one Deployment");
+    let spec = &deployments[0]["spec"]["template"]["spec"];
+    let gw = spec["containers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "portcullis"))
+        .expect("portcullis among the containers");
+    (deployments[0], spec, gw)
+}
+
+/// The pod spec and portcullis container of the `sidecar` or the
+/// `gateway` overlay.
+fn pod_of<'a>(overlay: &str, docs: &'a [Value]) -> (&'a Value, &'a Value) {
+    match overlay {
+        "sidecar" => sidecar_pod(docs),
+        "gateway" => {
+            let (_, spec, gw) = gateway_pod(docs);
+            (spec, gw)
+        }
+        other => panic!("no overlay {other}"),
+    }
+}
+
+const OVERLAYS: [&str; 2] = ["sidecar", "gateway"];
+
+fn overlay_docs(overlay: &str) -> Vec<Value> {
+    yaml_docs(&render(&repo_path(ROOT).join(overlay)))
+}
+
 /// The ConfigMap's proxy.toml that the sidecar reads.
 fn sidecar_config(docs: &[Value], spec: &Value, gw: &Value) -> String {
     let mount = gw["volumeMounts"]
@@ -356,11 +392,9 @@ fn config_ports(config: &str) -> BTreeSet<(String, u16)> {
     ports
 }
 
-#[test]
-fn the_sidecar_is_native_probed_and_outlives_its_grace_period() {
-    let docs = sidecar_docs();
-    let (spec, gw) = sidecar_pod(&docs);
-    assert_eq!(gw["restartPolicy"], "Always", "a native sidecar");
+/// The gateway container is probed on the admin port and its pod's grace
+/// period outlasts its drain; returns its parsed config.
+fn assert_probed_and_graceful(spec: &Value, gw: &Value, docs: &[Value]) -> toml::Table {
     assert!(gw["image"].as_str().unwrap().contains("portcullis"));
     let admin_port = gw["ports"]
         .as_array()
@@ -383,7 +417,7 @@ fn the_sidecar_is_native_probed_and_outlives_its_grace_period() {
             get["port"]
         );
     }
-    let config = sidecar_config(&docs, spec, gw);
+    let config = sidecar_config(docs, spec, gw);
     let raw: toml::Table = toml::from_str(&config).unwrap();
     let admin_listen = raw["admin"]["listen"].as_str().unwrap();
     assert!(
@@ -398,6 +432,15 @@ fn the_sidecar_is_native_probed_and_outlives_its_grace_period() {
         termination > grace.as_secs(),
         "terminationGracePeriodSeconds {termination} is not above shutdown_grace {grace:?}"
     );
+    raw
+}
+
+#[test]
+fn the_sidecar_is_native_probed_and_outlives_its_grace_period() {
+    let docs = sidecar_docs();
+    let (spec, gw) = sidecar_pod(&docs);
+    assert_eq!(gw["restartPolicy"], "Always", "a native sidecar");
+    let raw = assert_probed_and_graceful(spec, gw, &docs);
 
     // PostgreSQL on loopback only, on the port the gateway forwards to.
     let upstream = raw["service"]["postgres"]["upstream"].as_str().unwrap();
@@ -416,30 +459,176 @@ fn the_sidecar_is_native_probed_and_outlives_its_grace_period() {
 }
 
 #[test]
+fn the_gateway_overlay_runs_replicas_that_share_one_redis() {
+    let docs = gateway_docs();
+    let (deployment, spec, gw) = gateway_pod(&docs);
+    let replicas = deployment["spec"]["replicas"].as_u64().expect("spec.replicas");
+    assert!(replicas >= 2, "{replicas} replica(s) share nothing worth sharing");
+    let raw = assert_probed_and_graceful(spec, gw, &docs);
+
+    // Every replica talks to the one Redis the overlay runs, by its
+    // Service, with a password from the Secret rather than the config.
+    let state = raw["state"].as_table().expect("[state]");
+    assert_eq!(state["backend"].as_str(), Some("redis"));
+    let url = state["url"].as_str().unwrap();
+    let rest = url.strip_prefix("redis://").expect("a redis:// url");
+    assert!(!rest.contains('@'), "credentials inline in {url}");
+    let host_port = rest.split('/').next().unwrap();
+    let (host, port) = host_port.rsplit_once(':').unwrap();
+    let redis_svc = kind(&docs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == host)
+        .unwrap_or_else(|| panic!("no Service {host} for state.url"));
+    let svc_port = &redis_svc["spec"]["ports"][0];
+    assert_eq!(svc_port["port"].as_u64(), port.parse::<u64>().ok());
+    let password_file = state["password_file"].as_str().expect("state.password_file");
+    assert!(!password_file.starts_with('/'), "relative to /etc/portcullis");
+    let redis_sts = kind(&docs, "StatefulSet")
+        .into_iter()
+        .find(|s| selects(&redis_svc["spec"]["selector"], &spec_labels(s)))
+        .expect("a Redis StatefulSet behind the Service");
+    let redis_spec = &redis_sts["spec"]["template"]["spec"];
+
+    // Redis keeps the replay cache across its restarts: an append-only
+    // file on a volume claim, synced on every write.
+    let redis_conf = kind(&docs, "ConfigMap")
+        .into_iter()
+        .find_map(|c| c["data"]["redis.conf"].as_str())
+        .expect("redis.conf in a ConfigMap");
+    let directives: Vec<&str> = redis_conf
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    for want in ["appendonly yes", "appendfsync always", "maxmemory-policy noeviction"] {
+        assert!(directives.contains(&want), "redis.conf lacks {want}");
+    }
+    assert!(
+        !directives.iter().any(|l| l.starts_with("requirepass")),
+        "the Redis password is inline in a ConfigMap"
+    );
+    let data_mount = redis_spec["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/data")
+        .expect("/data mounted");
+    let claims: Vec<&Value> = redis_sts["spec"]["volumeClaimTemplates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    assert!(
+        claims.iter().any(|c| c["metadata"]["name"] == data_mount["name"]),
+        "Redis data is not on a volume claim"
+    );
+
+    // The replicas reach Redis; Redis takes no one else.
+    let policies = kind(&docs, "NetworkPolicy");
+    let redis_policy = policies
+        .iter()
+        .find(|p| p["spec"]["podSelector"]["matchLabels"] == redis_svc["spec"]["selector"])
+        .expect("a NetworkPolicy for Redis");
+    let from = &redis_policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"];
+    assert_eq!(from, &spec_labels(deployment), "Redis admits the replicas only");
+    let gw_policy = policies
+        .iter()
+        .find(|p| p["spec"]["podSelector"]["matchLabels"] == spec_labels(deployment))
+        .expect("a NetworkPolicy for the replicas");
+    let egress_ports: BTreeSet<u64> = gw_policy["spec"]["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["port"].as_u64().unwrap())
+        })
+        .collect();
+    let upstream = raw["service"]["postgres"]["upstream"].as_str().unwrap();
+    let upstream_port: u64 = upstream.rsplit_once(':').unwrap().1.parse().unwrap();
+    assert_eq!(
+        egress_ports,
+        BTreeSet::from([upstream_port, port.parse().unwrap(), 53]),
+        "egress: the upstream, Redis and DNS only"
+    );
+
+    // Disruptions take one replica at a time.
+    let pdb = kind(&docs, "PodDisruptionBudget")
+        .into_iter()
+        .find(|p| p["spec"]["selector"]["matchLabels"] == spec_labels(deployment))
+        .expect("a PodDisruptionBudget for the replicas");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+}
+
+/// The labels a workload's pods carry.
+fn spec_labels(workload: &Value) -> Value {
+    workload["spec"]["template"]["metadata"]["labels"].clone()
+}
+
+#[test]
 fn the_configmap_proxy_toml_passes_check() {
-    let docs = sidecar_docs();
-    let (spec, gw) = sidecar_pod(&docs);
-    let config = sidecar_config(&docs, spec, gw);
-    let dir = tempfile::tempdir().unwrap();
-    let path = deploy::lay_out(dir.path(), "proxy.toml", &config);
-    let out = deploy::check(&path).unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.contains("ok"), "{out}");
+    for overlay in OVERLAYS {
+        let docs = overlay_docs(overlay);
+        let (spec, gw) = pod_of(overlay, &docs);
+        let config = sidecar_config(&docs, spec, gw);
+        let dir = tempfile::tempdir().unwrap();
+        let path = deploy::lay_out(dir.path(), "proxy.toml", &config);
+        let out = deploy::check(&path).unwrap_or_else(|e| panic!("{overlay}: {e}"));
+        assert!(out.contains("ok"), "{overlay}: {out}");
+    }
 }
 
 #[test]
 fn the_service_and_network_policy_admit_exactly_the_gateways_ports() {
-    let docs = sidecar_docs();
-    let (spec, gw) = sidecar_pod(&docs);
-    let want = config_ports(&sidecar_config(&docs, spec, gw));
+    for overlay in OVERLAYS {
+        let docs = overlay_docs(overlay);
+        let (spec, gw) = pod_of(overlay, &docs);
+        assert_ports(overlay, &docs, spec, gw);
+    }
+}
 
-    let services = kind(&docs, "Service");
+/// Whether `selector` (matchLabels) picks pods labelled `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|m| m.iter().all(|(k, v)| &labels[k] == v))
+}
+
+/// The NetworkPolicies that govern the pods running the gateway.
+fn gateway_policies(docs: &[Value]) -> Vec<&Value> {
+    let gateway_labels: Vec<&Value> = docs
+        .iter()
+        .filter(|d| {
+            all_containers(&d["spec"]["template"]["spec"])
+                .iter()
+                .any(|c| c["name"] == "portcullis")
+        })
+        .map(|d| &d["spec"]["template"]["metadata"]["labels"])
+        .collect();
+    kind(docs, "NetworkPolicy")
+        .into_iter()
+        .filter(|p| {
+            gateway_labels
+                .iter()
+                .any(|l| selects(&p["spec"]["podSelector"]["matchLabels"], l))
+        })
+        .collect()
+}
+
+fn assert_ports(overlay: &str, docs: &[Value], spec: &Value, gw: &Value) {
+    let want = config_ports(&sidecar_config(docs, spec, gw));
+
+    let services = kind(docs, "Service");
     let lb = services
         .iter()
         .find(|s| s["spec"]["type"] == "LoadBalancer")
-        .expect("a LoadBalancer Service");
+        .unwrap_or_else(|| panic!("{overlay}: a LoadBalancer Service"));
     assert_eq!(
         lb["spec"]["externalTrafficPolicy"], "Local",
-        "sources must survive the Service: externalTrafficPolicy Local"
+        "{overlay}: sources must survive the Service: externalTrafficPolicy Local"
     );
     let exposed: BTreeSet<(String, u16)> = lb["spec"]["ports"]
         .as_array()
@@ -452,12 +641,12 @@ fn the_service_and_network_policy_admit_exactly_the_gateways_ports() {
             )
         })
         .collect();
-    assert_eq!(exposed, want, "the LoadBalancer Service's ports");
+    assert_eq!(exposed, want, "{overlay}: the LoadBalancer Service's ports");
 
     // The NetworkPolicy: the gateway's ports from anywhere, admin from
     // monitoring, nothing else.
-    let np = kind(&docs, "NetworkPolicy");
-    assert_eq!(np.len(), 1);
+    let np = gateway_policies(docs);
+    assert_eq!(np.len(), 1, "{overlay}: one NetworkPolicy governs the gateway");
     let mut admitted = BTreeSet::new();
     for rule in np[0]["spec"]["ingress"].as_array().unwrap() {
         for p in rule["ports"].as_array().expect("every rule names its ports") {
@@ -474,30 +663,35 @@ fn the_service_and_network_policy_admit_exactly_the_gateways_ports() {
         .filter(|(_, _, limited)| !limited)
         .map(|(p, n, _)| (p.clone(), *n))
         .collect();
-    assert_eq!(open, want, "ports open to every source");
+    assert_eq!(open, want, "{overlay}: ports open to every source");
     let limited: Vec<_> = admitted.iter().filter(|(_, _, limited)| *limited).collect();
     assert_eq!(
         limited,
         vec![&("TCP".to_string(), 9464, true)],
-        "only admin is limited to some sources"
+        "{overlay}: only admin is limited to some sources"
     );
 }
 
 #[test]
 fn the_prometheus_rule_is_alerts_yaml_and_the_service_monitor_finds_the_admin_port() {
-    let docs = sidecar_docs();
-    let rules = kind(&docs, "PrometheusRule");
+    for overlay in OVERLAYS {
+        assert_monitoring(&overlay_docs(overlay));
+    }
+}
+
+fn assert_monitoring(docs: &[Value]) {
+    let rules = kind(docs, "PrometheusRule");
     assert_eq!(rules.len(), 1);
     let alerts = yaml_docs(&std::fs::read_to_string(repo_path(ALERTS)).unwrap());
     assert_eq!(
         rules[0]["spec"]["groups"], alerts[0]["groups"],
         "the PrometheusRule differs from {ALERTS}: run deploy/kubernetes/base/gen-prometheusrule.sh"
     );
-    let monitors = kind(&docs, "ServiceMonitor");
+    let monitors = kind(docs, "ServiceMonitor");
     assert_eq!(monitors.len(), 1);
     let selector = monitors[0]["spec"]["selector"]["matchLabels"].as_object().unwrap();
     let port = monitors[0]["spec"]["endpoints"][0]["port"].as_str().unwrap();
-    let matching: Vec<_> = kind(&docs, "Service")
+    let matching: Vec<_> = kind(docs, "Service")
         .into_iter()
         .filter(|s| selector.iter().all(|(k, v)| &s["metadata"]["labels"][k] == v))
         .collect();

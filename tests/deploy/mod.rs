@@ -16,7 +16,8 @@ use serde_json::Value;
 use super::common::{run_bin, BIN};
 
 /// Writes `config` as `dir/name` and every file it names under `dir`:
-/// `user.*.key_file` from `portcullis keygen`, `admin.token_file` random.
+/// `user.*.key_file` from `portcullis keygen`, `admin.token_file` and
+/// `state.password_file` random.
 pub fn lay_out(dir: &Path, name: &str, config: &str) -> PathBuf {
     let parsed: toml::Table = toml::from_str(config).unwrap_or_else(|e| panic!("{name}: not TOML: {e}"));
     let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
@@ -32,6 +33,13 @@ pub fn lay_out(dir: &Path, name: &str, config: &str) -> PathBuf {
     if let Some(f) = parsed
         .get("admin")
         .and_then(|a| a.get("token_file"))
+        .and_then(|f| f.as_str())
+    {
+        secrets.push((f.to_string(), random_token().into_bytes()));
+    }
+    if let Some(f) = parsed
+        .get("state")
+        .and_then(|a| a.get("password_file"))
         .and_then(|f| f.as_str())
     {
         secrets.push((f.to_string(), random_token().into_bytes()));
