@@ -351,9 +351,12 @@ fn every_metric_of_the_dashboard_and_the_alerts_is_exported_at_zero_from_start_a
     let upstream = echo_server("127.0.0.1:0");
     let (code, key, err) = run_bin(&["keygen"], &[]);
     assert_eq!(code, 0, "{err}");
+    // The shared state store too: its series exist only with it.
+    let redis = Redis::start();
+    let state = format!("\n[state]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url());
     let (mut gw, p) = Gateway::builder()
         .file("alice.key", key.as_bytes())
-        .on_free_ports(14, |p| every_feature_config(upstream, p, "alice.key", ""))
+        .on_free_ports(14, |p| every_feature_config(upstream, p, "alice.key", &state))
         .start_on_ports();
     // Nothing has happened yet: every series is there because it was
     // zeroed, not because an event made it.
@@ -397,6 +400,8 @@ fn every_metric_of_the_dashboard_and_the_alerts_is_exported_at_zero_from_start_a
         "portcullis_udp_kernel_filter",
         "portcullis_udp_kernel_filter_fallbacks_total",
         "portcullis_unauthorized_mode",
+        "portcullis_state_store_up",
+        "portcullis_state_store_refused_total",
         "process_cpu_seconds_total",
     ] {
         assert!(used.contains(name), "neither the dashboard nor the alerts use {name}");
@@ -415,6 +420,11 @@ fn every_metric_of_the_dashboard_and_the_alerts_is_exported_at_zero_from_start_a
             "portcullis_spa_packets_total",
             &[("format", "native"), ("result", "accepted")],
         ),
+        (
+            "portcullis_spa_packets_total",
+            &[("format", "native"), ("result", "replay_log_failed")],
+        ),
+        ("portcullis_state_store_refused_total", &[("input", "knock")]),
         ("portcullis_lockouts_total", &[("reason", "trap")]),
         ("portcullis_lockouts_total", &[("reason", "strikes")]),
         (
@@ -462,7 +472,7 @@ knock = {{ sequence = ["{}/udp", "{}/udp", "{}/udp"] }}
 "#,
         p[10], p[12], p[11], p[0], p[13], p[2], p[6]
     );
-    let text = every_feature_config(upstream, &p, "alice.key", &added);
+    let text = every_feature_config(upstream, &p, "alice.key", &(state.clone() + &added));
     let tmp = gw.dir.path().join("proxy.toml.tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, &gw.config_path).unwrap();

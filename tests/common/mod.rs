@@ -11,6 +11,7 @@ mod balancer;
 mod knock;
 mod metrics;
 mod peers;
+mod redis;
 mod scan;
 
 #[allow(unused_imports)]
@@ -21,6 +22,8 @@ pub use knock::*;
 pub use metrics::*;
 #[allow(unused_imports)]
 pub use peers::*;
+#[allow(unused_imports)]
+pub use redis::*;
 #[allow(unused_imports)]
 pub use scan::*;
 
