@@ -44,15 +44,6 @@ fn start(upstream: SocketAddr, extra: &str) -> (Gateway, [u16; 3]) {
     (gw, knock_seq(&p))
 }
 
-fn decisions(gw: &Gateway, decision: &str) -> f64 {
-    metric(
-        &gw.scrape(),
-        "portcullis_connections_total",
-        &[("service", "echo"), ("decision", decision)],
-    )
-    .unwrap_or_else(|| panic!("no connections_total series for {decision}"))
-}
-
 /// Whether the gateway ended the connection without a byte (a reset, or
 /// HAProxy closing its side after the gateway reset it).
 fn refused(stream: &mut TcpStream) -> bool {
@@ -85,10 +76,10 @@ fn haproxy_in_front_grants_and_refuses_by_the_headers_source() {
         "{}",
         gw.log_text()
     );
-    assert_eq!(decisions(&gw, "allowed"), 2.0);
+    assert_eq!(decisions(&gw, "echo", "allowed"), 2.0);
     // At least one per frontend (HAProxy may retry a server that reset).
-    assert!(decisions(&gw, "refused") >= 2.0);
-    assert_eq!(decisions(&gw, "proxy_header_invalid"), 0.0);
+    assert!(decisions(&gw, "echo", "refused") >= 2.0);
+    assert_eq!(decisions(&gw, "echo", "proxy_header_invalid"), 0.0);
 }
 
 #[test]
@@ -127,7 +118,7 @@ fn garbage_or_silence_from_a_balancer_is_reset_and_counted() {
         assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{garbage:?}");
     }
     gw.wait_for_nth(3, |l| msg(l) == "connection reset: no valid PROXY header");
-    assert_eq!(decisions(&gw, "proxy_header_invalid"), 3.0);
+    assert_eq!(decisions(&gw, "echo", "proxy_header_invalid"), 3.0);
     // A balancer that says nothing is reset when its time is up.
     let mut silent = connect_from(BALANCER, gw.addr("echo")).unwrap();
     silent.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -135,8 +126,8 @@ fn garbage_or_silence_from_a_balancer_is_reset_and_counted() {
     let err = silent.read(&mut buf).expect_err("answered silence");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset);
     gw.wait_for(|l| msg(l) == "connection reset: no valid PROXY header" && l["reason"] == "timed out");
-    assert_eq!(decisions(&gw, "proxy_header_invalid"), 4.0);
-    assert_eq!(decisions(&gw, "refused"), 0.0);
+    assert_eq!(decisions(&gw, "echo", "proxy_header_invalid"), 4.0);
+    assert_eq!(decisions(&gw, "echo", "refused"), 0.0);
 }
 
 #[test]
@@ -170,7 +161,7 @@ fn a_peer_outside_accept_proxy_protocol_is_its_own_source() {
         assert!(refused(&mut s));
     }
     gw.wait_for(|l| msg(l) == "connection refused: no grant" && l["source"] == "127.0.0.8");
-    assert_eq!(decisions(&gw, "proxy_header_invalid"), 0.0);
+    assert_eq!(decisions(&gw, "echo", "proxy_header_invalid"), 0.0);
 }
 
 /// An upstream that parses the PROXY header it is sent (with `ppp`,
@@ -305,7 +296,7 @@ fn a_flood_of_silent_balancer_connections_is_capped_and_harms_no_one_else() {
         .map(|_| connect_from(BALANCER, to).unwrap())
         .collect();
     gw.wait_for_nth(4, |l| msg(l) == "connection reset: too many PROXY headers awaited");
-    assert_eq!(decisions(&gw, "proxy_header_full"), 4.0);
+    assert_eq!(decisions(&gw, "echo", "proxy_header_full"), 4.0);
     // A direct client does not queue behind them.
     assert!(echo_works("127.0.0.7", to));
     // Once their time is up they are reset, and a balancer gets in again.
@@ -316,5 +307,8 @@ fn a_flood_of_silent_balancer_connections_is_capped_and_harms_no_one_else() {
     let mut s = connect_from(BALANCER, to).unwrap();
     s.write_all(b"PROXY TCP4 127.0.0.7 127.0.0.1 40000 5432\r\n").unwrap();
     echo_once(&mut s, b"after the flood").unwrap();
-    assert_eq!(decisions(&gw, "proxy_header_invalid"), MAX_AWAITING_HEADER as f64);
+    assert_eq!(
+        decisions(&gw, "echo", "proxy_header_invalid"),
+        MAX_AWAITING_HEADER as f64
+    );
 }

@@ -205,6 +205,24 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+
+    /// Knocks `seq` from `source` at replica `at`; every replica then
+    /// admits the source (`when` names the moment, for the failure).
+    fn knock_opens_everywhere(&self, at: usize, seq: &[u16], source: &str, when: &str) {
+        knock_udp_to(&replica_ip(at), seq, source);
+        for i in 0..3 {
+            self.gws[i].wait_grant("echo", source);
+            assert!(echo_works(source, self.service(i)), "replica {i}: no grant {when}");
+        }
+    }
+
+    /// Restarts replica `i` and waits for its resync from the stream.
+    fn restart(&mut self, i: usize) {
+        drop(self.gws.remove(i));
+        let gw = self.launch(i);
+        gw.wait_for(|l| msg(l) == "state store synced");
+        self.gws.insert(i, gw);
+    }
 }
 
 fn has(grants: &[serde_json::Value], source: &str) -> bool {
@@ -342,21 +360,10 @@ fn without_redis_new_knocks_are_refused_while_grants_and_transfers_go_on_and_all
     c.gws[0].wait_for(|l| msg(l) == "spa packet rejected" && l["reason"] == "replay_window");
     assert_eq!(c.gws[0].count(|l| msg(l) == "spa accepted"), 0);
 
-    knock_udp_to(&replica_ip(2), &order, "127.0.0.8");
-    for i in 0..3 {
-        c.gws[i].wait_grant("echo", "127.0.0.8");
-        assert!(
-            echo_works("127.0.0.8", c.service(i)),
-            "replica {i}: no grant after redis came back"
-        );
-    }
+    c.knock_opens_everywhere(2, &order, "127.0.0.8", "after redis came back");
 
     // A replica restarted while grants exist admits their sources after its resync.
-    let old = c.gws.remove(1);
-    drop(old);
-    let gw = c.launch(1);
-    gw.wait_for(|l| msg(l) == "state store synced");
-    c.gws.insert(1, gw);
+    c.restart(1);
     c.wait_grants(1, |g| has(g, "127.0.0.8"));
     assert!(
         echo_works("127.0.0.8", c.service(1)),
@@ -509,20 +516,9 @@ fn a_sentinel_failover_loses_no_grant_and_new_grants_resume_after_it() {
         // Up at start, then again on the new primary.
         gw.wait_for_nth(2, |l| msg(l) == "state store up");
     }
-    knock_udp_to(&replica_ip(0), &order, "127.0.0.9");
-    for i in 0..3 {
-        c.gws[i].wait_grant("echo", "127.0.0.9");
-        assert!(
-            echo_works("127.0.0.9", c.service(i)),
-            "replica {i}: no grant after the failover"
-        );
-    }
+    c.knock_opens_everywhere(0, &order, "127.0.0.9", "after the failover");
     // A replica started now finds both grants on the new primary.
-    let old = c.gws.remove(2);
-    drop(old);
-    let gw = c.launch(2);
-    gw.wait_for(|l| msg(l) == "state store synced");
-    c.gws.insert(2, gw);
+    c.restart(2);
     c.wait_grants(2, |g| has(g, "127.0.0.1") && has(g, "127.0.0.9"));
     drop(replica);
 }

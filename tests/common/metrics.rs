@@ -26,3 +26,14 @@ pub fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> 
     }
     sum
 }
+
+/// How many connections of `service` the gateway decided as `decision`
+/// (`portcullis_connections_total`), as it reports now.
+pub fn decisions(gw: &super::Gateway, service: &str, decision: &str) -> f64 {
+    metric(
+        &gw.scrape(),
+        "portcullis_connections_total",
+        &[("service", service), ("decision", decision)],
+    )
+    .unwrap_or_else(|| panic!("no connections_total series for {service} {decision}"))
+}
