@@ -471,6 +471,8 @@ impl Runtime {
             ("gateway", same_gateway(self.config(), &new)),
             ("admin", new.admin == self.config().admin),
             ("limits", new.limits == self.config().limits),
+            // The state store's link is made once per process.
+            ("state", new.state == self.config().state),
         ] {
             if !same {
                 tracing::warn!(section, "changes to this section take effect at the next restart");
