@@ -29,6 +29,8 @@ mod load;
 mod procs;
 #[path = "compare/raw.rs"]
 mod raw;
+#[path = "compare/replicas.rs"]
+mod replicas;
 #[path = "compare/report.rs"]
 mod report;
 
@@ -75,8 +77,8 @@ struct Opts {
 }
 
 /// The sections `--only` may name.
-const SECTIONS: [&str; 11] = [
-    "exact", "bulk", "conn", "latency", "udp", "refusals", "opens", "flood", "spaflood", "memory", "raw",
+const SECTIONS: [&str; 12] = [
+    "exact", "bulk", "conn", "latency", "udp", "refusals", "opens", "flood", "spaflood", "memory", "raw", "replicas",
 ];
 
 impl Opts {
@@ -132,6 +134,8 @@ struct Sizes {
     knock_flood: u64,
     spa_flood_time: Duration,
     exact_bytes: u64,
+    /// Samples of each timed row of the replicas section.
+    replica_samples: usize,
 }
 
 impl Sizes {
@@ -151,6 +155,7 @@ impl Sizes {
                 knock_flood: 20_000,
                 spa_flood_time: Duration::from_secs(1),
                 exact_bytes: 8 << 20,
+                replica_samples: 30,
             }
         } else {
             Sizes {
@@ -167,6 +172,7 @@ impl Sizes {
                 knock_flood: 1_000_000,
                 spa_flood_time: Duration::from_secs(10),
                 exact_bytes: 256 << 20,
+                replica_samples: 200,
             }
         }
     }
@@ -351,6 +357,8 @@ struct Results {
     exact: Option<String>,
     /// The raw sensor on vs off.
     raw: raw::RawResults,
+    /// Three replicas sharing one gate through Redis.
+    replicas: replicas::ReplicaResults,
 }
 
 struct Bench {
@@ -486,6 +494,11 @@ impl Bench {
         if self.opts.wants("raw") {
             if let Err(e) = self.raw_sensor() {
                 self.fail("raw sensor", e);
+            }
+        }
+        if self.opts.wants("replicas") {
+            if let Err(e) = self.replicas() {
+                self.fail("replicas", e);
             }
         }
         if self.opts.wants("flood") {
@@ -1613,11 +1626,20 @@ impl Bench {
             "Knock/SPA to open: {} fresh sources each; timed from the first packet sent to the first connection that carries a byte through (refused attempts retried at once). Closed mode: a gateway of its own whose service does not listen before each knock (the grant is revoked after each sample and the port seen to reset a SYN again).",
             self.sizes.opens
         ));
+        if self.opts.wants("replicas") {
+            notes.push(format!(
+                "Replicas: 3 gateways (127.0.0.11-13) with `[state] backend = \"redis\"` on one redis-server of the run's own (no persistence), and a memory-backed gateway with the same services (127.0.0.14). Propagation: a manual grant through a's admin API (`POST /v1/grants`), from a's 201 until b, then c, let the source through; knock to open as above, knocking on a. {} fresh sources each. Connection rate: through a and through the memory-backed gateway in turn, as the connection-rate row.",
+                self.sizes.replica_samples
+            ));
+        }
         for e in &self.errors {
             notes.push(format!("ERROR: {e}"));
         }
         if self.opts.wants("raw") {
             rows.extend(self.raw_rows());
+        }
+        if self.opts.wants("replicas") {
+            self.replica_rows(&mut rows, &mut failures);
         }
         let title = "portcullis benchmark: direct vs portcullis vs HAProxy";
         (report::render(title, &header, &rows, &notes), failures)

@@ -550,7 +550,7 @@ pub fn knock_flood(step: SocketAddr, sources: &[IpAddr], total: u64) -> Result<u
 
 /// One connection from `source` to an echo `target` that carries a byte
 /// there and back (a refused one does not).
-fn echo_through(source: IpAddr, target: SocketAddr) -> bool {
+pub fn echo_through(source: IpAddr, target: SocketAddr) -> bool {
     let attempt = || -> std::io::Result<bool> {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
         socket.bind(&SocketAddr::new(source, 0).into())?;
@@ -616,6 +616,30 @@ pub fn http_delete(addr: SocketAddr, path: &str) -> Result<()> {
         .is_some_and(|code| code.starts_with('2'))
     {
         bail!("DELETE {path}: {status}");
+    }
+    Ok(())
+}
+
+/// `POST path` with a JSON `body` over HTTP/1.0; fails unless the answer
+/// is 2xx.
+pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> Result<()> {
+    let mut s = StdTcpStream::connect_timeout(&addr, OP_TIMEOUT)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(OP_TIMEOUT))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.lines().next().unwrap_or("");
+    if !status
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|code| code.starts_with('2'))
+    {
+        bail!("POST {path}: {status}");
     }
     Ok(())
 }
