@@ -1425,27 +1425,7 @@ impl Bench {
             ("SPA to open, native packet, p50 / p99 (µs)", &r.spa_open_us),
         ];
         for (what, samples) in opens {
-            let mut v = samples.clone();
-            v.sort_unstable();
-            let (p50, p99) = (percentile(&v, 50.0), percentile(&v, 99.0));
-            let mut cells: [String; TARGETS] = Default::default();
-            if !v.is_empty() {
-                cells[PORTCULLIS] = format!("{p50} / {p99}");
-            }
-            rows.push(Row {
-                what: what.into(),
-                cells,
-                relative: if v.is_empty() {
-                    String::new()
-                } else {
-                    format!("{} samples", v.len())
-                },
-                target: "p99 < 1000 µs".into(),
-                verdict: Verdict::from((!v.is_empty()).then_some(p99 < 1000)),
-            });
-            if p99 > 1_000_000 {
-                failures.push(format!("gross regression: {what}: p99 {p99} µs (ceiling 1 s)"));
-            }
+            rows.push(report::latency_row(what, samples, 1000, "", &mut failures));
         }
 
         let s = &r.udp;

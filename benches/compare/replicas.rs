@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::load;
 use super::procs::{self, Portcullis, Proc, PATIENCE};
-use super::report::{fmt, percentile, Row, Series, Summary, Verdict, TARGETS};
+use super::report::{fmt, latency_row, percentile, Row, Series, Summary, Verdict, TARGETS};
 use super::{note, source, Bench, CLIENTS, KNOCKER, PORTCULLIS};
 
 /// Columns of the connection-rate series: memory backend, Redis backend.
@@ -398,27 +398,7 @@ impl Bench {
             ),
         ];
         for (what, samples, limit, extra) in timed {
-            let mut v = samples.clone();
-            v.sort_unstable();
-            let (p50, p99) = (percentile(&v, 50.0), percentile(&v, 99.0));
-            let mut cells: [String; TARGETS] = Default::default();
-            if !v.is_empty() {
-                cells[PORTCULLIS] = format!("{p50} / {p99}");
-            }
-            rows.push(Row {
-                what: what.into(),
-                cells,
-                relative: if v.is_empty() {
-                    String::new()
-                } else {
-                    format!("{} samples{extra}", v.len())
-                },
-                target: format!("p99 < {} µs", fmt(limit as f64)),
-                verdict: Verdict::from((!v.is_empty()).then_some(p99 < limit)),
-            });
-            if p99 > 1_000_000 {
-                failures.push(format!("gross regression: {what}: p99 {p99} µs (ceiling 1 s)"));
-            }
+            rows.push(latency_row(what, samples, limit, &extra, failures));
         }
         let s = &r.conn_rate;
         let ratio = s.ratio(REDIS, MEMORY);

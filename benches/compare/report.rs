@@ -182,6 +182,33 @@ pub struct Row {
     pub verdict: Verdict,
 }
 
+/// A latency row: portcullis's p50 / p99 of `samples` (µs) against
+/// `p99 < limit_us`, with `extra` after the sample count; a p99 over a
+/// second is a gross regression, added to `failures`.
+pub fn latency_row(what: &str, samples: &[u64], limit_us: u64, extra: &str, failures: &mut Vec<String>) -> Row {
+    let mut v = samples.to_vec();
+    v.sort_unstable();
+    let (p50, p99) = (percentile(&v, 50.0), percentile(&v, 99.0));
+    let mut cells: [String; TARGETS] = Default::default();
+    if !v.is_empty() {
+        cells[PORTCULLIS] = format!("{p50} / {p99}");
+    }
+    if p99 > 1_000_000 {
+        failures.push(format!("gross regression: {what}: p99 {p99} µs (ceiling 1 s)"));
+    }
+    Row {
+        what: what.into(),
+        cells,
+        relative: if v.is_empty() {
+            String::new()
+        } else {
+            format!("{} samples{extra}", v.len())
+        },
+        target: format!("p99 < {limit_us} µs"),
+        verdict: Verdict::from((!v.is_empty()).then_some(p99 < limit_us)),
+    }
+}
+
 /// The Markdown table: a header list, the rows, then notes.
 pub fn render(title: &str, header: &[String], rows: &[Row], notes: &[String]) -> String {
     let mut out = format!("## {title}\n\n");
