@@ -685,7 +685,7 @@ async fn read_loop(link: Arc<Link>, tx: mpsc::UnboundedSender<Incoming>, stop: C
             Ok(()) => return,
             Err(e) => {
                 link.set_down(&e);
-                tracing::debug!(error = %e, backoff_ms = backoff.as_millis(), "state store: reconnecting");
+                tracing::debug!(error = %e, backoff_s = backoff.as_secs_f64(), "state store: reconnecting");
             }
         }
         tokio::select! {
