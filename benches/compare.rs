@@ -920,6 +920,16 @@ impl Bench {
                     s.send_to(&[0], step)?;
                 }
                 Ok(())
+            })
+            .map_err(|e| {
+                // Whether the door opened but nothing accepts, or it never
+                // opened, and what the gateway said about it.
+                let listening = !load::refused_at_syn(stranger, target);
+                let said = gw.log_lines(|l| matches!(l["level"].as_str(), Some("WARN" | "ERROR")));
+                e.context(format!(
+                    "sample {i}: the port {} now; the gateway's warnings: {said:?}",
+                    if listening { "listens" } else { "refuses SYNs" }
+                ))
             })?;
             self.r.closed_open_us.push(elapsed.as_micros() as u64);
             load::http_delete(admin, &format!("/v1/grants/closed/{from}"))?;

@@ -40,9 +40,16 @@ pub async fn accept_loop(
 ) {
     let warn_limit = governor::RateLimiter::direct(governor::Quota::per_second(ACCEPT_WARN_RATE));
     loop {
+        // `poll_accept` rather than `accept()`: both retry inside one poll
+        // while the socket is readable and accept(2) says EAGAIN, but only
+        // `poll_accept` spends the task's budget doing it, so it yields
+        // after a bounded number of tries. A socket that stopped listening
+        // (a `closed` service's door) leaves its registration readable for
+        // good; were it listening again by the next poll, `accept()` would
+        // spin in that poll forever and starve every task queued behind it.
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listener.accept() => r,
+            r = std::future::poll_fn(|cx| listener.poll_accept(cx)) => r,
         };
         match result {
             Ok((stream, peer)) => accepted(stream, peer),

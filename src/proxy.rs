@@ -204,8 +204,13 @@ pub async fn serve(
     };
     let closed = listener;
     let mut open = door.watch();
+    // The door is looked at first on every poll (`biased`): a registration
+    // that saw the socket stop listening reports it readable for good, so
+    // it must never be polled again once its spell has ended (the door
+    // says so before the socket stops listening).
     loop {
         let number = tokio::select! {
+            biased;
             _ = stop.cancelled() => break,
             changed = open.wait_for(|s| s.open) => match changed {
                 Ok(spell) => spell.number,
@@ -218,13 +223,15 @@ pub async fn serve(
         match closed.try_clone().and_then(TcpListener::from_std) {
             Ok(listening) => {
                 tokio::select! {
-                    _ = accept_all(&listening, &service, &shared, &meters, &permits, &stop) => break,
+                    biased;
                     changed = open.wait_for(ended) => if changed.is_err() { break },
+                    _ = accept_all(&listening, &service, &shared, &meters, &permits, &stop) => break,
                 }
             }
             Err(e) => {
                 tracing::error!(service = %service.name, error = %e, "closed service: cannot accept");
                 tokio::select! {
+                    biased;
                     _ = stop.cancelled() => break,
                     changed = open.wait_for(ended) => if changed.is_err() { break },
                 }
