@@ -104,6 +104,11 @@ pub enum DriverError {
     Busy,
     #[error("the gate has stopped")]
     Stopped,
+    /// The driver runs but dropped the request unanswered: the replicated
+    /// log refused it, as it refuses whatever would open while the state
+    /// store is down.
+    #[error("the state store is unavailable")]
+    Refused,
 }
 
 /// How the rest of the process reaches the driver.
@@ -181,7 +186,13 @@ impl DriverHandle {
         let request = Request::Revoke { service, source, reply };
         let asked = async {
             self.tx.send(request).await.map_err(|_| DriverError::Stopped)?;
-            answer.await.map_err(|_| DriverError::Stopped)
+            answer.await.map_err(|_| {
+                if self.tx.is_closed() {
+                    DriverError::Stopped
+                } else {
+                    DriverError::Refused
+                }
+            })
         };
         tokio::time::timeout(timeout, asked)
             .await
@@ -250,7 +261,13 @@ impl DriverHandle {
     ) -> Result<T, DriverError> {
         let asked = async {
             self.tx.send(request).await.map_err(|_| DriverError::Stopped)?;
-            answer.await.map_err(|_| DriverError::Stopped)
+            answer.await.map_err(|_| {
+                if self.tx.is_closed() {
+                    DriverError::Stopped
+                } else {
+                    DriverError::Refused
+                }
+            })
         };
         tokio::time::timeout(timeout, asked)
             .await

@@ -330,6 +330,19 @@ fn without_redis_new_knocks_are_refused_while_grants_and_transfers_go_on_and_all
     c.fwknop(1, None);
     c.gws[1].wait_for(|l| msg(l) == "spa packet rejected" && l["reason"] == "state_store_down");
     assert_eq!(c.gws[1].count(|l| msg(l) == "spa accepted"), 0);
+    // And an operator's break-glass grant, with the reason.
+    let body = r#"{"service": "echo", "source": "127.0.0.9", "duration": "2m"}"#;
+    let manual = c.gws[2].http(
+        "POST",
+        "/v1/grants",
+        &["-H", "Content-Type: application/json", "--data-raw", body],
+    );
+    assert_eq!(manual.status, 503, "{}", manual.body);
+    assert!(manual.body.contains("state store is unavailable"), "{}", manual.body);
+    assert!(
+        !echo_works("127.0.0.9", c.service(2)),
+        "a manual grant without redis opened"
+    );
     // The grant mirrored before still admits, everywhere.
     for i in 0..3 {
         assert!(

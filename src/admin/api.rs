@@ -380,6 +380,10 @@ fn driver_error(e: DriverError) -> Response<Full<Bytes>> {
     match e {
         DriverError::Busy => text(StatusCode::SERVICE_UNAVAILABLE, "the gate is busy: try again\n"),
         DriverError::Stopped => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        DriverError::Refused => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "refused: the state store is unavailable, and nothing that opens is given without it; try again\n",
+        ),
     }
 }
 
