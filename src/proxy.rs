@@ -184,6 +184,7 @@ pub async fn serve(
     stop: CancellationToken,
     door: Option<Arc<Door>>,
 ) -> Option<std::net::TcpListener> {
+    keepalive_on_listener(&listener, &service);
     let meters = Arc::new(ServiceMetrics::new(&service.name));
     let permits = shared.service_permits(&service);
     // A socket that does not listen reports a hang-up, and tokio keeps a
@@ -570,8 +571,10 @@ async fn splice(
     #[cfg(not(target_os = "linux"))]
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
+    // The client socket has its keepalive from the listener
+    // ([`keepalive_on_listener`]).
     if let Some(idle) = service.tcp.keepalive {
-        keepalive(&client, &upstream, idle);
+        keepalive(&SockRef::from(&upstream), idle);
     }
     let in_flight = shared.life.in_flight();
     meters.active.increment(1.0);
@@ -622,19 +625,34 @@ async fn splice(
     }
 }
 
-/// TCP keepalive on both sockets of a proxied connection: probes after
-/// `idle` of silence, every sixth of it, and the connection fails after
+/// TCP keepalive on a socket of a proxied connection: probes after `idle`
+/// of silence, every sixth of it, and the connection fails after
 /// [`KEEPALIVE_PROBES`] unanswered ones, so a peer that vanished (behind
 /// NAT, without a FIN or a reset) ends the connection about twice `idle`
 /// after its last packet. Best effort: a socket that refuses still works.
-fn keepalive(client: &TcpStream, upstream: &TcpStream, idle: Duration) {
+fn keepalive(socket: &SockRef<'_>, idle: Duration) {
     let probes = socket2::TcpKeepalive::new()
         .with_time(idle)
         .with_interval(TcpConnections::keepalive_interval(idle))
         .with_retries(KEEPALIVE_PROBES);
-    for socket in [client, upstream] {
-        if let Err(e) = SockRef::from(socket).set_tcp_keepalive(&probes) {
-            tracing::debug!(error = %e, "cannot set TCP keepalive");
+    if let Err(e) = socket.set_tcp_keepalive(&probes) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
+/// Sets `service`'s keepalive on its listener, or turns it off there (a
+/// reload hands over the socket with the last config's): Linux gives every
+/// accepted socket the listener's `SO_KEEPALIVE` and its idle, interval
+/// and count, so the client side of a connection costs no system call for
+/// it. A listener does not probe anything itself.
+fn keepalive_on_listener(listener: &std::net::TcpListener, service: &Service) {
+    let socket = SockRef::from(listener);
+    match service.tcp.keepalive {
+        Some(idle) => keepalive(&socket, idle),
+        None => {
+            if let Err(e) = socket.set_keepalive(false) {
+                tracing::debug!(service = %service.name, error = %e, "cannot turn TCP keepalive off");
+            }
         }
     }
 }

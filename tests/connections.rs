@@ -402,6 +402,37 @@ fn keepalive_is_on_both_the_client_and_the_upstream_socket_with_the_configured_i
     assert!(!bare_accepted[0].contains("keepalive"), "{bare_accepted:?}");
     let ours = sockets(&format!("( dport = :{} )", kept.port()));
     assert!(ours.iter().all(|l| !l.contains("keepalive")), "{ours:?}");
+
+    // The client side takes its keepalive from the listener, which a
+    // reload keeps: swapping the settings applies to new connections.
+    drop((a, b));
+    let swapped = format!(
+        "{}{}",
+        service("kept", echo, "keepalive = \"off\""),
+        service("bare", echo, "keepalive = \"20s\"")
+    );
+    std::fs::write(&gw.config_path, swapped).unwrap();
+    gw.signal(nix::sys::signal::Signal::SIGHUP);
+    gw.wait_for(|l| msg(l) == "config reloaded");
+    let mut a = connect_from("127.0.0.4", kept).unwrap();
+    echo_once(&mut a, b"a").unwrap();
+    let mut b = connect_from("127.0.0.5", bare).unwrap();
+    echo_once(&mut b, b"b").unwrap();
+    let now_bare = sockets_once(&format!("( sport = :{} and dst 127.0.0.4 )", kept.port()), |l| {
+        l.len() == 1
+    });
+    assert_eq!(now_bare.len(), 1, "{now_bare:?}");
+    assert!(
+        !has_keepalive(&now_bare[0]),
+        "keepalive still on after the reload turned it off: {now_bare:?}"
+    );
+    let now_kept = sockets_once(&format!("( sport = :{} and dst 127.0.0.5 )", bare.port()), |l| {
+        l.len() == 1 && has_keepalive(&l[0])
+    });
+    assert_eq!(now_kept.len(), 1, "{now_kept:?}");
+    let left =
+        keepalive_left(&now_kept[0]).unwrap_or_else(|| panic!("no keepalive timer after the reload: {now_kept:?}"));
+    assert!(left <= 20, "the idle time is not the reloaded 20s: {now_kept:?}");
 }
 
 #[test]
