@@ -184,7 +184,6 @@ pub async fn serve(
     stop: CancellationToken,
     door: Option<Arc<Door>>,
 ) -> Option<std::net::TcpListener> {
-    keepalive_on_listener(&listener, &service);
     let meters = Arc::new(ServiceMetrics::new(&service.name));
     let permits = shared.service_permits(&service);
     // A socket that does not listen reports a hang-up, and tokio keeps a
@@ -644,8 +643,10 @@ fn keepalive(socket: &SockRef<'_>, idle: Duration) {
 /// reload hands over the socket with the last config's): Linux gives every
 /// accepted socket the listener's `SO_KEEPALIVE` and its idle, interval
 /// and count, so the client side of a connection costs no system call for
-/// it. A listener does not probe anything itself.
-fn keepalive_on_listener(listener: &std::net::TcpListener, service: &Service) {
+/// it. A listener does not probe anything itself. Set before the service's
+/// accept loop starts, so the reload that sets it is done when it says so
+/// (a connection already in the backlog keeps what it was given).
+pub fn keepalive_on_listener(listener: &std::net::TcpListener, service: &Service) {
     let socket = SockRef::from(listener);
     match service.tcp.keepalive {
         Some(idle) => keepalive(&socket, idle),

@@ -374,6 +374,7 @@ impl Runtime {
         let what = format!("service {}", service.name);
         match socket {
             Socket::Guarded(listener) => {
+                proxy::keepalive_on_listener(&listener, &service);
                 let (mode, door, dark) = self.unauthorized_mode(&service, &listener);
                 metrics::unauthorized_mode(&service.name, mode);
                 doors.extend(door.clone());
