@@ -17,7 +17,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -29,22 +29,6 @@ fn service(name: &str, upstream: SocketAddr, extra: &str) -> String {
     format!(
         "[service.{name}]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nunauthorized = \"allow\"\n{extra}\n"
     )
-}
-
-/// A TCP server on a free loopback port that runs `handler` on each
-/// connection in a thread of its own.
-fn upstream(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
-    let addr = listener.local_addr().unwrap();
-    let handler = std::sync::Arc::new(handler);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let handler = handler.clone();
-            std::thread::spawn(move || handler(stream));
-        }
-    });
-    addr
 }
 
 /// Whether `line` is an access line.
@@ -80,7 +64,7 @@ fn each_proxied_connection_ends_with_one_access_line_of_flat_fields_and_exact_by
     const UP: usize = 300_007; // enough to splice, and no buffer's multiple
     const DOWN: usize = 70_001;
     // The upstream reads the whole request, answers DOWN bytes and closes.
-    let addr = upstream(|mut s| {
+    let addr = tcp_server("127.0.0.1:0", |mut s| {
         let mut request = Vec::new();
         s.read_to_end(&mut request).unwrap();
         assert_eq!(request.len(), UP);
@@ -175,7 +159,7 @@ fn idle_timeout_closes_a_silent_connection_both_ways_and_spares_an_active_one() 
     const IDLE: Duration = Duration::from_secs(2);
     // The upstream echoes, and reports when the gateway ends its side.
     let (ended, ends) = mpsc::channel();
-    let addr = upstream(move |mut s| {
+    let addr = tcp_server("127.0.0.1:0", move |mut s| {
         let mut buf = [0u8; 1024];
         loop {
             match s.read(&mut buf) {

@@ -18,7 +18,7 @@ mod common;
 
 use common::*;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,22 +44,6 @@ fn start(upstream: SocketAddr) -> Gateway {
         .start_on_ports();
     knock_and_wait(&gw, "echo", &knock_seq(&p), "127.0.0.1");
     gw
-}
-
-/// A TCP server on a free loopback port that runs `handler` on each
-/// connection in a thread of its own.
-fn upstream(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
-    let addr = listener.local_addr().unwrap();
-    let handler = Arc::new(handler);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let handler = handler.clone();
-            std::thread::spawn(move || handler(stream));
-        }
-    });
-    addr
 }
 
 fn connect(gw: &Gateway) -> TcpStream {
@@ -147,7 +131,7 @@ fn sixty_four_mib_each_way_at_once_arrive_exact_and_are_spliced() {
     let (to_client, to_upstream) = (Pattern::new(1), Pattern::new(2));
     let (report, reports) = mpsc::channel();
     let (a, b) = (to_client.clone(), to_upstream.clone());
-    let addr = upstream(move |mut s| {
+    let addr = tcp_server("127.0.0.1:0", move |mut s| {
         let mut w = s.try_clone().unwrap();
         let a = a.clone();
         let writer = std::thread::spawn(move || {
@@ -195,7 +179,7 @@ fn a_client_half_close_still_gets_the_whole_reply() {
     // splice) and closes.
     let reply = Pattern::new(3);
     let r = reply.clone();
-    let addr = upstream(move |mut s| {
+    let addr = tcp_server("127.0.0.1:0", move |mut s| {
         let mut request = Vec::new();
         s.read_to_end(&mut request).unwrap();
         assert_eq!(request, b"GET everything");
@@ -218,7 +202,7 @@ fn an_upstream_half_close_still_carries_what_the_client_sends() {
     let (greeting, upload) = (Pattern::new(4), Pattern::new(5));
     let (report, reports) = mpsc::channel();
     let (g, u) = (greeting.clone(), upload.clone());
-    let addr = upstream(move |mut s| {
+    let addr = tcp_server("127.0.0.1:0", move |mut s| {
         g.send(&mut s, 200_000).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         report.send(u.receive(&mut s, "upstream")).unwrap();
@@ -338,7 +322,7 @@ fn five_hundred_short_connections_each_get_exactly_their_own_bytes() {
 
 #[test]
 fn an_upstream_reset_ends_the_client_connection() {
-    let addr = upstream(|mut s| {
+    let addr = tcp_server("127.0.0.1:0", |mut s| {
         let mut hello = [0u8; 5];
         s.read_exact(&mut hello).unwrap();
         s.write_all(b"bye").unwrap();
@@ -361,7 +345,7 @@ fn an_upstream_reset_ends_the_client_connection() {
 #[test]
 fn a_client_reset_ends_the_upstream_connection() {
     let (report, reports) = mpsc::channel();
-    let addr = upstream(move |mut s| {
+    let addr = tcp_server("127.0.0.1:0", move |mut s| {
         let mut got = Vec::new();
         let end = s.read_to_end(&mut got).map(|_| ());
         report.send((got, end.map_err(|e| e.kind()))).unwrap();

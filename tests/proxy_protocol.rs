@@ -16,7 +16,7 @@ mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 
 /// The balancer's address as the gateway sees it: HAProxy connects from
 /// 127.0.0.1, and so do the tests that write a header themselves.
@@ -168,66 +168,49 @@ fn a_peer_outside_accept_proxy_protocol_is_its_own_source() {
 /// independently of the gateway's code), answers one line naming the
 /// source and destination, then echoes.
 fn header_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut bytes = Vec::new();
-                let mut buf = [0u8; 4096];
-                let (line, len) = loop {
-                    let Ok(n) = stream.read(&mut buf) else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    bytes.extend_from_slice(&buf[..n]);
-                    use ppp::PartialResult as _;
-                    let header = ppp::HeaderResult::parse(&bytes);
-                    if header.is_incomplete() {
-                        continue;
-                    }
-                    break match header {
-                        ppp::HeaderResult::V1(Ok(h)) => match h.addresses {
-                            ppp::v1::Addresses::Tcp4(a) => (
-                                format!(
-                                    "v1 {}:{} {}:{}\n",
-                                    a.source_address, a.source_port, a.destination_address, a.destination_port
-                                ),
-                                h.header.len(),
-                            ),
-                            other => (format!("v1 {other:?}\n"), h.header.len()),
-                        },
-                        ppp::HeaderResult::V2(Ok(h)) => match h.addresses {
-                            ppp::v2::Addresses::IPv4(a) => (
-                                format!(
-                                    "v2 {}:{} {}:{}\n",
-                                    a.source_address, a.source_port, a.destination_address, a.destination_port
-                                ),
-                                h.len(),
-                            ),
-                            other => (format!("v2 {other:?}\n"), h.len()),
-                        },
-                        _ => ("no header\n".to_string(), 0),
-                    };
-                };
-                if stream.write_all(line.as_bytes()).is_err() || stream.write_all(&bytes[len..]).is_err() {
-                    return;
-                }
-                loop {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if stream.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            });
+    tcp_server("127.0.0.1:0", |mut stream| {
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        let (line, len) = loop {
+            let Ok(n) = stream.read(&mut buf) else { return };
+            if n == 0 {
+                return;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+            use ppp::PartialResult as _;
+            let header = ppp::HeaderResult::parse(&bytes);
+            if header.is_incomplete() {
+                continue;
+            }
+            break match header {
+                ppp::HeaderResult::V1(Ok(h)) => match h.addresses {
+                    ppp::v1::Addresses::Tcp4(a) => (
+                        format!(
+                            "v1 {}:{} {}:{}\n",
+                            a.source_address, a.source_port, a.destination_address, a.destination_port
+                        ),
+                        h.header.len(),
+                    ),
+                    other => (format!("v1 {other:?}\n"), h.header.len()),
+                },
+                ppp::HeaderResult::V2(Ok(h)) => match h.addresses {
+                    ppp::v2::Addresses::IPv4(a) => (
+                        format!(
+                            "v2 {}:{} {}:{}\n",
+                            a.source_address, a.source_port, a.destination_address, a.destination_port
+                        ),
+                        h.len(),
+                    ),
+                    other => (format!("v2 {other:?}\n"), h.len()),
+                },
+                _ => ("no header\n".to_string(), 0),
+            };
+        };
+        if stream.write_all(line.as_bytes()).is_err() || stream.write_all(&bytes[len..]).is_err() {
+            return;
         }
-    });
-    addr
+        echo_back(&mut stream);
+    })
 }
 
 /// Connects from `source` to `to`, sends `first` and returns the line the

@@ -588,60 +588,52 @@ pub fn time_to_open(
     bail!("{source} was not let through within 2s of its packets")
 }
 
-/// `GET path` over HTTP/1.0 (no chunked encoding); returns the body.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+/// One HTTP/1.0 request (no chunked encoding) to the admin endpoint; the
+/// body of a 2xx answer, an error naming the status line otherwise.
+fn http(addr: SocketAddr, method: &str, path: &str, json: Option<&str>) -> Result<String> {
     let mut s = StdTcpStream::connect_timeout(&addr, OP_TIMEOUT)?;
+    s.set_nodelay(true)?;
     s.set_read_timeout(Some(OP_TIMEOUT))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if let Some(body) = json {
+        request += &format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    } else {
+        request += "\r\n";
+    }
+    s.write_all(request.as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP answer"))?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or("");
+    if !status
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|code| code.starts_with('2'))
+    {
+        bail!(
+            "{method} {path}: {}",
+            if status.is_empty() { "no HTTP answer" } else { status }
+        );
     }
     Ok(body.to_string())
 }
 
-/// `DELETE path` over HTTP/1.0; fails unless the answer is 2xx.
-pub fn http_delete(addr: SocketAddr, path: &str) -> Result<()> {
-    let mut s = StdTcpStream::connect_timeout(&addr, OP_TIMEOUT)?;
-    s.set_read_timeout(Some(OP_TIMEOUT))?;
-    write!(s, "DELETE {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text.lines().next().unwrap_or("");
-    if !status
-        .split_whitespace()
-        .nth(1)
-        .is_some_and(|code| code.starts_with('2'))
-    {
-        bail!("DELETE {path}: {status}");
-    }
-    Ok(())
+/// `GET path`; returns the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    http(addr, "GET", path, None)
 }
 
-/// `POST path` with a JSON `body` over HTTP/1.0; fails unless the answer
-/// is 2xx.
+/// `DELETE path`; fails unless the answer is 2xx.
+pub fn http_delete(addr: SocketAddr, path: &str) -> Result<()> {
+    http(addr, "DELETE", path, None).map(drop)
+}
+
+/// `POST path` with a JSON `body`; fails unless the answer is 2xx.
 pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> Result<()> {
-    let mut s = StdTcpStream::connect_timeout(&addr, OP_TIMEOUT)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(OP_TIMEOUT))?;
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text.lines().next().unwrap_or("");
-    if !status
-        .split_whitespace()
-        .nth(1)
-        .is_some_and(|code| code.starts_with('2'))
-    {
-        bail!("POST {path}: {status}");
-    }
-    Ok(())
+    http(addr, "POST", path, Some(body)).map(drop)
 }
 
 /// Whether a connection from `source` to `target` is refused at SYN (a

@@ -8,29 +8,40 @@ use std::time::Duration;
 
 use super::ip;
 
-/// A TCP echo server on `addr` (port 0 allowed); returns its address.
-pub fn echo_server(addr: &str) -> SocketAddr {
-    let listener = TcpListener::bind(addr).expect("bind echo");
+/// A TCP server on `addr` (port 0 allowed) that runs `handler` on each
+/// connection in a thread of its own; returns its address.
+pub fn tcp_server(addr: &str, handler: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
+    let listener = TcpListener::bind(addr).expect("bind a test server");
     let local = listener.local_addr().unwrap();
+    let handler = std::sync::Arc::new(handler);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 16 * 1024];
-                loop {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if stream.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            });
+            let Ok(stream) = stream else { continue };
+            let handler = handler.clone();
+            std::thread::spawn(move || handler(stream));
         }
     });
     local
+}
+
+/// Echoes what `stream` sends until it ends.
+pub fn echo_back(stream: &mut TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A TCP echo server on `addr` (port 0 allowed); returns its address.
+pub fn echo_server(addr: &str) -> SocketAddr {
+    tcp_server(addr, |mut stream| echo_back(&mut stream))
 }
 
 /// Connects to `to` from `source` (any port).
