@@ -565,15 +565,29 @@ pub fn echo_through(source: IpAddr, target: SocketAddr) -> bool {
     attempt().unwrap_or(false)
 }
 
+/// Pause between two attempts of [`time_to_open`].
+const RETRY_PAUSE: Duration = Duration::from_micros(20);
+
 /// Time from the start of `send` (the knock or SPA packet leaving
 /// `source`) to the first connection from `source` that is let through to
-/// the echo `target`, retrying at once after each refusal; bounded by 2 s
-/// and 100k attempts.
+/// the echo `target`, retrying [`RETRY_PAUSE`] after each refusal; bounded
+/// by 2 s and 100k attempts.
+///
+/// The pause is what keeps the client from measuring itself: a refusal at
+/// SYN (`closed` mode) costs the kernel a few microseconds, and a client
+/// that retried at once kept a core busy in connect(2) while the gateway's
+/// threads waited for it, one sample in twenty waiting for a scheduler
+/// tick (4 ms at HZ=250) between two knock datagrams. The thread's timer
+/// slack is set to 1 µs so the pause stays near 20 µs, which bounds what
+/// it adds to a sample.
 pub fn time_to_open(
     source: IpAddr,
     target: SocketAddr,
     send: impl FnOnce(&UdpSocket) -> Result<()>,
 ) -> Result<Duration> {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) takes an integer and touches only
+    // the calling thread's timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
     let socket = UdpSocket::bind(SocketAddr::new(source, 0))?;
     let begin = Instant::now();
     send(&socket)?;
@@ -584,6 +598,7 @@ pub fn time_to_open(
         if begin.elapsed() > Duration::from_secs(2) {
             break;
         }
+        std::thread::sleep(RETRY_PAUSE);
     }
     bail!("{source} was not let through within 2s of its packets")
 }
