@@ -29,6 +29,7 @@ use crate::door::Door;
 use crate::gate::{Event, Gate, GateLimits, Grant, Input, Knock, KnockResult, Method, ServiceRule};
 use crate::guard::{Lockout, SourceGuard, StrikeKind};
 use crate::metrics;
+use crate::step::Step;
 use crate::store::GrantStore;
 use crate::totp;
 
@@ -341,17 +342,35 @@ pub struct Entry {
     /// The input's gate time, when the log gives it one (a shared log's
     /// timestamp mapped to the local clock); else the time it is fed.
     pub at: Option<Instant>,
+    /// The same moment as wall-clock unix seconds, as the shared log
+    /// stamped it: what a rotating sequence's period is counted from, so
+    /// every replica, and one that reads the log again after a restart,
+    /// judges a knock in the same period.
+    pub unix: Option<u64>,
 }
 
 impl Entry {
     /// An entry fed at the time it comes out of the log.
     pub fn new(input: Input, reply: Reply) -> Self {
-        Self { input, reply, at: None }
+        Self {
+            input,
+            reply,
+            at: None,
+            unix: None,
+        }
     }
 
     /// The same entry with a gate time of its own.
     pub fn at(self, at: Instant) -> Self {
         Self { at: Some(at), ..self }
+    }
+
+    /// With the log's wall-clock stamp (unix seconds).
+    pub fn stamped(self, unix: u64) -> Self {
+        Self {
+            unix: Some(unix),
+            ..self
+        }
     }
 }
 
@@ -380,6 +399,11 @@ pub enum Reply {
 pub trait InputLog: std::fmt::Debug + Send + 'static {
     /// Appends a local entry.
     fn append(&mut self, entry: Entry);
+    /// The pools of the rotating sequences in effect (judged by the
+    /// driver, not the gate): a shared log matches knocks on them to this
+    /// replica's steps, as it does the gate's. Told before the
+    /// reconfiguration that brings them is appended.
+    fn rotating(&mut self, _pools: &[Step]) {}
     /// The next entry in log order; pending until there is one.
     fn next(&mut self) -> Pin<Box<dyn Future<Output = Entry> + Send + '_>>;
 }
@@ -450,6 +474,7 @@ impl Driver {
     /// Judges knocks on the pools of `rules` (rotating sequences), with
     /// room for `max_attempts` attempts in progress.
     pub fn with_totp(mut self, rules: Vec<totp::Rule>, max_attempts: usize) -> Self {
+        self.log.rotating(&pools(&rules));
         self.totp = totp::Tracker::new(rules, max_attempts);
         self
     }
@@ -476,7 +501,7 @@ impl Driver {
 
     /// Feeds one entry to the gate, applies what it caused, then answers.
     fn feed(&mut self, entry: Entry) {
-        let Entry { input, reply, at } = entry;
+        let Entry { input, reply, at, unix } = entry;
         let knocker = match &input {
             Input::Knock(k) => Some(k.source),
             _ => None,
@@ -508,7 +533,8 @@ impl Driver {
         }
         if let Input::Knock(k) = &input {
             if self.totp.watches(&k.step) {
-                self.totp_knock(k.source, k.step, now);
+                let unix = unix.unwrap_or_else(|| crate::spa::desk::unix_secs(&*self.effects.clock));
+                self.totp_knock(k.source, k.step, now, unix);
                 return;
             }
         }
@@ -571,8 +597,7 @@ impl Driver {
 
     /// A knock on a rotating sequence's pool: an opened sequence is a
     /// grant through the gate; a trap locks out, a wrong step strikes.
-    fn totp_knock(&mut self, source: IpAddr, step: crate::step::Step, now: std::time::Instant) {
-        let unix = crate::spa::desk::unix_secs(&*self.effects.clock);
+    fn totp_knock(&mut self, source: IpAddr, step: crate::step::Step, now: std::time::Instant, unix: u64) {
         for (idx, outcome) in self.totp.knock(step, source, now, unix) {
             let rule = &self.totp.rules()[idx];
             let (service, open_for, lockout) = (rule.service.clone(), rule.open_for, rule.trap_lockout);
@@ -719,12 +744,18 @@ impl Driver {
                 limits,
                 reply,
             } => {
+                self.log.rotating(&pools(&totp));
                 self.totp.reconfigure(totp);
                 Entry::new(Input::Reconfigure { services, limits }, Reply::Reconfigured(reply))
             }
         };
         self.log.append(entry);
     }
+}
+
+/// Every pool step of `rules`.
+pub fn pools(rules: &[totp::Rule]) -> Vec<Step> {
+    rules.iter().flat_map(|r| r.pool.iter().copied()).collect()
 }
 
 /// A knock that moved no service forward and reset or missed at least one
@@ -1047,5 +1078,102 @@ mod tests {
                 .await,
             Err(DriverError::Stopped)
         );
+    }
+
+    /// A log that stamps every entry with one wall-clock time, as a shared
+    /// log stamps them with the time it took them.
+    #[derive(Debug)]
+    struct StampedLog {
+        queue: VecDeque<Entry>,
+        unix: u64,
+    }
+
+    impl InputLog for StampedLog {
+        fn append(&mut self, entry: Entry) {
+            self.queue.push_back(entry.stamped(self.unix));
+        }
+
+        fn next(&mut self) -> Pin<Box<dyn Future<Output = Entry> + Send + '_>> {
+            Box::pin(async move {
+                match self.queue.pop_front() {
+                    Some(entry) => entry,
+                    None => std::future::pending().await,
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rotating_sequence_is_judged_at_the_time_the_log_stamped_its_knocks() {
+        // Long before the clock's now (a replica reading the log again
+        // after a restart, say): a different period.
+        const STAMP: u64 = 1_700_000_000;
+        let rule = totp::Rule {
+            service: "db".into(),
+            secret: Arc::new(crate::secret::Secret::from_slice(&[7; 32])),
+            pool: (40000..40016).map(udp).collect(),
+            steps: 4,
+            period: Duration::from_secs(30),
+            open_for: OPEN,
+            step_timeout: Duration::from_secs(5),
+            sequence_timeout: Duration::from_secs(15),
+            trap_lockout: false,
+        };
+        let sequence = rule.steps_of(totp::counter(STAMP, rule.period));
+        let service = ServiceRule {
+            name: "db".into(),
+            open_for: OPEN,
+            knock: None,
+        };
+        let opens = |log: Box<dyn InputLog>| {
+            let rule = rule.clone();
+            let service = service.clone();
+            let sequence = sequence.clone();
+            async move {
+                let clock = ManualClock::new();
+                let store = Arc::new(MemoryStore::new());
+                let (handle, rx) = DriverHandle::channel();
+                let effects = Effects {
+                    store: store.clone(),
+                    clock: Arc::new(clock.clone()),
+                    guard: Arc::new(SourceGuard::new(Limits::default())),
+                };
+                let driver = Driver::new(
+                    Gate::new(vec![service.clone()], GateLimits::default()),
+                    log,
+                    rx,
+                    effects,
+                )
+                .with_totp(vec![rule.clone()], 16);
+                let stop = CancellationToken::new();
+                let task = tokio::spawn(driver.run(stop.clone()));
+                for step in sequence {
+                    handle
+                        .knock(Knock {
+                            source: "10.0.0.1".parse().unwrap(),
+                            step,
+                        })
+                        .unwrap();
+                }
+                handle
+                    .reconfigure(vec![service], vec![rule], GateLimits::default())
+                    .await
+                    .unwrap();
+                let opened = store.allows("db", "10.0.0.1".parse().unwrap(), clock.now());
+                stop.cancel();
+                task.await.unwrap();
+                opened
+            }
+        };
+        assert!(
+            opens(Box::new(StampedLog {
+                queue: VecDeque::new(),
+                unix: STAMP
+            }))
+            .await,
+            "the stamped period's sequence did not open"
+        );
+        // Judged by the clock instead, the same knocks are an old period's.
+        assert!(!opens(Box::<LocalLog>::default()).await);
     }
 }

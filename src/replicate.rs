@@ -242,7 +242,8 @@ impl Replication {
             local: VecDeque::new(),
             pending: HashMap::new(),
             next_tag: 0,
-            steps: StepMap::new(rules),
+            steps: StepMap::new(rules, &[]),
+            pools: Vec::new(),
             last_at: None,
             _stop: stop.drop_guard(),
         }
@@ -406,6 +407,8 @@ pub struct RedisLog {
     pending: HashMap<u64, Reply>,
     next_tag: u64,
     steps: StepMap,
+    /// The rotating sequences' pools, which the step map also matches.
+    pools: Vec<Step>,
     /// The gate time of the last entry, so time never runs backwards.
     last_at: Option<Instant>,
     _stop: DropGuard,
@@ -415,7 +418,7 @@ impl InputLog for RedisLog {
     fn append(&mut self, entry: Entry) {
         let fields = match &entry.input {
             Input::Reconfigure { services, .. } => {
-                self.steps = StepMap::new(services);
+                self.steps = StepMap::new(services, &self.pools);
                 self.local.push_back(entry);
                 return;
             }
@@ -444,6 +447,11 @@ impl InputLog for RedisLog {
                 self.refuse(Entry::new(o.input, reply));
             }
         }
+    }
+
+    fn rotating(&mut self, pools: &[Step]) {
+        self.pools = pools.to_vec();
+        self.steps.add(&self.pools);
     }
 
     fn next(&mut self) -> Pin<Box<dyn Future<Output = Entry> + Send + '_>> {
@@ -534,9 +542,10 @@ impl RedisLog {
             Some(tag) if ours => self.pending.remove(&tag).unwrap_or(Reply::None),
             _ => Reply::None,
         };
-        let at = self.gate_time(id_key(&e.id).0);
+        let ms = id_key(&e.id).0;
+        let at = self.gate_time(ms);
         *self.link.origin.lock().expect("origin lock is never poisoned") = origin;
-        Some(Entry::new(input, reply).at(at))
+        Some(Entry::new(input, reply).at(at).stamped(ms / 1000))
     }
 
     /// The local instant of a stream timestamp (unix milliseconds).
@@ -612,19 +621,25 @@ struct StepMap {
 }
 
 impl StepMap {
-    fn new(rules: &[ServiceRule]) -> Self {
-        let mut by_port: HashMap<(Proto, u16), Vec<Step>> = HashMap::new();
+    /// The steps of the gate's `rules` and the rotating sequences' `pools`.
+    fn new(rules: &[ServiceRule], pools: &[Step]) -> Self {
+        let mut map = Self::default();
         for rule in rules {
             if let Some(k) = &rule.knock {
-                for step in k.sequence.iter().chain(&k.trap) {
-                    let list = by_port.entry((step.proto, step.addr.port())).or_default();
-                    if !list.contains(step) {
-                        list.push(*step);
-                    }
-                }
+                map.add(k.sequence.iter().chain(&k.trap));
             }
         }
-        Self { by_port }
+        map.add(pools);
+        map
+    }
+
+    fn add<'a>(&mut self, steps: impl IntoIterator<Item = &'a Step>) {
+        for step in steps {
+            let list = self.by_port.entry((step.proto, step.addr.port())).or_default();
+            if !list.contains(step) {
+                list.push(*step);
+            }
+        }
     }
 
     fn resolve(&self, proto: Proto, port: u16, addr: std::net::SocketAddr) -> Step {
@@ -806,7 +821,7 @@ mod tests {
                 sequence_timeout: Duration::from_secs(15),
             }),
         }];
-        let map = StepMap::new(&rules);
+        let map = StepMap::new(&rules, &[]);
         let theirs = udp([127, 0, 0, 11], 7002);
         assert_eq!(map.resolve(Proto::Udp, 7002, theirs.addr), udp([127, 0, 0, 12], 7002));
         let ours = udp([127, 0, 0, 12], 7003);
@@ -891,6 +906,7 @@ mod tests {
             pending: HashMap::new(),
             next_tag: 0,
             steps: StepMap::default(),
+            pools: Vec::new(),
             last_at: None,
             _stop: CancellationToken::new().drop_guard(),
         }

@@ -1,7 +1,8 @@
 //! Three replicas share one gate through one Redis (`[state] backend =
-//! "redis"`): knock steps spread over the replicas, an SPA packet replayed
-//! to another replica, a revocation on one replica, and Redis going away
-//! and coming back. Each test runs its own `redis-server` on a free port.
+//! "redis"`): knock steps spread over the replicas, a rotating sequence
+//! knocked on one, an SPA packet replayed to another replica, a revocation
+//! on one replica, and Redis going away and coming back. Each test runs its
+//! own `redis-server` on a free port.
 
 #![allow(
     clippy::unwrap_used,
@@ -27,11 +28,14 @@ fn replica_ip(i: usize) -> String {
 }
 
 /// Ports shared by every replica (each on its own address): three knock
-/// steps, the guarded service, the SPA port.
+/// steps, the guarded service, the SPA port, and a second service behind a
+/// rotating sequence with its pool of 16 ports.
 struct Ports {
     steps: [u16; 3],
     service: u16,
     spa: u16,
+    rotating: u16,
+    pool: [u16; 2],
 }
 
 fn replica_config(i: usize, state: &str, ports: &Ports, upstream: SocketAddr, key: &Path) -> String {
@@ -60,6 +64,14 @@ open_for = "60s"
 knock = {{ sequence = ["{s1}/udp", "{s3}/udp", "{s2}/udp"] }}
 spa_users = ["fw"]
 
+[service.db]
+listen = "{ip}:{rotating}"
+upstream = "{upstream}"
+protocol = "tcp"
+unauthorized = "refuse"
+open_for = "60s"
+knock = {{ totp = {{ key_file = "{totp}", steps = 4, ports = "{first}-{last}/udp", period = "1h" }} }}
+
 [user.fw]
 key_file = "{key}"
 "#,
@@ -67,6 +79,10 @@ key_file = "{key}"
         spa = ports.spa,
         service = ports.service,
         key = key.display(),
+        rotating = ports.rotating,
+        first = ports.pool[0],
+        last = ports.pool[1],
+        totp = key.with_file_name("db.totp").display(),
     )
 }
 
@@ -93,11 +109,13 @@ impl Cluster {
         // An established deployment: its marker is old, so SPA is not held
         // back as after a loss of data.
         assert_eq!(redis.cli(&["SET", "portcullis:marker", "0"]), "OK");
-        let p = free_ports(5);
+        let p = free_ports(22);
         let ports = Ports {
             steps: [p[0], p[1], p[2]],
             service: p[3],
             spa: p[4],
+            rotating: p[5],
+            pool: [p[6], p[21]],
         };
         let keys = tempfile::tempdir().unwrap();
         let out = Command::new("fwknop")
@@ -107,6 +125,9 @@ impl Cluster {
             .expect("fwknop");
         assert!(out.status.success());
         write_private(&keys.path().join("fw.key"), &out.stdout);
+        let totp = keys.path().join("db.totp");
+        let (code, _, err) = run_bin(&["keygen", "--kind", "totp", "-o", totp.to_str().unwrap()], &[]);
+        assert_eq!(code, 0, "{err}");
         let upstream = echo_server("127.0.0.1:0");
         let states: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
         let mut cluster = Cluster {
@@ -143,6 +164,34 @@ impl Cluster {
 
     fn service(&self, i: usize) -> SocketAddr {
         SocketAddr::new(ip(&replica_ip(i)), self.ports.service)
+    }
+
+    /// The service behind the rotating sequence, on replica `i`.
+    fn rotating(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(ip(&replica_ip(i)), self.ports.rotating)
+    }
+
+    /// `portcullis knock --totp` from `source` to replica `i`: this
+    /// period's rotating sequence.
+    fn knock_rotating(&self, i: usize, source: &str) {
+        let key = self.keys.path().join("db.totp");
+        let pool = format!("{}-{}/udp", self.ports.pool[0], self.ports.pool[1]);
+        let args = [
+            "knock",
+            "--totp",
+            key.to_str().unwrap(),
+            "--ports",
+            &pool,
+            "--steps",
+            "4",
+            "--period",
+            "1h",
+            "-b",
+            source,
+            &replica_ip(i),
+        ];
+        let (code, _, err) = run_bin(&args, &[]);
+        assert_eq!(code, 0, "{err}");
     }
 
     /// The stock client's knock of step `step` (0-based) to replica `i`;
@@ -381,6 +430,46 @@ fn without_redis_new_knocks_are_refused_while_grants_and_transfers_go_on_and_all
     assert!(
         echo_works("127.0.0.8", c.service(1)),
         "the restarted replica refused a granted source"
+    );
+}
+
+#[test]
+fn a_rotating_sequence_knocked_on_one_replica_opens_every_replica_once_even_after_a_restart() {
+    let mut c = Cluster::start();
+    let source = "127.0.0.21";
+    c.knock_rotating(0, source);
+    for i in 0..3 {
+        c.gws[i].wait_grant("db", source);
+        assert!(
+            echo_works(source, c.rotating(i)),
+            "replica {i}: the rotating sequence did not open"
+        );
+    }
+    // The period's sequence is spent, on every replica: sent again from
+    // another source, to another replica, it opens nothing (its ports are
+    // traps now, so the rest of the steps are ignored).
+    let late = "127.0.0.22";
+    c.knock_rotating(1, late);
+    for i in 0..3 {
+        c.gws[i].wait_for_nth(4, |l| {
+            (msg(l) == "knock" || msg(l) == "knock ignored") && l["source"] == late
+        });
+    }
+    for i in 0..3 {
+        assert!(!echo_works(late, c.rotating(i)), "replica {i}: a spent sequence opened");
+    }
+    // A replica restarted later judges the same knocks as it did the
+    // first time, at the time the stream gave them: the grant is there
+    // after its resync, and the spent sequence still opens nothing.
+    c.restart(2);
+    c.wait_grants(2, |g| g.iter().any(|x| x["service"] == "db" && x["source"] == source));
+    assert!(
+        echo_works(source, c.rotating(2)),
+        "the restarted replica lost the rotating grant"
+    );
+    assert!(
+        !echo_works(late, c.rotating(2)),
+        "the restarted replica let a spent sequence open"
     );
 }
 
