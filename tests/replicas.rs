@@ -174,24 +174,9 @@ impl Cluster {
     /// `portcullis knock --totp` from `source` to replica `i`: this
     /// period's rotating sequence.
     fn knock_rotating(&self, i: usize, source: &str) {
-        let key = self.keys.path().join("db.totp");
         let pool = format!("{}-{}/udp", self.ports.pool[0], self.ports.pool[1]);
-        let args = [
-            "knock",
-            "--totp",
-            key.to_str().unwrap(),
-            "--ports",
-            &pool,
-            "--steps",
-            "4",
-            "--period",
-            "1h",
-            "-b",
-            source,
-            &replica_ip(i),
-        ];
-        let (code, _, err) = run_bin(&args, &[]);
-        assert_eq!(code, 0, "{err}");
+        let key = self.keys.path().join("db.totp");
+        portcullis_knock_totp(&key, &pool, "1h", source, &replica_ip(i), &[]);
     }
 
     /// The stock client's knock of step `step` (0-based) to replica `i`;

@@ -52,25 +52,7 @@ fn a_rotating_sequence_opens_once_per_period_and_never_from_two_periods_ago() {
         .start_on_ports();
     let pool = format!("{}-{}/udp", p[0], p[15]);
     let knock = |source: &str, extra: &[&str]| -> Vec<u16> {
-        let mut args = vec![
-            "knock",
-            "--totp",
-            key.to_str().unwrap(),
-            "--ports",
-            &pool,
-            "--steps",
-            "4",
-            "--period",
-            "1h",
-            "-b",
-            source,
-            "-v",
-            "127.0.0.1",
-        ];
-        args.extend_from_slice(extra);
-        let (code, out, err) = run_bin(&args, &[]);
-        assert_eq!(code, 0, "{err}");
-        printed_ports(&out)
+        printed_ports(&portcullis_knock_totp(&key, &pool, "1h", source, "127.0.0.1", extra))
     };
     let handled = |source: &str, n: usize| {
         gw.wait_for_nth(n, |l| {

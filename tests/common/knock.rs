@@ -16,6 +16,32 @@ pub fn portcullis_knock(args: &[&str]) {
     );
 }
 
+/// `portcullis knock --totp KEY --ports POOL --steps 4 --period PERIOD -b
+/// SOURCE -v HOST EXTRA...`: this period's rotating sequence (or another's,
+/// with a time offset in `extra`); asserts success and returns what it
+/// printed.
+pub fn portcullis_knock_totp(
+    key: &std::path::Path,
+    pool: &str,
+    period: &str,
+    source: &str,
+    host: &str,
+    extra: &[&str],
+) -> String {
+    let key = key.to_str().expect("a UTF-8 key path");
+    let mut args = vec![
+        "--totp", key, "--ports", pool, "--steps", "4", "--period", period, "-b", source, "-v", host,
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(BIN).arg("knock").args(&args).output().expect("run knock");
+    assert!(
+        out.status.success(),
+        "portcullis knock {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs the stock knock client (Debian's knockd package) with `args`.
 pub fn stock_knock(args: &[&str]) {
     let out = Command::new("knock")
