@@ -103,6 +103,20 @@ struct Bucket {
     tat: Instant,
 }
 
+/// What one source is, for counting it: an IPv4 address itself, an IPv6
+/// address its first `ipv6_prefix` bits (a host is given a /64, so it
+/// could otherwise count as billions of sources).
+pub fn source_key(source: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match source.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u32::from(ipv6_prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+        v4 => v4,
+    }
+}
+
 /// The shared per-source guard.
 #[derive(Debug)]
 pub struct SourceGuard {
@@ -152,14 +166,7 @@ impl SourceGuard {
     /// The key both tables file `source` under: the address, or its
     /// `ipv6_prefix` for IPv6.
     pub fn key(&self, source: IpAddr) -> IpAddr {
-        match source.to_canonical() {
-            IpAddr::V6(v6) => {
-                let bits = u32::from(self.limits.ipv6_prefix.min(128));
-                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
-            }
-            v4 => v4,
-        }
+        source_key(source, self.limits.ipv6_prefix)
     }
 
     /// Whether a knock from `source` may be looked at now: not locked out,

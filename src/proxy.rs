@@ -80,13 +80,21 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(store: Arc<dyn GrantStore>, clock: Arc<dyn Clock>, gateway: Gateway, life: Lifecycle) -> Self {
+    /// `ipv6_prefix` is `limits.ipv6_prefix`: how much of an IPv6 address
+    /// is one source for `max_connections_per_source`.
+    pub fn new(
+        store: Arc<dyn GrantStore>,
+        clock: Arc<dyn Clock>,
+        gateway: Gateway,
+        life: Lifecycle,
+        ipv6_prefix: u8,
+    ) -> Self {
         Self {
             connections: Arc::new(Semaphore::new(gateway.max_connections)),
             blackholes: Arc::new(Semaphore::new(gateway.max_blackholed)),
             headers: Arc::new(Semaphore::new(MAX_AWAITING_HEADER)),
             services: Mutex::default(),
-            sources: SourceConnections::default(),
+            sources: SourceConnections::new(ipv6_prefix),
             store,
             clock,
             gateway,

@@ -168,6 +168,7 @@ impl Bound {
             clock.clone(),
             config.gateway.clone(),
             life.clone(),
+            config.limits.ipv6_prefix,
         ));
         let udp = Arc::new(udp::Shared {
             store: store.clone(),

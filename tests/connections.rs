@@ -289,6 +289,60 @@ fn max_connections_per_source_resets_the_extra_connection_and_leaves_other_sourc
     }
 }
 
+/// The attack on a per-source cap over IPv6: a host holds a whole /64 and
+/// takes a new address for each connection. In a network namespace of the
+/// test's own, with addresses of 2001:db8:7::/48 on its loopback, the
+/// gateway, its upstream and the client run there; the client's third
+/// connection from a third address of its /64 is reset, and another /64
+/// is another source.
+#[test]
+fn an_ipv6_host_cannot_pass_its_cap_by_taking_new_addresses_in_its_prefix() {
+    if !is_root() {
+        eprintln!("skipped: a network namespace needs root");
+        return;
+    }
+    let ns = Netns::new("pc-v6cap");
+    let [gateway, upstream, a1, a2, a3, b1] = [
+        "2001:db8:7::1",
+        "2001:db8:7::2",
+        "2001:db8:7:1::1",
+        "2001:db8:7:1:ffff::2",
+        "2001:db8:7:1::3",
+        "2001:db8:7:2::1",
+    ];
+    for addr in [gateway, upstream, a1, a2, a3, b1] {
+        ns.ip(&["-6", "addr", "add", &format!("{addr}/128"), "dev", "lo", "nodad"]);
+    }
+    let echo = ns.within(move || echo_server(&format!("[{upstream}]:0")));
+    let gw = Gateway::builder()
+        .netns(&ns.name)
+        .config(&format!(
+            "{ADMIN}[service.capped]\nlisten = \"[{gateway}]:0\"\nupstream = \"{echo}\"\nunauthorized = \"allow\"\n\
+             max_connections_per_source = 2\n"
+        ))
+        .start();
+    let svc = gw.addr("capped");
+    let outcome = ns.within(move || {
+        let through = |source: &str| -> Option<TcpStream> {
+            let mut s = connect_from(source, svc).map_err(|e| eprintln!("{source}: {e}")).ok()?;
+            echo_once(&mut s, b"in").map_err(|e| eprintln!("{source}: {e}")).ok()?;
+            Some(s)
+        };
+        let first = through(a1);
+        let second = through(a2);
+        let third = through(a3);
+        let elsewhere = through(b1);
+        [first.is_some(), second.is_some(), third.is_some(), elsewhere.is_some()]
+    });
+    assert_eq!(
+        outcome,
+        [true, true, false, true],
+        "first and second address of a /64 in, a third address of it refused, another /64 in"
+    );
+    let refused = gw.wait_for(|l| msg(l) == "connection refused: at max_connections_per_source");
+    assert_eq!(refused["source"], a3, "{refused}");
+}
+
 /// `ss`'s established TCP sockets matching `filter`, one line each, with
 /// their timers (`-o`).
 fn sockets(filter: &str) -> Vec<String> {

@@ -10,6 +10,7 @@
 mod balancer;
 mod knock;
 mod metrics;
+mod netns;
 mod peers;
 mod redis;
 mod scan;
@@ -20,6 +21,8 @@ pub use balancer::*;
 pub use knock::*;
 #[allow(unused_imports)]
 pub use metrics::*;
+#[allow(unused_imports)]
+pub use netns::*;
 #[allow(unused_imports)]
 pub use peers::*;
 #[allow(unused_imports)]
@@ -116,6 +119,7 @@ pub struct Builder<'a> {
     unprivileged: bool,
     nofile: Option<(u64, u64)>,
     prepare: Option<PrepareFn<'a>>,
+    netns: Option<String>,
 }
 
 impl<'a> Builder<'a> {
@@ -176,6 +180,12 @@ impl<'a> Builder<'a> {
 
     /// Runs the process as `nobody` without capabilities (see
     /// [`scan::UNPRIVILEGED`]); needs root. Files stay readable by root only.
+    /// Runs the gateway in the named network namespace (`ip netns exec`).
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
+    }
+
     pub fn unprivileged(mut self) -> Self {
         self.unprivileged = true;
         self
@@ -268,6 +278,9 @@ impl Gateway {
             prepare(dir.path());
         }
         let mut argv: Vec<String> = Vec::new();
+        if let Some(ns) = &builder.netns {
+            argv.extend(["ip".into(), "netns".into(), "exec".into(), ns.clone()]);
+        }
         if let Some((soft, hard)) = nofile {
             argv.extend(["prlimit".into(), format!("--nofile={soft}:{hard}"), "--".into()]);
         }
