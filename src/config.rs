@@ -59,6 +59,18 @@ pub struct Config {
     /// What the caps cost in descriptors, once [`budget::fit`] has checked
     /// them against a limit ([`from_file`] does).
     pub descriptors: Option<budget::Descriptors>,
+    /// What validation warned about (a key file other users may read):
+    /// logged by `serve` at start and reload, printed by `check`.
+    pub warnings: Vec<Problem>,
+}
+
+impl Config {
+    /// Logs [`Config::warnings`], one line each.
+    pub fn log_warnings(&self) {
+        for w in &self.warnings {
+            tracing::warn!("{w}");
+        }
+    }
 }
 
 /// Process-wide limits and timings.
@@ -396,6 +408,7 @@ pub fn validate_in(raw: &RawConfig, base: &Path) -> Result<Config, ConfigError> 
             services,
             users,
             descriptors: None,
+            warnings: v.warnings,
         })
     } else {
         let mut problems = v.problems;
@@ -417,6 +430,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[derive(Default)]
 struct Validator {
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
     /// Where relative paths are resolved from.
     base: PathBuf,
 }
@@ -424,6 +438,15 @@ struct Validator {
 impl Validator {
     fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Something that works but should not be so: kept in the config for
+    /// whoever loaded it to report ([`Config::log_warnings`], `check`).
+    fn warning(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(Problem {
             path: path.into(),
             message: message.into(),
         });

@@ -59,7 +59,10 @@ fn main() -> ExitCode {
                 tracing::warn!(error = %e, "cannot raise the descriptor limit to the hard limit");
             }
             let config = match config::from_file(&args.config) {
-                Ok(c) => c,
+                Ok(c) => {
+                    c.log_warnings();
+                    c
+                }
                 Err(e) => {
                     if cli.log_format == logging::Format::Json && tracing::enabled!(tracing::Level::ERROR) {
                         // The same shape as a failed reload's line.

@@ -101,6 +101,7 @@ pub async fn watch(
         }
         match raw.and_then(|raw| config::from_raw(&raw, &path)) {
             Ok(c) => {
+                c.log_warnings();
                 if tx.send(c).await.is_err() {
                     return;
                 }

@@ -218,21 +218,18 @@ fn a_group_readable_key_file_passes_check_with_a_warning() {
     assert_eq!(code, 0, "{out}{err}");
     let key = dir.path().join("group-readable.key");
     let want = format!(
-        "user.fw.key_file: {} is readable by its group (mode 0640): unless the group is meant to have it, run `chmod 600 {}`",
+        "warning: user.fw.key_file: {} is readable by its group (mode 0640): unless the group is meant to have it, run `chmod 600 {}`",
         key.display(),
         key.display()
     );
-    assert!(
-        err.contains("WARN") && err.contains(&want),
-        "{want:?} missing from:\n{err}"
-    );
+    assert!(err.contains(&want), "{want:?} missing from:\n{err}");
     // The same fixtures at 0600: no warning at all.
     let (code, _, err) = run_bin(
         &["check", "-c", dir.path().join("issue-spa.toml").to_str().unwrap()],
         &[],
     );
     assert_eq!(code, 0, "{err}");
-    assert!(!err.contains("WARN"), "{err}");
+    assert!(!err.contains("warning") && !err.contains("WARN"), "{err}");
 }
 
 #[test]
@@ -441,6 +438,29 @@ fn check_json_lists_errors_and_warnings_with_their_keys() {
         err.contains("warning: service.echo.upstream: \"db.example.invalid:5432\" does not resolve"),
         "{err}"
     );
+    // What validation itself warns about is listed too, once: a token
+    // file its group may read.
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "t0k3n-for-the-admin-api-0123456789\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    let with_token = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n\n{text}");
+    std::fs::write(&path, &with_token).unwrap();
+    let (code, out, err) = run_bin(&["check", "--format", "json", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "a group-readable token is not an error: {out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    let token_warning = report["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["key"] == "admin.token_file")
+        .unwrap_or_else(|| panic!("no token file warning: {report}"));
+    assert!(
+        token_warning["message"].as_str().unwrap().contains("chmod 600"),
+        "{token_warning}"
+    );
+    let (code, _, err) = run_bin(&["check", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err.matches("admin.token_file").count(), 1, "said once: {err}");
     // An invalid config: ok false, each error with its key, exit 1.
     std::fs::write(&path, text.replace("\"10s\"", "\"soon\"")).unwrap();
     let (code, out, _) = run_bin(&["check", "--format", "json", "-c", path.to_str().unwrap()], &[]);
@@ -448,4 +468,24 @@ fn check_json_lists_errors_and_warnings_with_their_keys() {
     let report: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
     assert_eq!(report["ok"], false, "{report}");
     assert_eq!(report["errors"][0]["key"], "service.echo.open_for", "{report}");
+}
+
+#[test]
+fn serve_logs_what_check_warns_about() {
+    let echo = echo_server("127.0.0.1:0");
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n\n\
+         [service.echo]\nlisten = \"127.0.0.1:0\"\nupstream = \"{echo}\"\nunauthorized = \"allow\"\n"
+    );
+    let gw = Gateway::builder()
+        .config(&config)
+        .file("admin.token", "t0k3n-for-the-admin-api-0123456789\n")
+        .prepare(|dir| {
+            let readable = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o640);
+            std::fs::set_permissions(dir.join("admin.token"), readable).unwrap();
+        })
+        .start();
+    let line = gw.wait_for(|l| l["level"] == "WARN" && msg(l).starts_with("admin.token_file: "));
+    assert!(msg(&line).contains("chmod 600"), "{line}");
+    assert_eq!(gw.count(|l| msg(l).starts_with("admin.token_file: ")), 1, "logged once");
 }

@@ -100,10 +100,11 @@ pub fn check_json(path: &Path) -> ExitCode {
     }
 }
 
-/// What `check` warns about in a valid config: sequences a scan opens too
-/// easily, `dark` without CAP_NET_ADMIN, upstreams that do not resolve.
+/// What `check` warns about in a valid config: what validation found
+/// (key files other users may read), sequences a scan opens too easily,
+/// `dark` without CAP_NET_ADMIN, upstreams that do not resolve.
 fn warnings(c: &config::Config) -> Vec<config::Problem> {
-    let mut found = Vec::new();
+    let mut found = c.warnings.clone();
     for r in config::sequence_report(&c.services) {
         if let Some((traps, with_a_step)) = r.add_traps {
             found.push(config::Problem {

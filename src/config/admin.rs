@@ -121,7 +121,7 @@ impl Validator {
         // The private key gets the key-file rule; the endpoint's own loader
         // reads it (and rereads it when it changes).
         match check_private(&tls.key) {
-            Ok(Some(w)) => tracing::warn!("admin.tls_key: {w}"),
+            Ok(Some(w)) => self.warning("admin.tls_key", w.to_string()),
             Ok(None) => {}
             // A missing file is reported by the loader below.
             Err(PrivateFileError::Read { .. }) => {}
@@ -147,7 +147,7 @@ impl Validator {
             }
         };
         if let Some(w) = &file.warning {
-            tracing::warn!("admin.token_file: {w}");
+            self.warning("admin.token_file", w.to_string());
         }
         // Editors and `echo` end files with a newline; it is not part of
         // the token.

@@ -42,7 +42,7 @@ impl Validator {
                 match super::spa::read_key_file(&self.base.join(file)) {
                     Ok((text, warning)) => {
                         if let Some(w) = warning {
-                            tracing::warn!("{key}: {w}");
+                            self.warning(key.clone(), w.to_string());
                         }
                         match totp::parse_key(&text) {
                             Ok(secret) => Some(secret),

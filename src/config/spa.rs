@@ -316,7 +316,7 @@ impl Validator {
                 match read_key_file(&path) {
                     Ok((text, warning)) => {
                         if let Some(w) = warning {
-                            tracing::warn!("{key}: {w}");
+                            self.warning(key.clone(), w.to_string());
                         }
                         Some((key, KeySource::File(path), text))
                     }

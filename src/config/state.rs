@@ -195,7 +195,7 @@ impl Validator {
             (Some(file), None) => match super::spa::read_key_file(&self.base.join(file)) {
                 Ok((text, warning)) => {
                     if let Some(w) = warning {
-                        tracing::warn!("state.password_file: {w}");
+                        self.warning("state.password_file", w.to_string());
                     }
                     Some(Secret::from_slice(text.trim_end_matches(['\r', '\n']).as_bytes()))
                 }
