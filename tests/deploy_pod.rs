@@ -42,16 +42,6 @@ struct Namespaces {
     client: String,
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {}: {} (this test needs root for network namespaces)",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl Namespaces {
     fn new() -> Namespaces {
         let id = std::process::id();
@@ -60,15 +50,15 @@ impl Namespaces {
             client: format!("pc-cli-{id}"),
         };
         let (veth_pod, veth_cli) = (format!("pcp{id}"), format!("pcc{id}"));
-        ip(&["netns", "add", &ns.pod]);
-        ip(&["netns", "add", &ns.client]);
-        ip(&["link", "add", &veth_pod, "type", "veth", "peer", "name", &veth_cli]);
-        ip(&["link", "set", &veth_pod, "netns", &ns.pod]);
-        ip(&["link", "set", &veth_cli, "netns", &ns.client]);
+        run_ip(&["netns", "add", &ns.pod]);
+        run_ip(&["netns", "add", &ns.client]);
+        run_ip(&["link", "add", &veth_pod, "type", "veth", "peer", "name", &veth_cli]);
+        run_ip(&["link", "set", &veth_pod, "netns", &ns.pod]);
+        run_ip(&["link", "set", &veth_cli, "netns", &ns.client]);
         for (name, veth, addr) in [(&ns.pod, &veth_pod, POD_ADDR), (&ns.client, &veth_cli, CLIENT_ADDR)] {
-            ip(&["-n", name, "addr", "add", &format!("{addr}/30"), "dev", veth]);
-            ip(&["-n", name, "link", "set", veth, "up"]);
-            ip(&["-n", name, "link", "set", "lo", "up"]);
+            run_ip(&["-n", name, "addr", "add", &format!("{addr}/30"), "dev", veth]);
+            run_ip(&["-n", name, "link", "set", veth, "up"]);
+            run_ip(&["-n", name, "link", "set", "lo", "up"]);
         }
         ns
     }

@@ -56,11 +56,12 @@ fn enter(name: &str) {
     nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
 }
 
-fn run_ip(args: &[&str]) {
+/// `ip ARGS` (iproute2); asserts success.
+pub fn run_ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
     assert!(
         out.status.success(),
-        "ip {}: {}",
+        "ip {}: {} (network namespaces need root)",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
