@@ -185,19 +185,7 @@ impl DriverHandle {
     ) -> Result<Option<Grant>, DriverError> {
         let (reply, answer) = oneshot::channel();
         let request = Request::Revoke { service, source, reply };
-        let asked = async {
-            self.tx.send(request).await.map_err(|_| DriverError::Stopped)?;
-            answer.await.map_err(|_| {
-                if self.tx.is_closed() {
-                    DriverError::Stopped
-                } else {
-                    DriverError::Refused
-                }
-            })
-        };
-        tokio::time::timeout(timeout, asked)
-            .await
-            .map_err(|_| DriverError::Busy)?
+        self.ask(request, answer, timeout).await
     }
 
     /// An operator's grant of `service` to `source` for `duration`, asked
